@@ -1,0 +1,72 @@
+"""Parity of an exported entry with its PyTorch checkpoint, run through onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.onnx_export import sha256
+from model.data import load_dataset, pad_batch
+from model.train import load_checkpoint
+
+
+def ort_session(path: str | Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_graph(session: ort.InferenceSession, x: np.ndarray, lengths: np.ndarray | None = None,
+              state: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (B, T, D) -> logits (B, T, C), hn, cn (L, B, H); zero state and full lengths by default."""
+    B, T, _ = x.shape
+    L, _, H = session.get_inputs()[1].shape
+    if state is None:
+        state = (np.zeros((L, B, H), np.float32), np.zeros((L, B, H), np.float32))
+    if lengths is None:
+        lengths = np.full(B, T, np.int64)
+    feeds = {"x": x.astype(np.float32), "h0": state[0], "c0": state[1], "lengths": lengths.astype(np.int64)}
+    logits, hn, cn = session.run(["logits", "hn", "cn"], feeds)
+    return logits, hn, cn
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def last_step_probabilities(session: ort.InferenceSession, sequences: list[np.ndarray]) -> np.ndarray:
+    """(N, C) class probabilities at each sequence's last frame, in one padded batch."""
+    x, lengths = pad_batch(sequences)
+    logits = run_graph(session, x, lengths)[0]
+    return softmax(logits[np.arange(len(sequences)), lengths - 1])
+
+
+def torch_probabilities(checkpoint: str | Path, sequences: list[np.ndarray]) -> np.ndarray:
+    model, _ = load_checkpoint(checkpoint)
+    x, lengths = pad_batch(sequences)
+    with torch.no_grad():
+        lengths_t = torch.from_numpy(lengths)
+        logits = model.last_step(model(torch.from_numpy(x), lengths=lengths_t)[0], lengths_t)
+    return torch.softmax(logits, -1).numpy()
+
+
+def check_entry(checkpoint: str | Path, entry: str | Path) -> list[str]:
+    """ORT vs PyTorch on the whole test split; the recorded sha256 and accuracy. Raises on failure."""
+    entry = Path(entry)
+    config = json.loads((entry / "config.json").read_text())
+    assert sha256(entry / "model.onnx") == config["sha256"], "model.onnx does not match the sha256 in config.json"
+    data = load_dataset(config["metrics"]["dataset"])
+    ours = last_step_probabilities(ort_session(entry / "model.onnx"), data.test.sequences)
+    reference = torch_probabilities(checkpoint, data.test.sequences)
+    max_diff = float(np.abs(ours - reference).max())
+    assert max_diff <= 1e-4, f"onnxruntime and PyTorch differ by {max_diff:.2e} > 1e-4"
+    assert (ours.argmax(1) == reference.argmax(1)).all(), "onnxruntime and PyTorch disagree on a class"
+    accuracy = float((ours.argmax(1) == data.test.labels).mean())
+    assert abs(accuracy - config["metrics"]["test_accuracy"]) < 1e-9, "accuracy differs from the recorded one"
+    return [
+        f"parity: max |p_ort - p_torch| = {max_diff:.2e} over {len(data.test)} test sequences, argmax identical",
+        f"accuracy with onnxruntime: {accuracy:.4f} (recorded {config['metrics']['test_accuracy']:.4f})",
+    ]

@@ -1,0 +1,233 @@
+"""Train a SequenceClassifier on a UEA data set: BPTT with gradient clipping, Adam, cosine schedule.
+
+    lstm-serve train --dataset japanese-vowels --out runs/japanese-vowels
+
+Writes `checkpoint.pt` (config + weights + labels, enough to rebuild the model), `metrics.json`
+and `training.png` (learning curves and the test confusion matrix) into the output folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.data import Dataset, Split, load_dataset, pad_batch, stratified_split
+from model.model import ModelConfig, SequenceClassifier, fuse_ensemble
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "japanese-vowels"  # a name from model.data.DATASETS
+    out_dir: str = "runs/japanese-vowels"  # where checkpoint, metrics and plot go
+    seed: int = 0  # seeds data split, init, shuffling and augmentation
+    epochs: int = 100  # passes over the training part (per ensemble member)
+    batch_size: int = 32
+    lr: float = 3e-3  # peak Adam learning rate, cosine-decayed to lr/100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0  # max global gradient norm (BPTT through every step)
+    noise_sigma: float = 0.5  # std of Gaussian noise added to normalised inputs while training
+    crop: float = 0.7  # training windows keep at least this fraction of each sequence (1.0: no cropping)
+    val_fraction: float = 0.15  # of each class in the training split, held out for model selection
+    ema_decay: float = 0.99  # weights are averaged with this decay; the average is what gets evaluated
+    step_loss_weight: float = 0.0  # weight of the mean loss over every valid step (besides the last)
+    select_on: str = "loss"  # model selection on validation "loss" or "accuracy" (ties: the other)
+    ensemble: int = 3  # members trained from different seeds, fused into one wider block-diagonal LSTM
+    threads: int = 1  # torch intra-op threads (1 keeps training bit-reproducible)
+    progress: bool = True  # show a progress bar
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def random_crop(seq: np.ndarray, min_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A random contiguous window holding at least `min_fraction` of the frames."""
+    T = len(seq)
+    length = rng.integers(max(2, int(np.ceil(min_fraction * T))), T + 1)
+    start = rng.integers(0, T - length + 1)
+    return seq[start : start + length]
+
+
+def batches(split: Split, indices: np.ndarray, batch_size: int, crop: float = 1.0, rng=None):
+    for start in range(0, len(indices), batch_size):
+        rows = indices[start : start + batch_size]
+        sequences = [split.sequences[i] for i in rows]
+        if crop < 1.0:
+            sequences = [random_crop(s, crop, rng) for s in sequences]
+        x, lengths = pad_batch(sequences)
+        yield torch.from_numpy(x), torch.from_numpy(lengths), torch.from_numpy(split.labels[rows])
+
+
+@torch.no_grad()
+def evaluate(model: SequenceClassifier, split: Split, indices: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Mean loss, accuracy and predicted class ids over `indices`, using the last valid step."""
+    model.eval()
+    losses, predictions = [], []
+    for x, lengths, y in batches(split, indices, 256):
+        logits = model.last_step(model(x, lengths=lengths)[0], lengths)
+        losses.append(F.cross_entropy(logits, y, reduction="sum").item())
+        predictions.append(logits.argmax(-1).numpy())
+    predicted = np.concatenate(predictions)
+    return sum(losses) / len(indices), float((predicted == split.labels[indices]).mean()), predicted
+
+
+def train_member(cfg: TrainConfig, data: Dataset, fit_idx: np.ndarray, val_idx: np.ndarray, seed: int,
+                 label: str) -> tuple[SequenceClassifier, dict, int]:
+    """Train one network; return its best weights (by validation), its history and the best epoch."""
+    set_seed(seed)
+    model = SequenceClassifier(cfg.model)
+    frames = torch.from_numpy(np.concatenate([data.train.sequences[i] for i in fit_idx]))
+    model.set_normalisation(frames.mean(0), frames.std(0))
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(fit_idx) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps_per_epoch, cfg.lr / 100)
+    rng = np.random.default_rng(seed)
+
+    history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_accuracy": []}
+    best: tuple[float, float] = (-math.inf, -math.inf)  # larger is better
+    best_state, best_epoch = None, 0
+    progress = tqdm(range(cfg.epochs), desc=label, disable=not cfg.progress)
+    for epoch in progress:
+        model.train()
+        epoch_loss = 0.0
+        for x, lengths, y in batches(data.train, rng.permutation(fit_idx), cfg.batch_size, cfg.crop, rng):
+            # noise in normalised units, so sigma means the same for every feature
+            x = x + cfg.noise_sigma * model.feature_std * torch.randn_like(x)
+            step_logits = model(x, lengths=lengths)[0]
+            loss = F.cross_entropy(model.last_step(step_logits, lengths), y)
+            if cfg.step_loss_weight:
+                valid = torch.arange(x.shape[1]) < lengths[:, None]  # (B, T)
+                per_step = F.cross_entropy(step_logits[valid], y[:, None].expand_as(valid)[valid])
+                loss = loss + cfg.step_loss_weight * per_step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                for averaged, live in zip(ema.parameters(), model.parameters(), strict=True):
+                    averaged.lerp_(live, 1 - cfg.ema_decay)
+            epoch_loss += loss.item() * len(y)
+        val_loss, val_acc, _ = evaluate(ema, data.train, val_idx)
+        history["train_loss"].append(epoch_loss / len(fit_idx))
+        history["val_loss"].append(val_loss)
+        history["val_accuracy"].append(val_acc)
+        score = (-val_loss, val_acc) if cfg.select_on == "loss" else (val_acc, -val_loss)
+        if best_state is None or score > best:
+            best, best_state, best_epoch = score, copy.deepcopy(ema.state_dict()), epoch + 1
+        progress.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", val_acc=f"{val_acc:.3f}")
+    model.load_state_dict(best_state)
+    return model.eval(), history, best_epoch
+
+
+def train(cfg: TrainConfig) -> dict:
+    started = time.time()
+    torch.set_num_threads(cfg.threads)
+    data: Dataset = load_dataset(cfg.dataset)
+    cfg.model.input_dim, cfg.model.num_classes = data.input_dim, len(data.label_names)
+    fit_idx, val_idx = stratified_split(data.train.labels, cfg.val_fraction, cfg.seed)
+    members = [
+        train_member(cfg, data, fit_idx, val_idx, cfg.seed + 1000 * k, f"{cfg.dataset} {k + 1}/{cfg.ensemble}")
+        for k in range(cfg.ensemble)
+    ]
+    model = fuse_ensemble([m for m, _, _ in members])
+    # the learning curves plotted are the first member's; every member is selected the same way
+    _, history, best_epoch = members[0]
+    member_val = [evaluate(m, data.train, val_idx)[1] for m, _, _ in members]
+    test_loss, test_acc, predicted = evaluate(model, data.test, np.arange(len(data.test)))
+    metrics = report(cfg, data, predicted, test_acc, test_loss, best_epoch, history, time.time() - started)
+    metrics["members"] = {"best_epochs": [b for _, _, b in members], "validation_accuracy": member_val}
+    save(cfg, data, model, metrics)
+    return metrics
+
+
+def report(cfg, data, predicted, test_acc, test_loss, best_epoch, history, wall_s) -> dict:
+    C = len(data.label_names)
+    confusion = np.zeros((C, C), dtype=int)
+    np.add.at(confusion, (data.test.labels, predicted), 1)
+    return {
+        "dataset": cfg.dataset,
+        "split": {"train": len(data.train), "test": len(data.test), "validation_fraction": cfg.val_fraction},
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "per_class_accuracy": {
+            name: float(confusion[k, k] / confusion[k].sum()) for k, name in enumerate(data.label_names)
+        },
+        "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted
+        "labels": data.label_names,
+        "epochs": cfg.epochs,
+        "best_epoch": best_epoch,
+        "wall_time_s": round(wall_s, 1),
+        "history": history,
+        "train_config": asdict(cfg),
+    }
+
+
+def save(cfg: TrainConfig, data: Dataset, model: SequenceClassifier, metrics: dict) -> None:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"model_config": model.config.to_dict(), "state_dict": model.state_dict(), "labels": data.label_names,
+         "dataset": cfg.dataset, "metrics": {k: v for k, v in metrics.items() if k != "history"}},
+        out / "checkpoint.pt",
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot(metrics, out / "training.png")
+
+
+def plot(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = metrics["history"]
+    fig, (curves, matrix) = plt.subplots(1, 2, figsize=(12, 5))
+    epochs = np.arange(1, len(history["train_loss"]) + 1)
+    curves.plot(epochs, history["train_loss"], label="train loss")
+    curves.plot(epochs, history["val_loss"], label="validation loss")
+    curves.set_xlabel("epoch")
+    curves.set_ylabel("cross-entropy")
+    curves.set_yscale("log")
+    accuracy = curves.twinx()
+    accuracy.plot(epochs, history["val_accuracy"], color="tab:green", alpha=0.6, label="validation accuracy")
+    accuracy.set_ylabel("accuracy")
+    curves.axvline(metrics["best_epoch"], color="grey", linestyle=":", label="selected epoch")
+    curves.legend(loc="upper right")
+    curves.set_title(f"{metrics['dataset']}: learning curves")
+    confusion = np.array(metrics["confusion_matrix"])
+    matrix.imshow(confusion, cmap="Blues")
+    for (r, c), n in np.ndenumerate(confusion):
+        if n:
+            matrix.text(c, r, str(n), ha="center", va="center", color="white" if n > confusion.max() / 2 else "black")
+    ticks = range(len(metrics["labels"]))
+    matrix.set_xticks(ticks, metrics["labels"], rotation=45, ha="right")
+    matrix.set_yticks(ticks, metrics["labels"])
+    matrix.set_xlabel("predicted")
+    matrix.set_ylabel("true")
+    matrix.set_title(f"test confusion matrix (accuracy {metrics['test_accuracy']:.4f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_checkpoint(path: str | Path) -> tuple[SequenceClassifier, dict]:
+    """Rebuild the model from the checkpoint alone."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = SequenceClassifier(ModelConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint

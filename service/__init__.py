@@ -1,0 +1,1 @@
+"""lstm-serve: the FastAPI service over onnxruntime. Imports no torch."""

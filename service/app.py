@@ -1,0 +1,93 @@
+"""The application frame: create_app(settings), the lifespan, and one error handler for all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from service.api import router
+from service.engine import Engine
+from service.errors import BodyTooLarge, InvalidInput, Overloaded, ServiceError, TooManySessions
+from service.http import JSON, LimitsAndMetrics, error_response
+from service.metrics import Metrics
+from service.sessions import InMemorySessionStore, SessionStore
+from service.settings import Settings
+
+log = logging.getLogger("lstm_serve")
+REJECTIONS = (Overloaded, TooManySessions, BodyTooLarge)
+
+
+def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
+    return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions,
+                                on_expired=metrics.sessions_expired.inc)
+
+
+async def sweep_forever(store: SessionStore, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await store.sweep()
+        except Exception:  # a failed sweep is retried next round; it must not end the loop
+            log.exception("session sweep failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = make_store(settings, metrics)
+        engine = Engine(settings, store, metrics)
+        app.state.engine, app.state.ready = engine, False
+        await engine.start()  # load every model, create onnxruntime sessions, warm up
+        sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s))
+        app.state.ready = True
+        log.info("ready: %s", ", ".join(f"{m.name} v{m.version} ({m.runner.provider})"
+                                         for m in engine.models.values()))
+        try:
+            yield
+        finally:  # reverse order: stop answering ready, stop sweeping, finish queued work, close the store
+            app.state.ready = False
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+            await engine.stop()
+            await store.close()
+
+    app = FastAPI(title="lstm-serve", version="0.1.0", lifespan=lifespan, default_response_class=JSON,
+                  description="Sequence classification and stateful streaming sessions for recurrent models.")
+    app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
+    app.include_router(router)
+    app.add_middleware(LimitsAndMetrics, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError) -> JSON:
+        if isinstance(error, REJECTIONS):
+            metrics.rejected.labels(error.code).inc()
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(request: Request, error: RequestValidationError) -> JSON:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"])
+        return error_response(InvalidInput(f"invalid request: {where}: {first['msg']}"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSON:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSON({"error": {"code": code, "message": str(error.detail)}}, status_code=error.status_code,
+                    headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSON:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSON({"error": {"code": "internal_error", "message": "internal error; see the server log"}},
+                    status_code=500)
+
+    return app

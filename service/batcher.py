@@ -1,0 +1,130 @@
+"""Dynamic batching: a bounded queue of (item, future) and one loop that runs them in batches.
+
+The loop takes everything already queued (up to max_batch_size), optionally waits up to max_delay
+for more, runs the batch in a worker thread (the event loop keeps serving), and resolves every
+future: with its own result, or with the batch's exception. While one batch runs, the next one
+gathers, so batches grow with load and a quiet server pays no wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from service.errors import Overloaded
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class BatchObserver(Protocol):
+    def batch_done(self, size: int, queue_waits: list[float], run_seconds: float) -> None: ...
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Out]
+    enqueued: float
+
+
+class Batcher(Generic[In, Out]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[In]], list[Out]],
+        max_batch_size: int = 64,
+        max_delay_s: float = 0.0,
+        max_queue_length: int = 2048,
+        observer: BatchObserver | None = None,
+        name: str = "batcher",
+    ) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.observer = observer
+        self.name = name
+        self.queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue(max_queue_length)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.task: asyncio.Task | None = None
+        self.batches_run = 0
+
+    @property
+    def queued(self) -> int:
+        return self.queue.qsize()
+
+    async def submit(self, item: In) -> Out:
+        if self.task is None or self.task.done():
+            raise Overloaded(f"{self.name} is not running", headers={"Retry-After": "1"})
+        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Pending(item, future, time.perf_counter()))
+        except asyncio.QueueFull:
+            raise Overloaded(
+                f"the {self.name} queue is full ({self.queue.maxsize} waiting); retry shortly",
+                headers={"Retry-After": "1"},
+            ) from None
+        return await future
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._loop(), name=self.name)
+
+    async def stop(self) -> None:
+        """Finish everything already queued, then stop."""
+        if self.task is not None:
+            await self.queue.join()
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+        self.executor.shutdown(wait=True)
+
+    async def _collect(self) -> list[_Pending[In, Out]]:
+        batch = [await self.queue.get()]
+        deadline = time.perf_counter() + self.max_delay_s
+        while len(batch) < self.max_batch_size:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            live = [p for p in batch if not p.future.cancelled()]
+            try:
+                if live:
+                    await self._run(loop, live)
+            finally:
+                for _ in batch:
+                    self.queue.task_done()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self.executor, self.run_batch, [p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: model returned {len(results)} results for {len(batch)} items")
+        except Exception as error:  # every caller hears about a failed batch; none is left hanging
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(error)
+            return
+        finally:
+            self.batches_run += 1
+            if self.observer is not None:
+                self.observer.batch_done(len(batch), [started - p.enqueued for p in batch],
+                                         time.perf_counter() - started)
+        for p, result in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(result)

@@ -1,0 +1,57 @@
+"""Domain errors: each carries its HTTP status and a stable code; one handler renders them all."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None, **details) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.details = details
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+class InvalidInput(ServiceError):
+    status, code = 422, "invalid_input"
+
+
+class MalformedRequest(ServiceError):
+    status, code = 400, "malformed_request"
+
+
+class BodyTooLarge(ServiceError):
+    status, code = 413, "body_too_large"
+
+
+class ModelNotFound(ServiceError):
+    status, code = 404, "model_not_found"
+
+
+class SessionNotFound(ServiceError):
+    status, code = 404, "session_not_found"
+
+
+class SequenceConflict(ServiceError):
+    status, code = 409, "seq_conflict"
+
+
+class TooManySessions(ServiceError):
+    status, code = 429, "too_many_sessions"
+
+
+class Overloaded(ServiceError):
+    status, code = 503, "overloaded"
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"
+
+
+class StoreUnavailable(ServiceError):
+    status, code = 503, "session_store_unavailable"

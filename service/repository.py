@@ -1,0 +1,65 @@
+"""The model repository on disk: <root>/<name>/<version>/{model.onnx, config.json}."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    version: int
+    path: Path  # the version folder
+    config: dict
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def labels(self) -> list[str]:
+        return self.config["labels"]
+
+    @property
+    def input_dim(self) -> int:
+        return self.config["input_dim"]
+
+    @property
+    def state_specs(self) -> list[dict]:
+        """[{"input": "h0", "output": "hn", "shape": [L, H]}, ...]: what a session carries."""
+        return self.config["state"]
+
+
+class RepositoryError(RuntimeError):
+    pass
+
+
+def load_entry(version_dir: Path) -> ModelEntry:
+    config_path, onnx_path = version_dir / "config.json", version_dir / "model.onnx"
+    if not config_path.is_file() or not onnx_path.is_file():
+        raise RepositoryError(f"{version_dir} needs both model.onnx and config.json")
+    config = json.loads(config_path.read_text())
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    if digest != config.get("sha256"):
+        raise RepositoryError(f"{onnx_path} does not match the sha256 in its config.json (file changed or corrupt)")
+    for key in ("name", "version", "labels", "input_dim", "state", "inputs", "outputs"):
+        if key not in config:
+            raise RepositoryError(f"{config_path} lacks {key!r}")
+    return ModelEntry(name=config["name"], version=int(config["version"]), path=version_dir, config=config)
+
+
+def load_repository(root: Path) -> dict[str, ModelEntry]:
+    """The newest version of every model under root, by name."""
+    if not root.is_dir():
+        raise RepositoryError(f"model repository {root} does not exist")
+    entries: dict[str, ModelEntry] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        if versions:
+            entries[model_dir.name] = load_entry(versions[-1][1])
+    if not entries:
+        raise RepositoryError(f"model repository {root} holds no <name>/<version>/ entries")
+    return entries

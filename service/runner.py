@@ -1,0 +1,98 @@
+"""onnxruntime for one model: pads a batch of variable-length items into one call and splits it back.
+
+An item is a chunk of frames plus the recurrent state it starts from (zeros for a fresh sequence).
+A classify request is a step from zero state: one graph, one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from service.repository import ModelEntry
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+@dataclass
+class Item:
+    frames: np.ndarray  # (T, D) float32
+    state: list[np.ndarray] | None  # one (L, H) array per state tensor; None = zeros
+
+
+@dataclass
+class Output:
+    logits: np.ndarray  # (T, C) per-step logits of this item's frames
+    state: list[np.ndarray]  # the state after its last frame, one (L, H) array per state tensor
+
+
+def choose_providers(setting: str) -> list[str]:
+    available = ort.get_available_providers()
+    if setting == "cpu":
+        return [CPU]
+    if setting == "cuda":
+        if CUDA not in available:
+            raise RuntimeError(
+                f"providers=cuda but onnxruntime offers only {available}: install onnxruntime-gpu "
+                "(pip install 'lstm-serve[gpu]') on a machine with an NVIDIA GPU, or use providers=auto|cpu"
+            )
+        return [CUDA, CPU]
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+class OnnxRunner:
+    def __init__(self, entry: ModelEntry, providers: str = "auto", intra_op_threads: int = 1) -> None:
+        self.entry = entry
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # without this, idle onnxruntime threads spin and burn the cores the HTTP server needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(entry.onnx_path), options, providers=choose_providers(providers))
+        if providers == "cuda" and self.session.get_providers()[0] != CUDA:
+            raise RuntimeError(f"providers=cuda but onnxruntime fell back to {self.session.get_providers()}")
+        config = entry.config
+        self.input_dim = entry.input_dim
+        self.frames_input = config["inputs"][0]["name"]
+        self.lengths_input = config.get("lengths_input")
+        self.logits_output = config.get("logits_output", config["outputs"][0]["name"])
+        self.state_specs = entry.state_specs
+        self.output_names = [self.logits_output] + [s["output"] for s in self.state_specs]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def zero_state(self) -> list[np.ndarray]:
+        return [np.zeros(spec["shape"], np.float32) for spec in self.state_specs]
+
+    def run(self, items: list[Item]) -> list[Output]:
+        """One onnxruntime call for all items: right-pad to the longest, pass lengths, split back."""
+        B = len(items)
+        lengths = np.fromiter((len(item.frames) for item in items), np.int64, B)
+        T = int(lengths.max())
+        x = np.zeros((B, T, self.input_dim), np.float32)
+        for row, item in enumerate(items):
+            x[row, : lengths[row]] = item.frames
+        feeds = {self.frames_input: x}
+        if self.lengths_input:
+            feeds[self.lengths_input] = lengths
+        elif (lengths != T).any():
+            raise ValueError("this graph has no lengths input; items of different lengths cannot share a call")
+        for k, spec in enumerate(self.state_specs):
+            L, H = spec["shape"]
+            stacked = np.zeros((L, B, H), np.float32)
+            for row, item in enumerate(items):
+                if item.state is not None:
+                    stacked[:, row] = item.state[k]
+            feeds[spec["input"]] = stacked
+        logits, *states = self.session.run(self.output_names, feeds)
+        if logits.shape[0] != B or any(s.shape[1] != B for s in states):
+            raise RuntimeError(f"onnxruntime returned {logits.shape[0]} rows for {B} items")
+        return [
+            Output(logits=logits[row, : lengths[row]], state=[np.ascontiguousarray(s[:, row]) for s in states])
+            for row in range(B)
+        ]

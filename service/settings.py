@@ -1,0 +1,49 @@
+"""One settings object, read from LSTM_SERVE_* environment variables (each also a CLI flag)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "models"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="ignore")
+
+    model_repository: Path = Field(DEFAULT_REPOSITORY, description="folder of <name>/<version>/ model entries")
+    default_model: str | None = Field(None, description="model used when a request names none (default: first)")
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="onnxruntime execution: auto = CUDA if onnxruntime-gpu sees a GPU, else CPU"
+    )
+    intra_op_threads: int = Field(1, ge=1, le=256, description="onnxruntime threads per model")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="sequences or session steps per onnxruntime call")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="extra wait for a batch to fill; 0 batches only what is already queued"
+    )
+    max_queue_length: int = Field(2048, ge=1, description="queued sequences per model before 503")
+    session_ttl_s: float = Field(600.0, gt=0, description="idle time after which a session expires")
+    max_sessions: int = Field(100_000, ge=1, description="live sessions; more are refused with 429")
+    max_sequence_length: int = Field(4096, ge=1, description="frames in one sequence or one streamed chunk")
+    max_sequences_per_request: int = Field(256, ge=1, description="sequences in one classify request")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body or WebSocket message")
+    sweep_interval_s: float = Field(1.0, gt=0, description="how often expired sessions are removed")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    workers: int = Field(1, ge=1, description="server processes; sessions live in one process's memory")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="time in-flight requests get to finish on SIGTERM")
+    access_log: bool = Field(False, description="log every request")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def one_process_per_in_memory_store(cls, workers):
+        if int(workers) > 1:
+            raise ValueError(
+                f"workers={workers} with the in-memory session store would split session state across "
+                "processes (a session's steps could land where its h/c is not); run workers=1 and scale "
+                "with more replicas only once sessions live in a shared store"
+            )
+        return workers

@@ -1,0 +1,33 @@
+import json
+
+import numpy as np
+import torch
+
+from model.train import load_checkpoint, random_crop
+
+
+def test_training_writes_checkpoint_metrics_and_plot(tiny_run):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["dataset"] == "japanese-vowels" and metrics["epochs"] == 3
+    assert metrics["split"] == {"train": 270, "test": 370, "validation_fraction": 0.15}
+    confusion = np.array(metrics["confusion_matrix"])
+    assert confusion.shape == (9, 9) and confusion.sum() == 370
+    assert metrics["test_accuracy"] == np.trace(confusion) / 370
+    assert set(metrics["per_class_accuracy"]) == {f"speaker-{k}" for k in range(1, 10)}
+    assert len(metrics["history"]["val_loss"]) == 3 and metrics["wall_time_s"] > 0
+    assert (tiny_run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_rebuilds_the_model_from_the_file_alone(tiny_run):
+    model, checkpoint = load_checkpoint(tiny_run / "checkpoint.pt")
+    assert model.config.hidden_size == 2 * 8  # two members fused
+    assert checkpoint["labels"][0] == "speaker-1"
+    assert not torch.equal(model.feature_std, torch.ones(12)), "normalisation statistics were not stored"
+
+
+def test_random_crop_keeps_a_contiguous_window_of_at_least_the_fraction():
+    seq = np.arange(20, dtype=np.float32)[:, None]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        window = random_crop(seq, 0.7, rng)
+        assert len(window) >= 14 and np.all(np.diff(window[:, 0]) == 1)
