@@ -1,0 +1,120 @@
+"""The batcher alone, with a fake model."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batcher import Batcher
+from service.errors import Overloaded
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.thread_ids: set[int] = set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.thread_ids.add(threading.get_ident())
+        self.batches.append(list(items))
+        time.sleep(self.delay)
+        return [x * 10 for x in items]
+
+
+async def with_batcher(model, **kwargs) -> Batcher:
+    batcher = Batcher(model, **kwargs)
+    batcher.start()
+    return batcher
+
+
+def test_concurrent_submits_form_a_batch_and_each_gets_its_own_result():
+    async def main():
+        model = Recorder()
+        batcher = await with_batcher(model, max_batch_size=8, max_delay_s=0.05)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(20)))
+        await batcher.stop()
+        return model, results
+
+    model, results = asyncio.run(main())
+    assert results == [i * 10 for i in range(20)]
+    assert max(len(b) for b in model.batches) == 8, "no full batch formed"
+    assert sorted(x for b in model.batches for x in b) == list(range(20))
+    assert threading.get_ident() not in model.thread_ids, "the model ran on the event loop thread"
+
+
+def test_items_arriving_while_a_batch_runs_are_gathered_into_the_next():
+    async def main():
+        model = Recorder(delay=0.05)
+        batcher = await with_batcher(model, max_batch_size=64, max_delay_s=0.0)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.01)  # the first batch (one item) is running now
+        rest = await asyncio.gather(*(batcher.submit(i) for i in range(1, 11)))
+        await first
+        await batcher.stop()
+        return model, rest
+
+    model, rest = asyncio.run(main())
+    assert rest == [i * 10 for i in range(1, 11)]
+    assert model.batches[0] == [0] and model.batches[1] == list(range(1, 11))
+
+
+def test_a_failing_batch_fails_every_caller_and_the_loop_goes_on():
+    calls = []
+
+    def flaky(items):
+        calls.append(items)
+        if len(calls) == 1:
+            raise ValueError("boom")
+        return items
+
+    async def main():
+        batcher = await with_batcher(flaky, max_batch_size=4, max_delay_s=0.05)
+        first = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+        second = await batcher.submit(7)
+        await batcher.stop()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert all(isinstance(e, ValueError) and str(e) == "boom" for e in first)
+    assert second == 7
+
+
+def test_a_model_returning_the_wrong_count_is_an_error_not_a_misrouted_result():
+    async def main():
+        batcher = await with_batcher(lambda items: items[:-1], max_batch_size=4, max_delay_s=0.05)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    for result in asyncio.run(main()):
+        assert isinstance(result, RuntimeError) and "2 results for 3 items" in str(result)
+
+
+def test_full_queue_refuses_with_overloaded_and_retry_after():
+    async def main():
+        batcher = await with_batcher(Recorder(delay=0.2), max_batch_size=1, max_queue_length=2)
+        running = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(3)
+        await asyncio.gather(running, *queued)
+        await batcher.stop()
+        return refused.value
+
+    error = asyncio.run(main())
+    assert error.status == 503 and error.headers["Retry-After"] == "1"
+
+
+def test_stop_finishes_queued_work_first():
+    async def main():
+        batcher = await with_batcher(Recorder(delay=0.02), max_batch_size=2)
+        pending = [asyncio.create_task(batcher.submit(i)) for i in range(6)]
+        await asyncio.sleep(0)
+        await batcher.stop()
+        return [p.result() for p in pending]
+
+    assert asyncio.run(main()) == [0, 10, 20, 30, 40, 50]

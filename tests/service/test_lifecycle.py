@@ -1,0 +1,140 @@
+"""Start-up, limits and shut-down, each on a server started with its own settings."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service.conftest import ROOT
+
+
+def test_idle_sessions_expire_and_give_404(start_server):
+    server = start_server("--session-ttl-s", "1", "--sweep-interval-s", "0.2")
+    with httpx.Client(base_url=server.url) as c:
+        idle = c.post("/v1/sessions").json()["session_id"]
+        busy = c.post("/v1/sessions").json()["session_id"]
+        for _ in range(6):  # a step every 0.3 s keeps `busy` alive well past the TTL
+            assert c.post(f"/v1/sessions/{busy}/steps", json={"inputs": [[0.0] * 12]}).status_code == 200
+            time.sleep(0.3)
+        assert c.get(f"/v1/sessions/{idle}").status_code == 404
+        assert c.get(f"/v1/sessions/{busy}").json()["steps"] == 6
+        metrics = c.get("/metrics").text
+    assert "lstm_serve_sessions_expired_total 1.0" in metrics
+    assert "lstm_serve_active_sessions 1.0" in metrics
+
+
+def test_max_sessions_answers_429_and_keeps_existing_sessions(start_server):
+    server = start_server("--max-sessions", "3")
+    with httpx.Client(base_url=server.url) as c:
+        ids = [c.post("/v1/sessions").json()["session_id"] for _ in range(3)]
+        refused = c.post("/v1/sessions")
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_sessions"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert all(c.get(f"/v1/sessions/{sid}").status_code == 200 for sid in ids)
+        c.delete(f"/v1/sessions/{ids[0]}")
+        assert c.post("/v1/sessions").status_code == 201
+        assert 'lstm_serve_rejected_requests_total{reason="too_many_sessions"} 1.0' in c.get("/metrics").text
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_recovers(start_server):
+    server = start_server("--max-queue-length", "2", "--max-batch-size", "1")
+    long_sequence = {"sequences": [np.zeros((4000, 12)).tolist()]}
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/classify", json=long_sequence) for _ in range(12)))
+
+    statuses = [r.status_code for r in asyncio.run(flood())]
+    refused = [r for r in asyncio.run(flood()) if r.status_code == 503]
+    assert set(statuses) <= {200, 503} and 200 in statuses and refused
+    assert refused[0].headers["Retry-After"] == "1" and refused[0].json()["error"]["code"] == "overloaded"
+    with httpx.Client(base_url=server.url) as c:
+        assert c.post("/v1/classify", json={"sequences": [[[0.0] * 12]]}).status_code == 200
+
+
+def test_sigterm_finishes_in_flight_work_then_exits(start_server):
+    server = start_server()
+    long_sequence = {"sequences": [np.zeros((4000, 12)).tolist()] * 16}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            in_flight = asyncio.create_task(c.post("/v1/classify", json=long_sequence))
+            await asyncio.sleep(0.3)
+            server.proc.send_signal(signal.SIGTERM)
+            return await in_flight
+
+    response = asyncio.run(main())
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 16
+    # uvicorn re-raises the signal after a clean shutdown, so the exit status says "terminated"
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    log = server.proc.stdout.read().decode()
+    assert "Finished server process" in log and "Traceback" not in log
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/healthz", timeout=1)
+
+
+def run_serve(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "0", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_several_workers_with_in_memory_sessions_are_refused_at_start():
+    result = run_serve("--workers", "2")
+    assert result.returncode != 0
+    assert "workers=2 with the in-memory session store would split session state" in result.stderr
+
+
+def test_bad_settings_are_refused_with_the_setting_named():
+    result = run_serve("--max-batch-size", "0")
+    assert result.returncode != 0 and "max_batch_size" in result.stderr
+
+
+def test_cuda_without_cuda_fails_loudly():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return  # the GPU case is proven by test_runner on a GPU machine
+    result = run_serve("--providers", "cuda")
+    assert result.returncode != 0 and "onnxruntime-gpu" in result.stdout + result.stderr
+
+
+def test_settings_come_from_lstm_serve_environment_variables():
+    env = {"LSTM_SERVE_MAX_BATCH_SIZE": "7", "LSTM_SERVE_PROVIDERS": "cpu", "LSTM_SERVE_SESSION_TTL_S": "2.5"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        settings = Settings()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    assert (settings.max_batch_size, settings.providers, settings.session_ttl_s) == (7, "cpu", 2.5)
+
+
+def test_readyz_is_503_until_the_lifespan_has_warmed_up():
+    app = create_app(Settings())
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)  # no lifespan: models never load
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.get("/readyz"), await c.get("/healthz")
+
+    ready, alive = asyncio.run(main())
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+    assert alive.status_code == 200
+
+
+def test_the_serving_runtime_never_imports_torch():
+    code = ("import sys, service.app, service.cli, service.server; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

@@ -1,0 +1,78 @@
+"""The onnxruntime runner on the shipped model: batching never changes a result."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.repository import RepositoryError, load_repository
+from service.runner import Item, OnnxRunner
+from tests.conftest import SHIPPED_ENTRY
+
+
+@pytest.fixture(scope="module")
+def runner() -> OnnxRunner:
+    return OnnxRunner(load_repository(SHIPPED_ENTRY.parents[1])["japanese-vowels"], "cpu")
+
+
+def frames(rng, n):
+    return rng.normal(size=(n, 12)).astype(np.float32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), seed=st.integers(0, 2**16))
+def test_a_mixed_batch_equals_running_each_item_alone(runner, lengths, seed):
+    rng = np.random.default_rng(seed)
+    items = [Item(frames(rng, n), None if k % 2 else [rng.normal(size=(2, 384)).astype(np.float32)] * 2)
+             for k, n in enumerate(lengths)]
+    batched = runner.run(items)
+    for item, out in zip(items, batched, strict=True):
+        (alone,) = runner.run([item])
+        assert out.logits.shape == (len(item.frames), 9)
+        np.testing.assert_allclose(out.logits, alone.logits, atol=1e-5)
+        for ours, theirs in zip(out.state, alone.state, strict=True):
+            np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_state_carried_between_calls_equals_one_call(runner):
+    rng = np.random.default_rng(0)
+    x = frames(rng, 20)
+    (whole,) = runner.run([Item(x, None)])
+    state, parts = None, []
+    for chunk in np.split(x, [1, 4, 11]):
+        (out,) = runner.run([Item(chunk, state)])
+        state, parts = out.state, parts + [out.logits]
+    np.testing.assert_allclose(np.concatenate(parts), whole.logits, atol=1e-5)
+
+
+def test_cpu_provider_is_used_on_a_machine_without_cuda(runner):
+    assert runner.provider == "CPUExecutionProvider"
+
+
+def test_cuda_setting_fails_loudly_without_cuda():
+    entry = load_repository(SHIPPED_ENTRY.parents[1])["japanese-vowels"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert OnnxRunner(entry, "cuda").provider == "CUDAExecutionProvider"
+    else:
+        with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+            OnnxRunner(entry, "cuda")
+
+
+def test_repository_refuses_an_onnx_file_that_does_not_match_its_sha256(tmp_path):
+    entry = tmp_path / "m" / "1"
+    entry.mkdir(parents=True)
+    (entry / "config.json").write_text((SHIPPED_ENTRY / "config.json").read_text())
+    (entry / "model.onnx").write_bytes((SHIPPED_ENTRY / "model.onnx").read_bytes()[:-1] + b"\0")
+    with pytest.raises(RepositoryError, match="sha256"):
+        load_repository(tmp_path)
+
+
+def test_repository_serves_the_newest_version(tmp_path):
+    for version in (1, 2):
+        entry = tmp_path / "japanese-vowels" / str(version)
+        entry.mkdir(parents=True)
+        config = (SHIPPED_ENTRY / "config.json").read_text().replace('"version": 1', f'"version": {version}')
+        (entry / "config.json").write_text(config)
+        (entry / "model.onnx").write_bytes((SHIPPED_ENTRY / "model.onnx").read_bytes())
+    assert load_repository(tmp_path)["japanese-vowels"].version == 2

@@ -1,0 +1,108 @@
+"""The in-memory session store alone, with a fake clock."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.errors import SessionNotFound, TooManySessions
+from service.sessions import InMemorySessionStore, KeyedLocks
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_store(**kwargs):
+    clock, expired = Clock(), []
+    store = InMemorySessionStore(ttl_s=10, max_sessions=3, on_expired=expired.append, clock=clock, **kwargs)
+    return store, clock, expired
+
+
+def test_ids_are_unguessable_and_unique():
+    async def main():
+        store, _, _ = make_store()
+        return [(await store.create("m", 1)).session_id for _ in range(3)]
+
+    ids = asyncio.run(main())
+    assert len(set(ids)) == 3 and all(len(i) >= 32 for i in ids)  # 24 random bytes, base64url
+
+
+def test_idle_sessions_expire_after_the_ttl_and_are_swept():
+    async def main():
+        store, clock, expired = make_store()
+        a = await store.create("m", 1)
+        clock.now += 5
+        b = await store.create("m", 1)
+        clock.now += 6  # a is 11 s idle, b 6 s
+        assert await store.sweep() == 1
+        with pytest.raises(SessionNotFound):
+            await store.load(a.session_id)
+        assert (await store.load(b.session_id)).session_id == b.session_id
+        clock.now += 10
+        with pytest.raises(SessionNotFound, match="expired"):
+            await store.load(b.session_id)
+        return expired
+
+    assert asyncio.run(main()) == [1, 1]
+
+
+def test_a_committed_step_keeps_a_session_alive():
+    async def main():
+        store, clock, _ = make_store()
+        record = await store.create("m", 1)
+        clock.now += 9
+        assert await store.commit(record.advanced(last_used=clock.now, steps=1), record.revision)
+        clock.now += 9
+        return await store.load(record.session_id)
+
+    assert asyncio.run(main()).steps == 1
+
+
+def test_full_store_answers_too_many_sessions_and_never_evicts():
+    async def main():
+        store, _, _ = make_store()
+        kept = [await store.create("m", 1) for _ in range(3)]
+        with pytest.raises(TooManySessions) as refused:
+            await store.create("m", 1)
+        for record in kept:
+            await store.load(record.session_id)
+        return refused.value
+
+    assert asyncio.run(main()).status == 429
+
+
+def test_commit_is_compare_and_set_on_the_revision():
+    async def main():
+        store, _, _ = make_store()
+        record = await store.create("m", 1)
+        state = (np.ones((2, 4), np.float32),)
+        assert await store.commit(record.advanced(steps=3, state=state), record.revision)
+        assert not await store.commit(record.advanced(steps=5), record.revision), "a stale write was accepted"
+        return await store.load(record.session_id)
+
+    stored = asyncio.run(main())
+    assert stored.steps == 3 and stored.revision == 1
+
+
+def test_keyed_locks_serialise_one_key_and_are_dropped_after_use():
+    async def main():
+        locks, order = KeyedLocks(), []
+
+        async def worker(key, tag):
+            async with locks(key):
+                order.append(f"{tag}+")
+                await asyncio.sleep(0.01)
+                order.append(f"{tag}-")
+
+        await asyncio.gather(worker("a", 1), worker("a", 2), worker("b", 3))
+        return locks, order
+
+    locks, order = asyncio.run(main())
+    assert len(locks) == 0
+    a_events = [e for e in order if e[0] in "12"]
+    assert a_events in (["1+", "1-", "2+", "2-"], ["2+", "2-", "1+", "1-"])
