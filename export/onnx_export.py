@@ -57,8 +57,8 @@ def export_onnx(model: SequenceClassifier, path: Path, opset: int = OPSET) -> No
     B, T = 3, 5  # >= 2, or the exporter bakes them in as static dims
     example = (
         torch.randn(B, T, cfg.input_dim),
-        torch.zeros(cfg.num_layers, B, cfg.hidden_size),
-        torch.zeros(cfg.num_layers, B, cfg.hidden_size),
+        torch.zeros(cfg.num_layers, B, model.state_size),
+        torch.zeros(cfg.num_layers, B, model.state_size),
         torch.tensor([5, 4, 2]),
     )
     with torch.no_grad():
@@ -68,7 +68,7 @@ def export_onnx(model: SequenceClassifier, path: Path, opset: int = OPSET) -> No
         )
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
-    check_contract(graph, cfg.input_dim, cfg.num_classes, cfg.num_layers, cfg.hidden_size)
+    check_contract(graph, cfg.input_dim, cfg.num_classes, cfg.num_layers, model.state_size)
 
 
 def tensor_shape(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -92,7 +92,7 @@ def sha256(path: Path) -> str:
 
 def model_config(model: SequenceClassifier, checkpoint: dict, name: str, version: int, onnx_path: Path) -> dict:
     cfg = model.config
-    L, H = cfg.num_layers, cfg.hidden_size
+    L, H = cfg.num_layers, model.state_size
     fp32 = "FP32"
     metrics = checkpoint["metrics"]
     return {
@@ -100,8 +100,9 @@ def model_config(model: SequenceClassifier, checkpoint: dict, name: str, version
         "version": version,
         "cell": cfg.cell,
         "input_dim": cfg.input_dim,
-        "hidden_size": H,
+        "hidden_size": H,  # width of h and c in the state tensors
         "num_layers": L,
+        "ensemble": cfg.ensemble,  # K member LSTMs of hidden_size / K each, side by side
         "num_classes": cfg.num_classes,
         "labels": checkpoint["labels"],
         "inputs": [

@@ -1,7 +1,7 @@
 """A streaming sequence classifier: per-feature normalisation -> LSTM -> linear head at every step.
 
 Read top to bottom: the config, the seed equations written out (`ReferenceLSTM`, for tests and
-teaching), then the served network (`SequenceClassifier`, fused `nn.LSTM`, fast).
+teaching), then the served network (`SequenceClassifier`: fused-gate `nn.LSTM`s, fast).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class ModelConfig:
     num_layers: int = 2  # L: stacked LSTM layers
     dropout: float = 0.1  # dropout between stacked layers, training only
     cell: str = "lstm"  # recurrent cell; the served contract is the same for every cell
+    ensemble: int = 1  # K independent LSTMs side by side; the state is their h/c concatenated (L, B, K*H)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,14 +92,23 @@ class SequenceClassifier(nn.Module):
         # normalisation statistics of the training split, part of the exported graph
         self.register_buffer("feature_mean", torch.zeros(config.input_dim))
         self.register_buffer("feature_std", torch.ones(config.input_dim))
-        self.lstm = nn.LSTM(
-            config.input_dim,
-            config.hidden_size,
-            config.num_layers,
-            batch_first=True,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        self.lstms = nn.ModuleList(
+            nn.LSTM(
+                config.input_dim,
+                config.hidden_size,
+                config.num_layers,
+                batch_first=True,
+                dropout=config.dropout if config.num_layers > 1 else 0.0,
+            )
+            for _ in range(config.ensemble)
         )
-        self.head = nn.Linear(config.hidden_size, config.num_classes)  # W_hy, applied at every step
+        # W_hy, applied at every step; with K members it holds each member's head divided by K,
+        # so its output is the mean of the members' logits
+        self.head = nn.Linear(config.ensemble * config.hidden_size, config.num_classes)
+
+    @property
+    def state_size(self) -> int:
+        return self.config.ensemble * self.config.hidden_size
 
     def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         assert mean.shape == std.shape == (self.config.input_dim,), f"expected ({self.config.input_dim},) stats"
@@ -106,7 +116,7 @@ class SequenceClassifier(nn.Module):
         self.feature_std.copy_(std.clamp_min(1e-6))
 
     def zero_state(self, batch_size: int) -> State:
-        zeros = self.feature_mean.new_zeros(self.config.num_layers, batch_size, self.config.hidden_size)
+        zeros = self.feature_mean.new_zeros(self.config.num_layers, batch_size, self.state_size)
         return zeros, zeros.clone()
 
     def forward(
@@ -119,15 +129,27 @@ class SequenceClassifier(nn.Module):
         if state is None:
             state = self.zero_state(B)
         z = (x - self.feature_mean) / self.feature_std
+        K = self.config.ensemble
+        h0, c0 = state[0].chunk(K, dim=2), state[1].chunk(K, dim=2)  # K x (L, B, H)
+        outs, hn, cn = [], [], []
+        for lstm, h, c in zip(self.lstms, h0, c0, strict=True):
+            out, (h, c) = self.run_lstm(lstm, z, (h.contiguous(), c.contiguous()), lengths)
+            outs.append(out)
+            hn.append(h)
+            cn.append(c)
+        out = torch.cat(outs, dim=2)  # (B, T, K*H)
+        return self.head(out), (torch.cat(hn, dim=2), torch.cat(cn, dim=2))  # (B, T, C)
+
+    @staticmethod
+    def run_lstm(lstm: nn.LSTM, z: torch.Tensor, state: State, lengths: torch.Tensor | None):
         if lengths is None:
-            out, state = self.lstm(z, state)  # (B, T, H)
-        else:
-            # the exported ONNX LSTM takes lengths in any order, so the graph needs no sort
-            exporting = torch.onnx.is_in_onnx_export()
-            packed = pack_padded_sequence(z, lengths.cpu(), batch_first=True, enforce_sorted=exporting)
-            out, state = self.lstm(packed, state)
-            out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
-        return self.head(out), state  # (B, T, C)
+            return lstm(z, state)
+        # the exported ONNX LSTM takes lengths in any order, so the graph needs no sort
+        exporting = torch.onnx.is_in_onnx_export()
+        packed = pack_padded_sequence(z, lengths.cpu(), batch_first=True, enforce_sorted=exporting)
+        out, state = lstm(packed, state)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=z.shape[1])
+        return out, state
 
     @staticmethod
     def last_step(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -139,35 +161,23 @@ class SequenceClassifier(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def fuse_ensemble(members: list[SequenceClassifier]) -> SequenceClassifier:
-    """K classifiers -> one whose LSTM is K times wider with block-diagonal weights and whose head
-    averages the members' logits. Exactly the mean of the members' logits, as one `nn.LSTM`, so the
-    ensemble exports and streams like any single model. Members must share their normalisation."""
+def combine_members(members: list[SequenceClassifier]) -> SequenceClassifier:
+    """K separately trained classifiers -> one that runs them side by side and averages their logits.
+    Each member keeps its own nn.LSTM (K small LSTM ops in the exported graph, not one K-times wider
+    one), so the ensemble costs K times one member and streams like any single model."""
     first = members[0]
     if len(members) == 1:
         return first
-    K, cfg, h = len(members), first.config, first.config.hidden_size
     for m in members:
-        assert m.config == cfg, "ensemble members must have the same config"
+        assert m.config == first.config and m.config.ensemble == 1, "members must share one single-LSTM config"
         assert torch.equal(m.feature_mean, first.feature_mean), "ensemble members must share normalisation"
-    fused = SequenceClassifier(ModelConfig(**{**cfg.to_dict(), "hidden_size": K * h}))
-    fused.feature_mean.copy_(first.feature_mean)
-    fused.feature_std.copy_(first.feature_std)
+    K = len(members)
+    combined = SequenceClassifier(ModelConfig(**{**first.config.to_dict(), "ensemble": K}))
     with torch.no_grad():
-        for name, fused_param in fused.lstm.named_parameters():
-            fused_param.zero_()
-            layer_input_is_hidden = name.startswith("weight_hh") or not name.endswith("_l0")
-            for k, m in enumerate(members):
-                param = getattr(m.lstm, name)
-                for gate in range(4):  # rows of gate g of member k -> rows g*K*h + k*h
-                    rows = slice(gate * K * h + k * h, gate * K * h + (k + 1) * h)
-                    block = param[gate * h : (gate + 1) * h]
-                    if param.dim() == 1:
-                        fused_param[rows] = block
-                    elif layer_input_is_hidden:  # a member reads only its own hidden units
-                        fused_param[rows, k * h : (k + 1) * h] = block
-                    else:  # layer 0 reads the shared input
-                        fused_param[rows] = block
-        fused.head.weight.copy_(torch.cat([m.head.weight for m in members], dim=1) / K)
-        fused.head.bias.copy_(torch.stack([m.head.bias for m in members]).mean(0))
-    return fused.eval()
+        combined.feature_mean.copy_(first.feature_mean)
+        combined.feature_std.copy_(first.feature_std)
+        for slot, member in zip(combined.lstms, members, strict=True):
+            slot.load_state_dict(member.lstms[0].state_dict())
+        combined.head.weight.copy_(torch.cat([m.head.weight for m in members], dim=1) / K)
+        combined.head.bias.copy_(torch.stack([m.head.bias for m in members]).mean(0))
+    return combined.eval()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.data import Dataset, Split, load_dataset, pad_batch, stratified_split
-from model.model import ModelConfig, SequenceClassifier, fuse_ensemble
+from model.model import ModelConfig, SequenceClassifier, combine_members
 
 
 @dataclass
@@ -41,7 +41,7 @@ class TrainConfig:
     ema_decay: float = 0.99  # weights are averaged with this decay; the average is what gets evaluated
     step_loss_weight: float = 0.0  # weight of the mean loss over every valid step (besides the last)
     select_on: str = "loss"  # model selection on validation "loss" or "accuracy" (ties: the other)
-    ensemble: int = 3  # members trained from different seeds, fused into one wider block-diagonal LSTM
+    ensemble: int = 3  # members trained from different seeds (same split), served side by side
     threads: int = 1  # torch intra-op threads (1 keeps training bit-reproducible)
     progress: bool = True  # show a progress bar
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,7 +144,7 @@ def train(cfg: TrainConfig) -> dict:
         train_member(cfg, data, fit_idx, val_idx, cfg.seed + 1000 * k, f"{cfg.dataset} {k + 1}/{cfg.ensemble}")
         for k in range(cfg.ensemble)
     ]
-    model = fuse_ensemble([m for m, _, _ in members])
+    model = combine_members([m for m, _, _ in members])
     # the learning curves plotted are the first member's; every member is selected the same way
     _, history, best_epoch = members[0]
     member_val = [evaluate(m, data.train, val_idx)[1] for m, _, _ in members]

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     )
     max_queue_length: int = Field(2048, ge=1, description="queued sequences per model before 503")
     session_ttl_s: float = Field(600.0, gt=0, description="idle time after which a session expires")
-    max_sessions: int = Field(100_000, ge=1, description="live sessions; more are refused with 429")
+    max_sessions: int = Field(10_000, ge=1, description="live sessions; more are refused with 429")
     max_sequence_length: int = Field(4096, ge=1, description="frames in one sequence or one streamed chunk")
     max_sequences_per_request: int = Field(256, ge=1, description="sequences in one classify request")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body or WebSocket message")

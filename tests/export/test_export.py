@@ -37,7 +37,7 @@ def test_graph_passes_checker_with_native_lstm_ops(tiny_entry):
     onnx.checker.check_model(graph, full_check=True)
     assert graph.opset_import[0].version >= 17
     ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("LSTM") == 2 and "Dropout" not in ops and "Loop" not in ops
+    assert ops.count("LSTM") == 2 * 2 and "Dropout" not in ops and "Loop" not in ops
 
 
 @pytest.mark.parametrize("provider", ort.get_available_providers())

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from model.model import ModelConfig, ReferenceLSTM, SequenceClassifier, fuse_ensemble
+from model.model import ModelConfig, ReferenceLSTM, SequenceClassifier, combine_members
 
 
 def random_classifier(seed: int, **overrides) -> SequenceClassifier:
@@ -60,10 +60,10 @@ def test_last_step_picks_each_rows_last_valid_logit():
     assert torch.equal(picked, torch.stack([logits[0, 3], logits[1, 1]]))
 
 
-def test_fused_ensemble_is_exactly_the_mean_of_its_members():
+def test_an_ensemble_is_exactly_the_mean_of_its_members_and_streams():
     members = [random_classifier(seed, num_layers=2) for seed in range(3)]
-    fused = fuse_ensemble(members)
-    assert fused.config.hidden_size == 3 * 8 and isinstance(fused.lstm, nn.LSTM)
+    fused = combine_members(members)
+    assert fused.config.ensemble == 3 and fused.state_size == 3 * 8 and len(fused.lstms) == 3
     lengths = torch.tensor([9, 4])
     x = torch.randn(2, 9, 5)
     with torch.no_grad():
@@ -71,6 +71,11 @@ def test_fused_ensemble_is_exactly_the_mean_of_its_members():
         got, _ = fused(x, lengths=lengths)
     assert (got - expected)[0].abs().max() <= 1e-5
     assert (got - expected)[1, :4].abs().max() <= 1e-5
+    with torch.no_grad():  # the concatenated state carries every member across chunks
+        first, state = fused(x[:, :4])
+        rest, _ = fused(x[:, 4:], state)
+        whole, _ = fused(x)
+    assert torch.allclose(torch.cat([first, rest], dim=1), whole, atol=1e-6)
 
 
 def test_wrong_feature_count_is_refused_with_a_message():

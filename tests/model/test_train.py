@@ -20,7 +20,7 @@ def test_training_writes_checkpoint_metrics_and_plot(tiny_run):
 
 def test_checkpoint_rebuilds_the_model_from_the_file_alone(tiny_run):
     model, checkpoint = load_checkpoint(tiny_run / "checkpoint.pt")
-    assert model.config.hidden_size == 2 * 8  # two members fused
+    assert model.config.ensemble == 2 and model.state_size == 2 * 8
     assert checkpoint["labels"][0] == "speaker-1"
     assert not torch.equal(model.feature_std, torch.ones(12)), "normalisation statistics were not stored"
 

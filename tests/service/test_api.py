@@ -110,7 +110,8 @@ def test_nan_and_inf_are_refused(client, first_value):
 
 
 def test_malformed_json_is_a_400(client):
-    response = client.post("/v1/classify", content=b'{"sequences": [[[1,2', headers={"content-type": "application/json"})
+    truncated = b'{"sequences": [[[1,2'
+    response = client.post("/v1/classify", content=truncated, headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "malformed_request"
 
 

@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+# Runtime image: onnxruntime + FastAPI, the shipped model repository, no PyTorch.
+#   docker build -t lstm-serve .
+#   docker run -p 8000:8000 lstm-serve
+
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY model/ model/
+COPY export/ export/
+COPY service/ service/
+# the runtime dependencies only: the train extra (torch) is never installed here
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:${PYTHON_VERSION}-slim AS runtime
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    LSTM_SERVE_HOST=0.0.0.0 \
+    LSTM_SERVE_PORT=8000 \
+    LSTM_SERVE_MODEL_REPOSITORY=/app/models
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin lstm
+COPY --from=build /install /usr/local
+COPY --chown=lstm:lstm models/ /app/models/
+WORKDIR /app
+USER lstm
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["lstm-serve"]
+CMD ["serve"]
