@@ -31,3 +31,18 @@ def test_random_crop_keeps_a_contiguous_window_of_at_least_the_fraction():
     for _ in range(200):
         window = random_crop(seq, 0.7, rng)
         assert len(window) >= 14 and np.all(np.diff(window[:, 0]) == 1)
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    from model.model import ModelConfig
+    from model.train import TrainConfig, train
+
+    weights = []
+    for run in ("a", "b"):
+        cfg = TrainConfig(out_dir=str(tmp_path / run), epochs=2, ensemble=1, progress=False,
+                          model=ModelConfig(hidden_size=8))
+        metrics = train(cfg)
+        weights.append((load_checkpoint(tmp_path / run / "checkpoint.pt")[0].state_dict(), metrics["test_accuracy"]))
+    (first, acc_a), (second, acc_b) = weights
+    assert acc_a == acc_b
+    assert all(torch.equal(first[k], second[k]) for k in first), "same seed, different weights"
