@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL_NAME := japanese-vowels
 RUN_DIR := runs/$(MODEL_NAME)
-ARTIFACTS := artifacts/$(MODEL_NAME)
+ARTIFACTS := models/$(MODEL_NAME)/training
 
 .PHONY: serve test lint model clean
 

@@ -6,7 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_ENTRY = ROOT / "models" / "japanese-vowels" / "1"
-SHIPPED_CHECKPOINT = ROOT / "artifacts" / "japanese-vowels" / "checkpoint.pt"
+SHIPPED_CHECKPOINT = ROOT / "models" / "japanese-vowels" / "training" / "checkpoint.pt"
 
 
 @pytest.fixture(scope="session")
