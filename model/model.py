@@ -19,7 +19,7 @@ State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (L, B, H)
 class ModelConfig:
     input_dim: int = 12  # D: features per frame (12 LPC cepstrum coefficients for JapaneseVowels)
     num_classes: int = 9  # C: classes (9 speakers)
-    hidden_size: int = 128  # H: width of h and c in every layer
+    hidden_size: int = 64  # H: width of h and c in every layer (of each ensemble member)
     num_layers: int = 2  # L: stacked LSTM layers
     dropout: float = 0.1  # dropout between stacked layers, training only
     cell: str = "lstm"  # recurrent cell; the served contract is the same for every cell

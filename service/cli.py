@@ -85,7 +85,13 @@ def cmd_serve(argv: Sequence[str]) -> None:
     main(argv)
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "serve": cmd_serve}
+def cmd_bench(argv: Sequence[str]) -> None:
+    from service.bench.run import main
+
+    main(list(argv))
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "serve": cmd_serve, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,7 +24,8 @@ def frames(rng, n):
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), seed=st.integers(0, 2**16))
 def test_a_mixed_batch_equals_running_each_item_alone(runner, lengths, seed):
     rng = np.random.default_rng(seed)
-    items = [Item(frames(rng, n), None if k % 2 else [rng.normal(size=(2, 384)).astype(np.float32)] * 2)
+    width = runner.state_specs[0]["shape"]
+    items = [Item(frames(rng, n), None if k % 2 else [rng.normal(size=(2, width[1])).astype(np.float32)] * 2)
              for k, n in enumerate(lengths)]
     batched = runner.run(items)
     for item, out in zip(items, batched, strict=True):

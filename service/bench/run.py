@@ -1,0 +1,311 @@
+"""`lstm-serve bench`: run the workloads against lstm-serve and the afternoon baseline, then report.
+
+    lstm-serve bench                    # starts both servers on loopback, writes service/bench/results/
+    lstm-serve bench --url http://127.0.0.1:8000 --baseline-url http://127.0.0.1:8001
+
+Per concurrency level: requests/s (frames/s for streams), p50/p90/p99 latency, errors, the
+server's mean batch size and queue wait (from /metrics), CPU of server and load generator; plus
+onnxruntime in-process at the batch sizes the server formed, and stateless replay versus a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import orjson
+
+from service.bench import report
+from service.bench.clients import HttpConnection
+from service.bench.workloads import (
+    classify_client,
+    run_point,
+    stream_http_client,
+    stream_ws_client,
+    summarise,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class BenchConfig:
+    url: str | None = None  # a running lstm-serve; started on loopback when omitted
+    baseline_url: str | None = None  # a running baseline; started on loopback when omitted
+    model_dir: str = "models/japanese-vowels/1"
+    classify_levels: list[int] = field(default_factory=lambda: [1, 4, 16, 64, 128])
+    stream_levels: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
+    replay_lengths: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
+    warmup_s: float = 1.0
+    duration_s: float = 5.0
+    replay_repeats: int = 40
+    out_dir: str = "service/bench/results"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+class Server:
+    """A server under test: started here (so its CPU can be read) or reached at a URL."""
+
+    def __init__(self, name: str, url: str | None, command: list[str] | None, env: dict | None = None) -> None:
+        self.name, self.proc = name, None
+        if url is None:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            self.proc = subprocess.Popen([*command, "--port", str(port)], cwd=ROOT, env={**os.environ, **(env or {})},
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        parsed = urlparse(url)
+        self.url, self.host, self.port = url, parsed.hostname, parsed.port
+
+    async def wait_ready(self, path: str, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                conn = await HttpConnection(self.host, self.port).connect()
+                status, _ = await conn.request("GET", path)
+                await conn.close()
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.name} at {self.url} not ready")
+
+    def cpu(self) -> float | None:
+        return cpu_seconds(self.proc.pid) if self.proc else None
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def scrape(server: Server) -> dict[str, float]:
+    """Sums and counts of the batch-size and queue-wait histograms."""
+    conn = await HttpConnection(server.host, server.port).connect()
+    status, body = await conn.request("GET", "/metrics")
+    await conn.close()
+    values: dict[str, float] = {}
+    if status != 200:
+        return values
+    for line in body.decode().splitlines():
+        for key in ("lstm_serve_batch_size_sum", "lstm_serve_batch_size_count",
+                    "lstm_serve_queue_wait_seconds_sum", "lstm_serve_queue_wait_seconds_count"):
+            if line.startswith(key + "{"):
+                values[key] = values.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def server_side(before: dict, after: dict) -> dict:
+    if not before or not after:
+        return {}
+    batches = after["lstm_serve_batch_size_count"] - before["lstm_serve_batch_size_count"]
+    items = after["lstm_serve_batch_size_sum"] - before["lstm_serve_batch_size_sum"]
+    waits = after["lstm_serve_queue_wait_seconds_count"] - before["lstm_serve_queue_wait_seconds_count"]
+    wait_s = after["lstm_serve_queue_wait_seconds_sum"] - before["lstm_serve_queue_wait_seconds_sum"]
+    return {"mean_batch_size": items / batches if batches else None,
+            "mean_queue_wait_ms": 1000 * wait_s / waits if waits else None}
+
+
+async def measure(server: Server, workload: str, client, concurrency: int, cfg: BenchConfig) -> dict:
+    scrapes: dict[str, dict] = {}
+
+    async def scrape_at_window_start():
+        await asyncio.sleep(cfg.warmup_s)
+        scrapes["before"] = await scrape(server)
+        scrapes["cpu_before"] = (server.cpu(), os.times())
+
+    scraper = asyncio.create_task(scrape_at_window_start())
+    samples, window = await run_point(client, concurrency, cfg.warmup_s, cfg.duration_s)
+    await scraper
+    cpu_after, times_after = server.cpu(), os.times()
+    after = await scrape(server)
+    result = asdict(summarise(workload, concurrency, samples, window))
+    result["server"] = server.name
+    result.update(server_side(scrapes["before"], after))
+    wall = time.perf_counter() - window[0]
+    cpu_before, times_before = scrapes["cpu_before"]
+    own = (times_after.user + times_after.system) - (times_before.user + times_before.system)
+    result["loadgen_cpu_pct"] = round(100 * own / wall, 1)
+    result["server_cpu_pct"] = round(100 * (cpu_after - cpu_before) / wall, 1) if cpu_after is not None else None
+    print(f"  {server.name:9s} {workload:12s} c={concurrency:<4d} {result['throughput']:8.0f}/s "
+          f"p50 {result['p50_ms']:6.2f} p99 {result['p99_ms']:7.2f} ms  err {result['errors']}  "
+          f"batch {result.get('mean_batch_size') or 0:5.1f}  cpu srv {result['server_cpu_pct']}% "
+          f"gen {result['loadgen_cpu_pct']}%", flush=True)
+    return result
+
+
+async def replay(server: Server, sequences: list[np.ndarray], cfg: BenchConfig) -> list[dict]:
+    """p50 cost of a prediction after frame t: re-send all t frames, versus one session step."""
+    long = np.concatenate(sequences * (1 + max(cfg.replay_lengths) // sum(map(len, sequences))))
+    conn = await HttpConnection(server.host, server.port).connect()
+    rows = []
+    for t in cfg.replay_lengths:
+        history = long[:t]
+        body = orjson.dumps({"sequences": [history.tolist()]})
+        classify_raw = conn.encode("POST", "/v1/classify", body)
+        stateless, stateful = [], []
+        for _ in range(cfg.replay_repeats):
+            start = time.perf_counter()
+            status, _ = await conn.send(classify_raw)
+            stateless.append(time.perf_counter() - start)
+            assert status == 200, status
+            status, created = await conn.request("POST", "/v1/sessions", b"{}")
+            sid = orjson.loads(created)["session_id"]
+            if t > 1:
+                await conn.request("POST", f"/v1/sessions/{sid}/steps",
+                                   orjson.dumps({"inputs": history[: t - 1].tolist()}))
+            step_raw = conn.encode("POST", f"/v1/sessions/{sid}/steps", frames_body(history[t - 1 :]))
+            start = time.perf_counter()
+            status, _ = await conn.send(step_raw)
+            stateful.append(time.perf_counter() - start)
+            assert status == 200, status
+            await conn.request("DELETE", f"/v1/sessions/{sid}")
+        rows.append({"t": t, "body_bytes": len(body), "stateless_p50_ms": 1000 * float(np.median(stateless)),
+                     "stateful_step_p50_ms": 1000 * float(np.median(stateful))})
+        print(f"  replay t={t:<5d} stateless {rows[-1]['stateless_p50_ms']:7.2f} ms ({len(body)} B)  "
+              f"session step {rows[-1]['stateful_step_p50_ms']:6.2f} ms", flush=True)
+    await conn.close()
+    return rows
+
+
+def frames_body(frames: np.ndarray) -> bytes:
+    return orjson.dumps({"inputs": frames.tolist()})
+
+
+def onnxruntime_limit(model_dir: str, sequences: list[np.ndarray], batch_size: int, frames: int | None,
+                      seconds: float = 1.5) -> float:
+    """Items per second onnxruntime does in-process at this batch size (one intra-op thread, as served).
+    frames=None: whole test sequences (classify); frames=1: one step from a carried state (stream)."""
+    from service.repository import load_entry
+    from service.runner import Item, OnnxRunner
+
+    runner = OnnxRunner(load_entry(ROOT / model_dir), "cpu", 1)
+    rng = np.random.default_rng(0)
+    state = [rng.normal(size=s["shape"]).astype(np.float32) for s in runner.state_specs]
+    batches = []
+    for _ in range(16):
+        picks = rng.integers(0, len(sequences), batch_size)
+        batches.append([Item(sequences[i] if frames is None else sequences[i][:frames], None if frames is None
+                             else state) for i in picks])
+    runner.run(batches[0])
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        runner.run(batches[done % len(batches)])
+        done += 1
+    return done * batch_size / (time.perf_counter() - start)
+
+
+def load_test_sequences() -> list[np.ndarray]:
+    try:
+        from model.data import load_dataset
+    except ImportError:
+        sys.exit("lstm-serve bench reads the JapaneseVowels test split from aeon: pip install 'lstm-serve[train]'")
+    return load_dataset("japanese-vowels").test.sequences
+
+
+async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
+    ours = Server("lstm-serve", cfg.url, [sys.executable, "-m", "service.cli", "serve"])
+    uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--ws", "websockets-sansio", "--no-access-log",
+                     "--log-level", "warning"]
+    baseline = Server("baseline", cfg.baseline_url,
+                      [sys.executable, "-m", "uvicorn", "service.bench.baseline:app", *uvicorn_flags],
+                      env={"LSTM_SERVE_BASELINE_MODEL": str(ROOT / cfg.model_dir)})
+    bodies = [orjson.dumps({"sequences": [s.tolist()]}) for s in sequences]
+    results: dict = {"points": [], "replay": []}
+    try:
+        await ours.wait_ready("/readyz")
+        await baseline.wait_ready("/healthz")
+        print("classify: one test sequence per request, closed loop", flush=True)
+        for level in cfg.classify_levels:
+            for server in (ours, baseline):
+                client = classify_client(server.host, server.port, bodies)
+                results["points"].append(await measure(server, "classify", client, level, cfg))
+        print("stream: one frame per request, one request in flight per session", flush=True)
+        for level in cfg.stream_levels:
+            for server in (ours, baseline):
+                http = stream_http_client(server.host, server.port, sequences, use_seq=server is ours)
+                results["points"].append(await measure(server, "stream-http", http, level, cfg))
+                ws = stream_ws_client(server.host, server.port, sequences)
+                results["points"].append(await measure(server, "stream-ws", ws, level, cfg))
+        print("stateless replay versus a session step (lstm-serve)", flush=True)
+        results["replay"] = await replay(ours, sequences, cfg)
+    finally:
+        ours.stop()
+        baseline.stop()
+    return results
+
+
+def add_limits(results: dict, cfg: BenchConfig, sequences: list[np.ndarray]) -> None:
+    """(a) onnxruntime in-process at the mean batch sizes lstm-serve formed."""
+    cache: dict[tuple[str, int], float] = {}
+    for point in results["points"]:
+        if point["server"] != "lstm-serve" or not point.get("mean_batch_size"):
+            continue
+        frames = None if point["workload"] == "classify" else 1
+        b = max(1, round(point["mean_batch_size"]))
+        key = (point["workload"] == "classify", b)
+        if key not in cache:
+            cache[key] = onnxruntime_limit(cfg.model_dir, sequences, b, frames)
+        point["onnxruntime_items_per_s"] = cache[key]
+        point["fraction_of_onnxruntime"] = point["throughput"] / cache[key]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser("lstm-serve bench", description=__doc__.split("\n\n")[0])
+    defaults = BenchConfig()
+    parser.add_argument("--url", help="a running lstm-serve (default: start one on loopback)")
+    parser.add_argument("--baseline-url", help="a running afternoon baseline (default: start one)")
+    parser.add_argument("--classify-levels", type=lambda v: [int(x) for x in v.split(",")],
+                        default=defaults.classify_levels, help="concurrent clients, comma-separated")
+    parser.add_argument("--stream-levels", type=lambda v: [int(x) for x in v.split(",")],
+                        default=defaults.stream_levels, help="concurrent sessions, comma-separated")
+    parser.add_argument("--replay-lengths", type=lambda v: [int(x) for x in v.split(",")],
+                        default=defaults.replay_lengths)
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s, help="measured seconds per point")
+    parser.add_argument("--replay-repeats", type=int, default=defaults.replay_repeats)
+    parser.add_argument("--out-dir", default=defaults.out_dir)
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    sequences = load_test_sequences()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    started = time.time()
+    results = asyncio.run(run_servers(cfg, sequences))
+    add_limits(results, cfg, sequences)
+    results["config"] = asdict(cfg)
+    results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    results["wall_s"] = round(time.time() - started, 1)
+    results["summary"] = report.summary(results)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+    report.plots(results, out)
+    print(report.markdown(results))
+    print(f"wrote {out}/results.json, results.md and plots in {results['wall_s']} s")

@@ -1,0 +1,162 @@
+"""Closed-loop workloads: each virtual client sends, waits for the answer, and sends again.
+
+A point runs `concurrency` clients for warm-up + duration seconds; only requests started inside the
+measured window count. Latency is per request (per frame for streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from service.bench.clients import HttpConnection, WebSocketConnection
+
+
+@dataclass
+class Samples:
+    started: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_examples: list[str] = field(default_factory=list)
+
+    def ok(self, started: float, finished: float) -> None:
+        self.started.append(started)
+        self.latency.append(finished - started)
+
+    def failed(self, what: str) -> None:
+        self.errors += 1
+        if len(self.error_examples) < 3:
+            self.error_examples.append(what[:200])
+
+
+@dataclass
+class PointResult:
+    workload: str
+    concurrency: int
+    duration_s: float
+    requests: int
+    errors: int
+    throughput: float  # requests (or frames) per second
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    error_examples: list[str]
+
+
+def summarise(workload: str, concurrency: int, samples: Samples, window: tuple[float, float]) -> PointResult:
+    lo, hi = window
+    started = np.array(samples.started)
+    latency = np.array(samples.latency)[(started >= lo) & (started < hi)] * 1000
+    pct = np.percentile(latency, [50, 90, 99]) if len(latency) else [float("nan")] * 3
+    return PointResult(workload, concurrency, hi - lo, len(latency), samples.errors, len(latency) / (hi - lo),
+                       *map(float, pct), samples.error_examples)
+
+
+async def run_point(client: Callable[[Samples, float], Awaitable[None]], concurrency: int, warmup_s: float,
+                    duration_s: float) -> tuple[Samples, tuple[float, float]]:
+    samples = Samples()
+    start = time.perf_counter()
+    deadline = start + warmup_s + duration_s
+    await asyncio.gather(*(client(samples, deadline) for _ in range(concurrency)))
+    return samples, (start + warmup_s, start + warmup_s + duration_s)
+
+
+def classify_client(host: str, port: int, bodies: list[bytes], offset: int = 0):
+    """Each client cycles through the test sequences, one sequence per request."""
+    counter = iter(range(offset, 1 << 62))
+
+    async def client(samples: Samples, deadline: float) -> None:
+        conn = await HttpConnection(host, port).connect()
+        requests = [conn.encode("POST", "/v1/classify", body) for body in bodies]
+        k = next(counter)
+        try:
+            while (now := time.perf_counter()) < deadline:
+                status, body = await conn.send(requests[k % len(requests)])
+                k += 7
+                if status == 200:
+                    samples.ok(now, time.perf_counter())
+                else:
+                    samples.failed(f"{status} {body[:120]!r}")
+        finally:
+            await conn.close()
+
+    return client
+
+
+def frames_json(frame: np.ndarray, seq: int) -> bytes:
+    return orjson.dumps({"inputs": [frame.tolist()], "seq": seq})
+
+
+def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_seq: bool = True):
+    """One session per sequence, one frame per request, one request in flight per session."""
+    counter = iter(range(1 << 62))
+
+    async def client(samples: Samples, deadline: float) -> None:
+        conn = await HttpConnection(host, port).connect()
+        k = next(counter)
+        try:
+            while time.perf_counter() < deadline:
+                status, body = await conn.request("POST", "/v1/sessions", b"{}")
+                if status != 201:
+                    samples.failed(f"create {status} {body[:120]!r}")
+                    continue
+                sid = orjson.loads(body)["session_id"]
+                path = f"/v1/sessions/{sid}/steps"
+                for t, frame in enumerate(sequences[k % len(sequences)]):
+                    payload = frames_json(frame, t) if use_seq else orjson.dumps({"inputs": [frame.tolist()]})
+                    raw = conn.encode("POST", path, payload)
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        break
+                    status, body = await conn.send(raw)
+                    if status == 200:
+                        samples.ok(now, time.perf_counter())
+                    else:
+                        samples.failed(f"step {status} {body[:120]!r}")
+                await conn.request("DELETE", f"/v1/sessions/{sid}")
+                k += 7
+        finally:
+            await conn.close()
+
+    return client
+
+
+def stream_ws_client(host: str, port: int, sequences: list[np.ndarray]):
+    """Like stream_http_client, over one WebSocket per session, binary float32 frames."""
+    counter = iter(range(1 << 62))
+
+    async def client(samples: Samples, deadline: float) -> None:
+        conn = await HttpConnection(host, port).connect()
+        k = next(counter)
+        try:
+            while time.perf_counter() < deadline:
+                status, body = await conn.request("POST", "/v1/sessions", b"{}")
+                if status != 201:
+                    samples.failed(f"create {status} {body[:120]!r}")
+                    continue
+                sid = orjson.loads(body)["session_id"]
+                ws = await WebSocketConnection(host, port, f"/v1/sessions/{sid}/stream").connect()
+                try:
+                    for frame in sequences[k % len(sequences)]:
+                        now = time.perf_counter()
+                        if now >= deadline:
+                            break
+                        ws.send_binary(frame.astype("<f4").tobytes())
+                        reply = await ws.recv()
+                        if b'"error"' in reply[:10]:
+                            samples.failed(reply[:120].decode(errors="replace"))
+                        else:
+                            samples.ok(now, time.perf_counter())
+                finally:
+                    await ws.close()
+                await conn.request("DELETE", f"/v1/sessions/{sid}")
+                k += 7
+        finally:
+            await conn.close()
+
+    return client
