@@ -10,7 +10,8 @@ from starlette.responses import Response
 
 from service.engine import Engine
 from service.errors import InvalidInput, NotReady, ServiceError, SessionNotFound
-from service.http import JSON, json_body, parse, request_schema
+from service.frontdoor import HotRoute
+from service.http import JSON, parse
 from service.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -24,7 +25,7 @@ from service.schemas import (
 )
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
@@ -68,9 +69,12 @@ async def get_model(name: str, engine: EngineDep) -> JSON:
     return JSON(engine.model(name).describe())
 
 
-@router.post("/v1/classify", tags=["classify"], response_model=ClassifyResponse,
-             openapi_extra=request_schema(ClassifyRequest))
-async def classify(body: Annotated[ClassifyRequest, Depends(json_body(ClassifyRequest))], engine: EngineDep) -> JSON:
+# The session and classify routes are plain endpoints that the front door (service/frontdoor.py) calls directly,
+# outside FastAPI. They parse their own bodies with the same pydantic schemas; service/openapi.py
+# documents them in /docs.
+async def classify(request: Request) -> JSON:
+    engine: Engine = request.app.state.engine
+    body = parse(ClassifyRequest, await request.body())
     model = engine.model(body.model)
     limit = engine.settings.max_sequences_per_request
     if len(body.sequences) > limit:
@@ -80,9 +84,8 @@ async def classify(body: Annotated[ClassifyRequest, Depends(json_body(ClassifyRe
     return JSON({"model": model.name, "version": model.version, "predictions": predictions})
 
 
-@router.post("/v1/sessions", tags=["sessions"], status_code=201, response_model=SessionCreated,
-             openapi_extra=request_schema(SessionCreateRequest))
-async def create_session(request: Request, engine: EngineDep) -> JSON:
+async def create_session(request: Request) -> JSON:
+    engine: Engine = request.app.state.engine
     raw = await request.body()
     body = parse(SessionCreateRequest, raw) if raw.strip() else SessionCreateRequest()
     record = await engine.create_session(engine.model(body.model))
@@ -90,24 +93,41 @@ async def create_session(request: Request, engine: EngineDep) -> JSON:
     return JSON({k: info[k] for k in ("session_id", "model", "version", "expires_at")}, status_code=201)
 
 
-@router.get("/v1/sessions/{session_id}", tags=["sessions"], response_model=SessionInfo)
-async def get_session(session_id: str, engine: EngineDep) -> JSON:
-    return JSON(engine.describe_session(await engine.get_session(session_id)))
+async def get_session(request: Request) -> JSON:
+    engine: Engine = request.app.state.engine
+    return JSON(engine.describe_session(await engine.get_session(request.path_params["session_id"])))
 
 
-@router.delete("/v1/sessions/{session_id}", tags=["sessions"], status_code=204)
-async def delete_session(session_id: str, engine: EngineDep) -> Response:
-    await engine.delete_session(session_id)
+async def delete_session(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    await engine.delete_session(request.path_params["session_id"])
     return Response(status_code=204)
 
 
-@router.post("/v1/sessions/{session_id}/steps", tags=["sessions"], response_model=StepResponse,
-             openapi_extra=request_schema(StepRequest))
-async def step(session_id: str, body: Annotated[StepRequest, Depends(json_body(StepRequest))],
-               engine: EngineDep) -> JSON:
+async def step(request: Request) -> JSON:
+    engine: Engine = request.app.state.engine
+    session_id = request.path_params["session_id"]
+    body = parse(StepRequest, await request.body())
     record = await engine.get_session(session_id)
     frames = engine.as_frames(body.inputs, engine.session_model(record), "inputs")
     return JSON(await engine.step(session_id, frames, body.seq, body.return_steps))
+
+
+HOT_ROUTES = [
+    HotRoute("POST", "/v1/classify", classify),
+    HotRoute("POST", "/v1/sessions", create_session),
+    HotRoute("GET", "/v1/sessions/{session_id}", get_session),
+    HotRoute("DELETE", "/v1/sessions/{session_id}", delete_session),
+    HotRoute("POST", "/v1/sessions/{session_id}/steps", step),
+]
+# (route, summary, request schema, response schema, status) for service/openapi.py
+HOT_ROUTE_DOCS = [
+    (HOT_ROUTES[0], "Classify whole sequences", ClassifyRequest, ClassifyResponse, 200),
+    (HOT_ROUTES[1], "Start a streaming session", SessionCreateRequest, SessionCreated, 201),
+    (HOT_ROUTES[2], "Read a session", None, SessionInfo, 200),
+    (HOT_ROUTES[3], "End a session", None, None, 204),
+    (HOT_ROUTES[4], "Feed frames to a session", StepRequest, StepResponse, 200),
+]
 
 
 @router.websocket("/v1/sessions/{session_id}/stream")

@@ -54,10 +54,8 @@ class LoadedModel:
             "execution_provider": self.runner.provider,
         }
 
-    def predict(self, logits: np.ndarray) -> dict:
-        """Class prediction from one step's logits (C,)."""
-        z = np.exp(logits - logits.max())
-        probabilities = z / z.sum()
+    def predict(self, probabilities: np.ndarray) -> dict:
+        """Class prediction from one step's probabilities (C,)."""
         class_id = int(probabilities.argmax())
         return {"label": self.entry.labels[class_id], "class_id": class_id, "probabilities": probabilities.tolist()}
 
@@ -146,7 +144,7 @@ class Engine:
     # -- classify ----------------------------------------------------------------------------
     async def classify(self, model: LoadedModel, sequences: list[np.ndarray]) -> list[dict]:
         outputs = await asyncio.gather(*(model.batcher.submit(Item(x, None)) for x in sequences))
-        return [model.predict(out.logits[-1]) for out in outputs]
+        return [model.predict(out.probabilities[-1]) for out in outputs]
 
     # -- sessions ----------------------------------------------------------------------------
     async def create_session(self, model: LoadedModel) -> SessionRecord:
@@ -196,9 +194,10 @@ class Engine:
                 model = self.session_model(record)
                 out = await model.batcher.submit(Item(frames, list(record.state) if record.state else None))
                 steps = record.steps + len(frames)
-                response = {"session_id": session_id, "steps": steps, "prediction": model.predict(out.logits[-1])}
+                prediction = model.predict(out.probabilities[-1])
+                response = {"session_id": session_id, "steps": steps, "prediction": prediction}
                 if return_steps:
-                    response["step_predictions"] = [model.predict(row) for row in out.logits]
+                    response["step_predictions"] = [model.predict(row) for row in out.probabilities]
                 updated = record.advanced(
                     steps=steps, state=tuple(out.state), last_seq=record.steps, last_digest=digest,
                     last_response=response, last_used=time.time(),

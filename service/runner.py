@@ -25,6 +25,7 @@ class Item:
 @dataclass
 class Output:
     logits: np.ndarray  # (T, C) per-step logits of this item's frames
+    probabilities: np.ndarray  # (T, C) their softmax, computed for the whole batch at once
     state: list[np.ndarray]  # the state after its last frame, one (L, H) array per state tensor
 
 
@@ -51,6 +52,7 @@ class OnnxRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # without this, idle onnxruntime threads spin and burn the cores the HTTP server needs
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
         self.session = ort.InferenceSession(str(entry.onnx_path), options, providers=choose_providers(providers))
         if providers == "cuda" and self.session.get_providers()[0] != CUDA:
             raise RuntimeError(f"providers=cuda but onnxruntime fell back to {self.session.get_providers()}")
@@ -92,7 +94,15 @@ class OnnxRunner:
         logits, *states = self.session.run(self.output_names, feeds)
         if logits.shape[0] != B or any(s.shape[1] != B for s in states):
             raise RuntimeError(f"onnxruntime returned {logits.shape[0]} rows for {B} items")
+        probabilities = softmax(logits)  # here, in the worker thread, not on the event loop
         return [
-            Output(logits=logits[row, : lengths[row]], state=[np.ascontiguousarray(s[:, row]) for s in states])
+            Output(logits=logits[row, : lengths[row]], probabilities=probabilities[row, : lengths[row]],
+                   state=[np.ascontiguousarray(s[:, row]) for s in states])
             for row in range(B)
         ]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    z /= z.sum(axis=-1, keepdims=True)
+    return z

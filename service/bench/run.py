@@ -157,7 +157,9 @@ async def measure(server: Server, workload: str, client, concurrency: int, cfg: 
 
 
 async def replay(server: Server, sequences: list[np.ndarray], cfg: BenchConfig) -> list[dict]:
-    """p50 cost of a prediction after frame t: re-send all t frames, versus one session step."""
+    """p50 cost of the prediction after frame t: re-send all t frames (stateless), versus one step on a
+    session that already holds t-1 frames. All sessions are brought to t-1 frames first and then
+    stepped one after another, so no timed step follows its own big set-up request."""
     long = np.concatenate(sequences * (1 + max(cfg.replay_lengths) // sum(map(len, sequences))))
     conn = await HttpConnection(server.host, server.port).connect()
     rows = []
@@ -165,7 +167,7 @@ async def replay(server: Server, sequences: list[np.ndarray], cfg: BenchConfig) 
         history = long[:t]
         body = orjson.dumps({"sequences": [history.tolist()]})
         classify_raw = conn.encode("POST", "/v1/classify", body)
-        stateless, stateful = [], []
+        stateless, stateful, sessions = [], [], []
         for _ in range(cfg.replay_repeats):
             start = time.perf_counter()
             status, _ = await conn.send(classify_raw)
@@ -174,13 +176,15 @@ async def replay(server: Server, sequences: list[np.ndarray], cfg: BenchConfig) 
             status, created = await conn.request("POST", "/v1/sessions", b"{}")
             sid = orjson.loads(created)["session_id"]
             if t > 1:
-                await conn.request("POST", f"/v1/sessions/{sid}/steps",
-                                   orjson.dumps({"inputs": history[: t - 1].tolist()}))
+                await conn.request("POST", f"/v1/sessions/{sid}/steps", frames_body(history[: t - 1]))
+            sessions.append(sid)
+        for sid in sessions:
             step_raw = conn.encode("POST", f"/v1/sessions/{sid}/steps", frames_body(history[t - 1 :]))
             start = time.perf_counter()
             status, _ = await conn.send(step_raw)
             stateful.append(time.perf_counter() - start)
             assert status == 200, status
+        for sid in sessions:
             await conn.request("DELETE", f"/v1/sessions/{sid}")
         rows.append({"t": t, "body_bytes": len(body), "stateless_p50_ms": 1000 * float(np.median(stateless)),
                      "stateful_step_p50_ms": 1000 * float(np.median(stateful))})
@@ -227,7 +231,7 @@ def load_test_sequences() -> list[np.ndarray]:
 
 async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
     ours = Server("lstm-serve", cfg.url, [sys.executable, "-m", "service.cli", "serve"])
-    uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--ws", "websockets-sansio", "--no-access-log",
+    uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--ws", "websockets", "--no-access-log",
                      "--log-level", "warning"]
     baseline = Server("baseline", cfg.baseline_url,
                       [sys.executable, "-m", "uvicorn", "service.bench.baseline:app", *uvicorn_flags],

@@ -150,3 +150,14 @@ def test_metrics_expose_the_promised_series(client):
         "lstm_serve_queue_length",
     ]:
         assert series in text, f"{series} missing from /metrics"
+
+
+def test_openapi_documents_every_route_including_the_hot_ones(client):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    assert set(paths["/v1/classify"]) == {"post"}
+    assert set(paths["/v1/sessions/{session_id}"]) == {"get", "delete"}
+    assert "requestBody" in paths["/v1/sessions/{session_id}/steps"]["post"]
+    step_body = schema["components"]["schemas"]["StepRequest"]["properties"]
+    assert {"inputs", "seq", "return_steps"} <= set(step_body)
+    assert client.get("/docs").status_code == 200

@@ -1,0 +1,122 @@
+"""The outermost ASGI layer: limits and metrics for every HTTP request, and the hot routes.
+
+Classify, session create/delete and steps are dispatched here straight to their endpoints; the
+FastAPI stack (docs, models, health, session reads, the WebSocket) serves the rest. Under
+`lstm-serve bench` the FastAPI middleware chain and per-route machinery cost more CPU per request
+than onnxruntime does for the model (py-spy), and the event loop is what saturates first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import compile_path
+from starlette.types import Message, Receive, Scope, Send
+
+from service.errors import BodyTooLarge, Overloaded, ServiceError, TooManySessions
+from service.http import JSON, error_response, internal_error
+from service.metrics import Metrics
+
+log = logging.getLogger("lstm_serve")
+REJECTIONS = (Overloaded, TooManySessions, BodyTooLarge)
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class HotRoute:
+    method: str
+    path: str  # template, e.g. /v1/sessions/{session_id}/steps
+    endpoint: Endpoint
+
+    @property
+    def regex(self) -> re.Pattern:
+        return compile_path(self.path)[0]
+
+
+def rejected(metrics: Metrics, error: ServiceError) -> None:
+    if isinstance(error, REJECTIONS):
+        metrics.rejected.labels(error.code).inc()
+
+
+class FrontDoor:
+    def __init__(self, app: FastAPI, metrics: Metrics, max_body_bytes: int, routes: list[HotRoute]) -> None:
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+        self.routes = [(route, route.regex) for route in routes]
+
+    @property
+    def state(self):
+        return self.app.state
+
+    def match(self, scope: Scope) -> tuple[HotRoute | None, dict, list[str]]:
+        """The hot route for this request, its path parameters, and the methods its path allows."""
+        path, allowed = scope["path"], []
+        for route, regex in self.routes:
+            found = regex.match(path)
+            if found:
+                if route.method == scope["method"]:
+                    return route, found.groupdict(), allowed
+                allowed.append(route.method)
+        return None, {}, allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan and WebSocket go to FastAPI as they are
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+        limit = self.max_body_bytes
+        too_large = BodyTooLarge(f"request body is over max_body_bytes={limit}")
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large
+            return message
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        route, params, allowed = self.match(scope)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                rejected(self.metrics, too_large)
+                await error_response(too_large)(scope, receive, record_status)
+            elif route is not None:
+                await self.dispatch(route, params, scope, limited_receive, record_status)
+            elif allowed:
+                message = f"{scope['method']} is not allowed here; use {' or '.join(allowed)}"
+                await JSON({"error": {"code": "method_not_allowed", "message": message}}, status_code=405,
+                           headers={"Allow": ", ".join(allowed)})(scope, receive, record_status)
+            else:
+                await self.app(scope, limited_receive, record_status)
+        finally:
+            template = route.path if route else getattr(scope.get("route"), "path", None)
+            labels = (template or (allowed and scope["path"]) or "unmatched", scope["method"], str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+    async def dispatch(self, route: HotRoute, params: dict, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"], scope["path_params"] = self.app, params
+        try:
+            response = await route.endpoint(Request(scope, receive))
+        except ServiceError as error:
+            rejected(self.metrics, error)
+            response = error_response(error)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            response = internal_error()
+        await response(scope, receive, send)
