@@ -113,27 +113,10 @@ async def step(request: Request) -> JSON:
     return JSON(await engine.step(session_id, frames, body.seq, body.return_steps))
 
 
-HOT_ROUTES = [
-    HotRoute("POST", "/v1/classify", classify),
-    HotRoute("POST", "/v1/sessions", create_session),
-    HotRoute("GET", "/v1/sessions/{session_id}", get_session),
-    HotRoute("DELETE", "/v1/sessions/{session_id}", delete_session),
-    HotRoute("POST", "/v1/sessions/{session_id}/steps", step),
-]
-# (route, summary, request schema, response schema, status) for service/openapi.py
-HOT_ROUTE_DOCS = [
-    (HOT_ROUTES[0], "Classify whole sequences", ClassifyRequest, ClassifyResponse, 200),
-    (HOT_ROUTES[1], "Start a streaming session", SessionCreateRequest, SessionCreated, 201),
-    (HOT_ROUTES[2], "Read a session", None, SessionInfo, 200),
-    (HOT_ROUTES[3], "End a session", None, None, 204),
-    (HOT_ROUTES[4], "Feed frames to a session", StepRequest, StepResponse, 200),
-]
-
-
-@router.websocket("/v1/sessions/{session_id}/stream")
-async def stream(websocket: WebSocket, session_id: str) -> None:
+async def stream(websocket: WebSocket) -> None:
     """Each message is one chunk (JSON like the steps body, or binary little-endian float32 T x D);
     each reply is the steps response. A bad message gets an error reply; the socket stays open."""
+    session_id = websocket.path_params["session_id"]
     engine: Engine = websocket.app.state.engine
     metrics = websocket.app.state.metrics
     await websocket.accept()
@@ -178,3 +161,21 @@ async def stream_step(engine: Engine, model, session_id: str, message: dict) -> 
     body = parse(StepRequest, text, "message")
     frames = engine.as_frames(body.inputs, model, "inputs")
     return await engine.step(session_id, frames, body.seq, body.return_steps)
+
+
+HOT_ROUTES = [
+    HotRoute("POST", "/v1/classify", classify),
+    HotRoute("POST", "/v1/sessions", create_session),
+    HotRoute("GET", "/v1/sessions/{session_id}", get_session),
+    HotRoute("DELETE", "/v1/sessions/{session_id}", delete_session),
+    HotRoute("POST", "/v1/sessions/{session_id}/steps", step),
+    HotRoute("WEBSOCKET", "/v1/sessions/{session_id}/stream", stream),
+]
+# (route, summary, request schema, response schema, status) for service/openapi.py
+HOT_ROUTE_DOCS = [
+    (HOT_ROUTES[0], "Classify whole sequences", ClassifyRequest, ClassifyResponse, 200),
+    (HOT_ROUTES[1], "Start a streaming session", SessionCreateRequest, SessionCreated, 201),
+    (HOT_ROUTES[2], "Read a session", None, SessionInfo, 200),
+    (HOT_ROUTES[3], "End a session", None, None, 204),
+    (HOT_ROUTES[4], "Feed frames to a session", StepRequest, StepResponse, 200),
+]

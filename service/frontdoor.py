@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import compile_path
 from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from service.errors import BodyTooLarge, Overloaded, ServiceError, TooManySessions
 from service.http import JSON, error_response, internal_error
@@ -26,12 +27,12 @@ from service.metrics import Metrics
 
 log = logging.getLogger("lstm_serve")
 REJECTIONS = (Overloaded, TooManySessions, BodyTooLarge)
-Endpoint = Callable[[Request], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]] | Callable[[WebSocket], Awaitable[None]]
 
 
 @dataclass(frozen=True)
 class HotRoute:
-    method: str
+    method: str  # an HTTP method, or WEBSOCKET
     path: str  # template, e.g. /v1/sessions/{session_id}/steps
     endpoint: Endpoint
 
@@ -57,16 +58,25 @@ class FrontDoor:
     def match(self, scope: Scope) -> tuple[HotRoute | None, dict, list[str]]:
         """The hot route for this request, its path parameters, and the methods its path allows."""
         path, allowed = scope["path"], []
+        method = scope["method"] if scope["type"] == "http" else "WEBSOCKET"
         for route, regex in self.routes:
             found = regex.match(path)
             if found:
-                if route.method == scope["method"]:
+                if route.method == method:
                     return route, found.groupdict(), allowed
                 allowed.append(route.method)
         return None, {}, allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # lifespan and WebSocket go to FastAPI as they are
+        if scope["type"] == "websocket":
+            route, params, _ = self.match(scope)
+            if route is None:
+                await self.app(scope, receive, send)
+            else:
+                scope["app"], scope["path_params"] = self.app, params
+                await route.endpoint(WebSocket(scope, receive, send))
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), 500

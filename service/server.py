@@ -41,8 +41,7 @@ def main(argv: Sequence[str] = ()) -> None:
         host=settings.host,
         port=settings.port,
         http="httptools",
-        # the websockets-sansio protocol answered 35% fewer frames/s under `lstm-serve bench`
-        ws="websockets",
+        ws="websockets-sansio",
         ws_max_size=2 * settings.max_body_bytes,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         access_log=settings.access_log,

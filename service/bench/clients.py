@@ -31,11 +31,20 @@ class HttpConnection:
         return head.encode() + b"\r\n" + body
 
     async def send(self, raw: bytes) -> tuple[int, bytes]:
-        """Send one pre-encoded request; return (status, body)."""
+        """Send one pre-encoded request; return (status, body). A keep-alive connection the server
+        closed while idle is reopened once, as every HTTP client does."""
         if self.writer is None:
             await self.connect()
         self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionResetError) as error:
+            if isinstance(error, asyncio.IncompleteReadError) and error.partial:
+                raise
+            await self.close()
+            await self.connect()
+            self.writer.write(raw)
+            head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length = 0
         lower = head.lower()

@@ -36,6 +36,7 @@ from service.bench.workloads import (
 
 ROOT = Path(__file__).resolve().parents[2]
 TICKS = os.sysconf("SC_CLK_TCK")
+STEADY_SEQUENCES = 20  # test sequences streamed back to back in one session for the steady-stream point
 
 
 @dataclass
@@ -231,7 +232,7 @@ def load_test_sequences() -> list[np.ndarray]:
 
 async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
     ours = Server("lstm-serve", cfg.url, [sys.executable, "-m", "service.cli", "serve"])
-    uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--ws", "websockets", "--no-access-log",
+    uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--ws", "websockets-sansio", "--no-access-log",
                      "--log-level", "warning"]
     baseline = Server("baseline", cfg.baseline_url,
                       [sys.executable, "-m", "uvicorn", "service.bench.baseline:app", *uvicorn_flags],
@@ -253,6 +254,11 @@ async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
                 results["points"].append(await measure(server, "stream-http", http, level, cfg))
                 ws = stream_ws_client(server.host, server.port, sequences)
                 results["points"].append(await measure(server, "stream-ws", ws, level, cfg))
+        steady = max(cfg.stream_levels)
+        print(f"steady streaming: {steady} WebSocket sessions of {STEADY_SEQUENCES} sequences each", flush=True)
+        for server in (ours, baseline):
+            ws = stream_ws_client(server.host, server.port, sequences, STEADY_SEQUENCES)
+            results["points"].append(await measure(server, "stream-ws-steady", ws, steady, cfg))
         print("stateless replay versus a session step (lstm-serve)", flush=True)
         results["replay"] = await replay(ours, sequences, cfg)
     finally:

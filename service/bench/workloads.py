@@ -126,8 +126,10 @@ def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_se
     return client
 
 
-def stream_ws_client(host: str, port: int, sequences: list[np.ndarray]):
-    """Like stream_http_client, over one WebSocket per session, binary float32 frames."""
+def stream_ws_client(host: str, port: int, sequences: list[np.ndarray], sequences_per_session: int = 1):
+    """Like stream_http_client, over one WebSocket per session, binary float32 frames. With
+    sequences_per_session > 1 a session streams that many test sequences back to back (a steady
+    stream, like a wearable's), so connection set-up no longer dominates."""
     counter = iter(range(1 << 62))
 
     async def client(samples: Samples, deadline: float) -> None:
@@ -142,7 +144,8 @@ def stream_ws_client(host: str, port: int, sequences: list[np.ndarray]):
                 sid = orjson.loads(body)["session_id"]
                 ws = await WebSocketConnection(host, port, f"/v1/sessions/{sid}/stream").connect()
                 try:
-                    for frame in sequences[k % len(sequences)]:
+                    chosen = [sequences[(k + j) % len(sequences)] for j in range(sequences_per_session)]
+                    for frame in np.concatenate(chosen):
                         now = time.perf_counter()
                         if now >= deadline:
                             break
