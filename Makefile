@@ -6,7 +6,7 @@ MODEL_NAME := japanese-vowels
 RUN_DIR := runs/$(MODEL_NAME)
 ARTIFACTS := models/$(MODEL_NAME)/training
 
-.PHONY: serve test lint model clean
+.PHONY: serve test lint model bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,7 @@ model: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# the README's benchmark table and plots: both servers on loopback, ~5 minutes
+bench: $(VENV)/.dev
+	$(BIN)/lstm-serve bench --out-dir service/bench/results

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import Response
 
 from service.engine import Engine
 from service.errors import InvalidInput, NotReady, ServiceError, SessionNotFound
 from service.frontdoor import HotRoute
-from service.http import JSON, parse
+from service.http import JSON, dumps, parse
 from service.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -123,7 +122,7 @@ async def stream(websocket: WebSocket) -> None:
     try:
         model = engine.session_model(await engine.get_session(session_id))
     except ServiceError as error:
-        await websocket.send_text(orjson.dumps(error.body()).decode())
+        await websocket.send_text(dumps(error.body()).decode())
         await websocket.close(code=4404 if isinstance(error, SessionNotFound) else 1008)
         return
     route = "/v1/sessions/{session_id}/stream"
@@ -138,11 +137,11 @@ async def stream(websocket: WebSocket) -> None:
             except ServiceError as error:
                 reply, status = error.body(), str(error.status)
                 if isinstance(error, SessionNotFound):
-                    await websocket.send_text(orjson.dumps(reply).decode())
+                    await websocket.send_text(dumps(reply).decode())
                     await websocket.close(code=4404)
                     return
             metrics.requests.labels(route, "WS", status).inc()
-            await websocket.send_text(orjson.dumps(reply).decode())
+            await websocket.send_text(dumps(reply).decode())
     except WebSocketDisconnect:
         return
 

@@ -55,9 +55,10 @@ class LoadedModel:
         }
 
     def predict(self, probabilities: np.ndarray) -> dict:
-        """Class prediction from one step's probabilities (C,)."""
+        """Class prediction from one step's probabilities (C,). The array stays an array: orjson
+        writes float32 arrays in C, several times faster than .tolist() and Python floats."""
         class_id = int(probabilities.argmax())
-        return {"label": self.entry.labels[class_id], "class_id": class_id, "probabilities": probabilities.tolist()}
+        return {"label": self.entry.labels[class_id], "class_id": class_id, "probabilities": probabilities.copy()}
 
 
 def chunk_digest(frames: np.ndarray) -> str:

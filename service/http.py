@@ -13,11 +13,16 @@ from service.errors import InvalidInput, MalformedRequest, ServiceError
 M = TypeVar("M", bound=BaseModel)
 
 
+def dumps(content: Any) -> bytes:
+    """JSON bytes; numpy arrays (the probabilities) are written by orjson directly."""
+    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 class JSON(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        return dumps(content)
 
 
 def error_response(error: ServiceError) -> JSON:

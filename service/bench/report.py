@@ -87,6 +87,14 @@ def markdown(results: dict) -> str:
         for r in results["replay"]:
             lines.append(f"| {r['t']} | {r['body_bytes']:,} B | {r['stateless_p50_ms']:.2f} | "
                          f"{r['stateful_step_p50_ms']:.2f} |")
+    if any(results.get("wrk") or []):
+        lines += ["", "## Load generator check: the classify point again with wrk", "",
+                  "| server | connections | wrk req/s | wrk p99 | wrk errors | our load generator req/s |",
+                  "|---|---|---|---|---|---|"]
+        for w in filter(None, results["wrk"]):
+            ours = point(results, w["server"], "classify", w["connections"])
+            lines.append(f"| {w['server']} | {w['connections']} | {w['requests_per_s']:.0f} | {w['p99']} | "
+                         f"{w['errors']} | {ours['throughput']:.0f} |" if ours else "")
     cfg = results["config"]
     lines += ["", f"{cfg['warmup_s']:g} s warm-up + {cfg['duration_s']:g} s measured per point, loopback, "
               f"{results['machine']['cpus']} CPUs, whole run {results['wall_s']} s.", ""]

@@ -63,6 +63,7 @@ class Server:
 
     def __init__(self, name: str, url: str | None, command: list[str] | None, env: dict | None = None) -> None:
         self.name, self.proc = name, None
+        self.has_metrics, self.metrics_conn = True, None
         if url is None:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -103,12 +104,16 @@ def free_port() -> int:
 
 
 async def scrape(server: Server) -> dict[str, float]:
-    """Sums and counts of the batch-size and queue-wait histograms."""
-    conn = await HttpConnection(server.host, server.port).connect()
-    status, body = await conn.request("GET", "/metrics")
-    await conn.close()
+    """Sums and counts of the batch-size and queue-wait histograms (a server without /metrics: {}).
+    One kept-alive connection: a new one would queue behind the load being measured."""
     values: dict[str, float] = {}
+    if not server.has_metrics:
+        return values
+    if server.metrics_conn is None:
+        server.metrics_conn = await HttpConnection(server.host, server.port).connect()
+    status, body = await server.metrics_conn.request("GET", "/metrics")
     if status != 200:
+        server.has_metrics = False
         return values
     for line in body.decode().splitlines():
         for key in ("lstm_serve_batch_size_sum", "lstm_serve_batch_size_count",
@@ -130,26 +135,32 @@ def server_side(before: dict, after: dict) -> dict:
 
 
 async def measure(server: Server, workload: str, client, concurrency: int, cfg: BenchConfig) -> dict:
-    scrapes: dict[str, dict] = {}
+    """One point. Server metrics and CPU are read at the start and the end of the measured window."""
+    snapshots: list[tuple[dict, float | None, os.times_result, float]] = []
 
-    async def scrape_at_window_start():
+    async def snapshot():  # CPU first: the scrape itself waits in the server's queue under load
+        cpu, times, now = server.cpu(), os.times(), time.perf_counter()
+        snapshots.append((await scrape(server), cpu, times, now))
+
+    async def snapshot_window():
         await asyncio.sleep(cfg.warmup_s)
-        scrapes["before"] = await scrape(server)
-        scrapes["cpu_before"] = (server.cpu(), os.times())
+        await snapshot()
+        await asyncio.sleep(max(0.0, window_end() - time.perf_counter()))
+        await snapshot()
 
-    scraper = asyncio.create_task(scrape_at_window_start())
+    started = time.perf_counter()
+    window_end = lambda: started + cfg.warmup_s + cfg.duration_s  # noqa: E731
+
+    snapshotter = asyncio.create_task(snapshot_window())
     samples, window = await run_point(client, concurrency, cfg.warmup_s, cfg.duration_s)
-    await scraper
-    cpu_after, times_after = server.cpu(), os.times()
-    after = await scrape(server)
+    await snapshotter
+    (before, cpu_before, times_before, t0), (after, cpu_after, times_after, t1) = snapshots
     result = asdict(summarise(workload, concurrency, samples, window))
     result["server"] = server.name
-    result.update(server_side(scrapes["before"], after))
-    wall = time.perf_counter() - window[0]
-    cpu_before, times_before = scrapes["cpu_before"]
+    result.update(server_side(before, after))
     own = (times_after.user + times_after.system) - (times_before.user + times_before.system)
-    result["loadgen_cpu_pct"] = round(100 * own / wall, 1)
-    result["server_cpu_pct"] = round(100 * (cpu_after - cpu_before) / wall, 1) if cpu_after is not None else None
+    result["loadgen_cpu_pct"] = round(100 * own / (t1 - t0), 1)
+    result["server_cpu_pct"] = round(100 * (cpu_after - cpu_before) / (t1 - t0), 1) if cpu_after is not None else None
     print(f"  {server.name:9s} {workload:12s} c={concurrency:<4d} {result['throughput']:8.0f}/s "
           f"p50 {result['p50_ms']:6.2f} p99 {result['p99_ms']:7.2f} ms  err {result['errors']}  "
           f"batch {result.get('mean_batch_size') or 0:5.1f}  cpu srv {result['server_cpu_pct']}% "
@@ -222,6 +233,32 @@ def onnxruntime_limit(model_dir: str, sequences: list[np.ndarray], batch_size: i
     return done * batch_size / (time.perf_counter() - start)
 
 
+async def wrk_check(server: Server, bodies: list[bytes], connections: int, cfg: BenchConfig) -> dict | None:
+    """The classify point again with wrk (C, one thread), to show the Python load generator is not
+    what limits the numbers. wrk sends one fixed sequence; ours cycles through the test split."""
+    import shutil
+    import tempfile
+
+    if shutil.which("wrk") is None:
+        return None
+    body = sorted(bodies, key=len)[len(bodies) // 2]  # a median-length sequence
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                     f"wrk.body = [==[{body.decode()}]==]\n")
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", f"-c{connections}", f"-d{cfg.duration_s:g}s", "--latency", "-s", script.name,
+        f"{server.url}/v1/classify", stdout=asyncio.subprocess.PIPE)
+    out = (await proc.communicate())[0].decode()
+    os.unlink(script.name)
+    rps = next((float(line.split()[1]) for line in out.splitlines() if line.startswith("Requests/sec")), None)
+    p99 = next((line.split()[1] for line in out.splitlines() if line.strip().startswith("99%")), None)
+    errors = next((int(line.split()[-1]) for line in out.splitlines() if "Non-2xx" in line), 0)
+    print(f"  {server.name:9s} wrk classify  c={connections:<4d} {rps or 0:8.0f}/s p99 {p99} errors {errors}",
+          flush=True)
+    return {"server": server.name, "connections": connections, "requests_per_s": rps, "p99": p99,
+            "errors": errors}
+
+
 def load_test_sequences() -> list[np.ndarray]:
     try:
         from model.data import load_dataset
@@ -254,6 +291,7 @@ async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
                 results["points"].append(await measure(server, "stream-http", http, level, cfg))
                 ws = stream_ws_client(server.host, server.port, sequences)
                 results["points"].append(await measure(server, "stream-ws", ws, level, cfg))
+        results["wrk"] = [await wrk_check(server, bodies, max(cfg.classify_levels), cfg) for server in (ours, baseline)]
         steady = max(cfg.stream_levels)
         print(f"steady streaming: {steady} WebSocket sessions of {STEADY_SEQUENCES} sequences each", flush=True)
         for server in (ours, baseline):
