@@ -240,17 +240,20 @@ async def wrk_check(server: Server, bodies: list[bytes], connections: int, cfg: 
     import tempfile
 
     if shutil.which("wrk") is None:
-        return None
+        return None  # optional: the check runs where wrk is installed (apt-get install wrk)
     body = sorted(bodies, key=len)[len(bodies) // 2]  # a median-length sequence
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                      f"wrk.body = [==[{body.decode()}]==]\n")
     proc = await asyncio.create_subprocess_exec(
-        "wrk", "-t1", f"-c{connections}", f"-d{cfg.duration_s:g}s", "--latency", "-s", script.name,
+        "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(cfg.duration_s))}s", "--latency", "-s", script.name,
         f"{server.url}/v1/classify", stdout=asyncio.subprocess.PIPE)
     out = (await proc.communicate())[0].decode()
     os.unlink(script.name)
     rps = next((float(line.split()[1]) for line in out.splitlines() if line.startswith("Requests/sec")), None)
+    if rps is None:
+        print(f"  wrk gave no result: {out[-300:]!r}", flush=True)
+        return None
     p99 = next((line.split()[1] for line in out.splitlines() if line.strip().startswith("99%")), None)
     errors = next((int(line.split()[-1]) for line in out.splitlines() if "Non-2xx" in line), 0)
     print(f"  {server.name:9s} wrk classify  c={connections:<4d} {rps or 0:8.0f}/s p99 {p99} errors {errors}",
