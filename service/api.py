@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
@@ -54,7 +55,8 @@ async def metrics(request: Request) -> Response:
     state = request.app.state
     for name, model in state.engine.models.items():
         state.metrics.queue_length.labels(name).set(model.batcher.queued)
-    state.metrics.active_sessions.set(await state.engine.store.count())
+    with contextlib.suppress(ServiceError):  # the store is down: /readyz says so; the rest still matters
+        state.metrics.active_sessions.set(await state.engine.store.count())
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -26,6 +26,11 @@ log = logging.getLogger("lstm_serve")
 
 
 def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
+    if settings.redis_url:
+        from service.redis_store import RedisSessionStore
+
+        return RedisSessionStore(settings.redis_url, settings.session_ttl_s, settings.max_sessions,
+                                 on_expired=metrics.sessions_expired.inc)
     return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions,
                                 on_expired=metrics.sessions_expired.inc)
 
@@ -35,6 +40,8 @@ async def sweep_forever(store: SessionStore, every_s: float) -> None:
         await asyncio.sleep(every_s)
         try:
             await store.sweep()
+        except ServiceError as error:  # e.g. Redis down: retried next round
+            log.warning("session sweep skipped: %s", error.message)
         except Exception:  # a failed sweep is retried next round; it must not end the loop
             log.exception("session sweep failed")
 
@@ -96,3 +103,8 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
         return internal_error()
 
     return FrontDoor(app, metrics, settings.max_body_bytes, HOT_ROUTES)
+
+
+def app_from_env() -> FrontDoor:
+    """For `uvicorn --factory` with several workers: each process reads LSTM_SERVE_* itself."""
+    return create_app(Settings())

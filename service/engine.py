@@ -149,16 +149,13 @@ class Engine:
 
     # -- sessions ----------------------------------------------------------------------------
     async def create_session(self, model: LoadedModel) -> SessionRecord:
-        record = await self.store.create(model.name, model.version)
-        self.metrics.active_sessions.set(await self.store.count())
-        return record
+        return await self.store.create(model.name, model.version)
 
     async def get_session(self, session_id: str) -> SessionRecord:
         return await self.store.load(session_id)
 
     async def delete_session(self, session_id: str) -> None:
         await self.store.delete(session_id)
-        self.metrics.active_sessions.set(await self.store.count())
 
     def session_model(self, record: SessionRecord) -> LoadedModel:
         model = self.model(record.model)

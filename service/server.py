@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,8 +37,7 @@ def main(argv: Sequence[str] = ()) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from service.app import create_app
 
-    uvicorn.run(
-        create_app(settings),
+    options = dict(
         host=settings.host,
         port=settings.port,
         http="httptools",
@@ -47,3 +47,9 @@ def main(argv: Sequence[str] = ()) -> None:
         access_log=settings.access_log,
         log_level="info",
     )
+    if settings.workers > 1:  # each worker process builds its app from the same LSTM_SERVE_* settings
+        for name, value in settings.model_dump(exclude_unset=True).items():
+            os.environ[f"LSTM_SERVE_{name.upper()}"] = str(value)
+        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)

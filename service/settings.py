@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "models"
@@ -31,19 +31,19 @@ class Settings(BaseSettings):
     max_sequences_per_request: int = Field(256, ge=1, description="sequences in one classify request")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body or WebSocket message")
     sweep_interval_s: float = Field(1.0, gt=0, description="how often expired sessions are removed")
+    redis_url: str | None = Field(None, description="redis://host:port/db: sessions in Redis, shared by replicas")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
-    workers: int = Field(1, ge=1, description="server processes; sessions live in one process's memory")
+    workers: int = Field(1, ge=1, description="server processes; more than 1 needs redis_url")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="time in-flight requests get to finish on SIGTERM")
     access_log: bool = Field(False, description="log every request")
 
-    @field_validator("workers", mode="before")
-    @classmethod
-    def one_process_per_in_memory_store(cls, workers):
-        if int(workers) > 1:
+    @model_validator(mode="after")
+    def one_process_per_in_memory_store(self) -> Settings:
+        if self.workers > 1 and not self.redis_url:
             raise ValueError(
-                f"workers={workers} with the in-memory session store would split session state across "
-                "processes (a session's steps could land where its h/c is not); run workers=1 and scale "
-                "with more replicas only once sessions live in a shared store"
+                f"workers={self.workers} with the in-memory session store would split session state across "
+                "processes (a session's steps could land where its h/c is not); run workers=1, or set "
+                "LSTM_SERVE_REDIS_URL so that every process shares sessions through Redis"
             )
-        return workers
+        return self

@@ -1,0 +1,192 @@
+"""Sessions in Redis, shared by every replica.
+
+Per session a hash `lstm-serve:s:<id>` holds the model and version, timestamps, frames consumed,
+the state tensors as float32 bytes, the last chunk's digest and response (for safe retries) and a
+revision number. Commits are a Lua compare-and-set on the revision, so two replicas stepping one
+session at the same moment both apply, in some order, each exactly once. Idle expiry is a Redis
+TTL on the hash; a sorted set of last-use times counts live sessions and expired ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import wraps
+
+import numpy as np
+import orjson
+import redis.asyncio as redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.errors import SessionNotFound, StoreUnavailable, TooManySessions
+from service.sessions import KeyedLocks, SessionRecord, new_session_id
+
+PREFIX = "lstm-serve:"
+INDEX = PREFIX + "sessions"  # sorted set: session id -> last use (unix seconds)
+
+# KEYS[1] index; ARGV: now, ttl, max, key, id, fields... -> 1 created, 0 full
+CREATE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', ARGV[4], unpack(ARGV, 6))
+redis.call('EXPIRE', ARGV[4], math.ceil(tonumber(ARGV[2])))
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[5])
+return 1
+"""
+
+# KEYS[1] session hash, KEYS[2] index; ARGV: expected revision, now, ttl, id, fields...
+# -> 1 committed, 0 lost the race, -1 session gone
+COMMIT = """
+local revision = redis.call('HGET', KEYS[1], 'revision')
+if not revision then return -1 end
+if revision ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'revision', tostring(tonumber(revision) + 1), unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+return 1
+"""
+
+
+def session_key(session_id: str) -> str:
+    return f"{PREFIX}s:{session_id}"
+
+
+def reachable(method: Callable) -> Callable:
+    """Redis down or slow becomes a 503 that says so, never a 500."""
+
+    @wraps(method)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise StoreUnavailable(f"the session store (Redis) is unreachable: {error}; "
+                                   "stateless /v1/classify still works", headers={"Retry-After": "1"}) from None
+
+    return wrapper
+
+
+def encode_state(state: tuple[np.ndarray, ...] | None) -> dict[str, bytes | str]:
+    if state is None:
+        return {"state": b"", "state_shapes": ""}
+    return {"state": b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in state),
+            "state_shapes": ";".join(",".join(map(str, a.shape)) for a in state)}
+
+
+def decode_state(blob: bytes, shapes: str) -> tuple[np.ndarray, ...] | None:
+    if not shapes:
+        return None
+    arrays, offset = [], 0
+    for spec in shapes.split(";"):
+        shape = tuple(int(n) for n in spec.split(","))
+        count = int(np.prod(shape))
+        arrays.append(np.frombuffer(blob, np.float32, count, offset).reshape(shape).copy())
+        offset += 4 * count
+    return tuple(arrays)
+
+
+def encode(record: SessionRecord) -> dict[str, bytes | str]:
+    return {
+        "model": record.model, "version": str(record.version),
+        "created_at": repr(record.created_at), "last_used": repr(record.last_used),
+        "steps": str(record.steps),
+        "last_seq": "" if record.last_seq is None else str(record.last_seq),
+        "last_digest": record.last_digest or "",
+        "last_response": b"" if record.last_response is None else orjson.dumps(
+            record.last_response, option=orjson.OPT_SERIALIZE_NUMPY),
+        **encode_state(record.state),
+    }
+
+
+def decode(session_id: str, fields: dict[bytes, bytes]) -> SessionRecord:
+    text = {k.decode(): v for k, v in fields.items()}
+    return SessionRecord(
+        session_id=session_id,
+        model=text["model"].decode(),
+        version=int(text["version"]),
+        created_at=float(text["created_at"]),
+        last_used=float(text["last_used"]),
+        steps=int(text["steps"]),
+        state=decode_state(text["state"], text["state_shapes"].decode()),
+        last_seq=int(text["last_seq"]) if text["last_seq"] else None,
+        last_digest=text["last_digest"].decode() or None,
+        last_response=orjson.loads(text["last_response"]) if text["last_response"] else None,
+        revision=int(text["revision"]),
+    )
+
+
+def flatten(fields: dict) -> list:
+    return [item for pair in fields.items() for item in pair]
+
+
+class RedisSessionStore:
+    def __init__(self, url: str, ttl_s: float, max_sessions: int,
+                 on_expired: Callable[[int], None] = lambda n: None, timeout_s: float = 2.0) -> None:
+        self.ttl_s, self.max_sessions, self.on_expired = ttl_s, max_sessions, on_expired
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           health_check_interval=10)
+        self._create = self.client.register_script(CREATE)
+        self._commit = self.client.register_script(COMMIT)
+        self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
+
+    @reachable
+    async def create(self, model: str, version: int) -> SessionRecord:
+        now = time.time()
+        record = SessionRecord(new_session_id(), model, version, created_at=now, last_used=now)
+        fields = {**encode(record), "revision": "0"}
+        key = session_key(record.session_id)
+        created = await self._create(keys=[INDEX], args=[now, self.ttl_s, self.max_sessions, key,
+                                                         record.session_id, *flatten(fields)])
+        if not created:
+            raise TooManySessions(
+                f"the store holds its maximum of {self.max_sessions} sessions; delete finished sessions "
+                "or retry after idle ones expire",
+                headers={"Retry-After": str(max(1, round(self.ttl_s / 10)))},
+            )
+        return record
+
+    @reachable
+    async def load(self, session_id: str) -> SessionRecord:
+        fields = await self.client.hgetall(session_key(session_id))
+        if not fields:
+            raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
+        return decode(session_id, fields)
+
+    @reachable
+    async def commit(self, record: SessionRecord, expected_revision: int) -> bool:
+        result = await self._commit(
+            keys=[session_key(record.session_id), INDEX],
+            args=[str(expected_revision), record.last_used, self.ttl_s, record.session_id,
+                  *flatten(encode(record))],
+        )
+        if result == -1:
+            raise SessionNotFound(f"session {record.session_id!r} was deleted or expired while a step ran")
+        return result == 1
+
+    @reachable
+    async def delete(self, session_id: str) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            deleted, _ = await pipe.delete(session_key(session_id)).zrem(INDEX, session_id).execute()
+        if not deleted:
+            raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
+
+    @reachable
+    async def sweep(self) -> int:
+        """Redis expires the hashes itself; this drops them from the index and counts them."""
+        expired = await self.client.zremrangebyscore(INDEX, "-inf", time.time() - self.ttl_s)
+        if expired:
+            self.on_expired(expired)
+        return expired
+
+    @reachable
+    async def count(self) -> int:
+        return await self.client.zcount(INDEX, time.time() - self.ttl_s, "+inf")
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,86 @@
+"""The Redis session store alone, against a private redis-server."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.errors import SessionNotFound, StoreUnavailable, TooManySessions
+from service.redis_store import RedisSessionStore
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_round_trip_of_a_record_with_state_and_response(redis_server):
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        record = await store.create("m", 3)
+        state = (np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32))
+        response = {"session_id": record.session_id, "steps": 4,
+                    "prediction": {"label": "a", "class_id": 0, "probabilities": np.array([0.25, 0.75], np.float32)}}
+        advanced = record.advanced(steps=4, state=state, last_seq=1, last_digest="abc", last_response=response)
+        assert await store.commit(advanced, record.revision)
+        loaded = await store.load(record.session_id)
+        await store.close()
+        return loaded, state
+
+    loaded, state = run(main())
+    assert (loaded.model, loaded.version, loaded.steps, loaded.revision) == ("m", 3, 4, 1)
+    assert (loaded.last_seq, loaded.last_digest) == (1, "abc")
+    assert loaded.last_response["prediction"]["probabilities"] == [0.25, 0.75]
+    for ours, theirs in zip(loaded.state, state, strict=True):
+        assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
+
+
+def test_commit_is_compare_and_set_across_store_instances(redis_server):
+    async def main():
+        a = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        b = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)  # another replica
+        record = await a.create("m", 1)
+        first = await a.commit(record.advanced(steps=1), record.revision)
+        second = await b.commit(record.advanced(steps=5), record.revision)  # read the same revision
+        stored = await b.load(record.session_id)
+        await b.delete(record.session_id)
+        with pytest.raises(SessionNotFound):
+            await a.commit(stored.advanced(steps=9), stored.revision)
+        await a.close()
+        await b.close()
+        return first, second, stored
+
+    first, second, stored = run(main())
+    assert first and not second, "the stale write was not refused"
+    assert stored.steps == 1 and stored.revision == 1
+
+
+def test_max_sessions_and_ttl_expiry(redis_server):
+    async def main():
+        expired = []
+        store = RedisSessionStore(redis_server.url, ttl_s=1, max_sessions=2, on_expired=expired.append)
+        ids = [(await store.create("m", 1)).session_id for _ in range(2)]
+        with pytest.raises(TooManySessions):
+            await store.create("m", 1)
+        await asyncio.sleep(2.2)
+        with pytest.raises(SessionNotFound):
+            await store.load(ids[0])
+        assert await store.sweep() == 2
+        assert await store.count() == 0
+        await store.create("m", 1)  # room again
+        await store.close()
+        return expired
+
+    assert run(main()) == [2]
+
+
+def test_unreachable_redis_is_store_unavailable_not_a_crash():
+    async def main():
+        store = RedisSessionStore("redis://127.0.0.1:1/0", ttl_s=60, max_sessions=10, timeout_s=0.5)
+        assert not await store.ping()
+        with pytest.raises(StoreUnavailable) as error:
+            await store.create("m", 1)
+        await store.close()
+        return error.value
+
+    error = run(main())
+    assert error.status == 503 and "unreachable" in error.message

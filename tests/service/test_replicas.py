@@ -1,0 +1,117 @@
+"""Two real replicas sharing one real Redis: state moves with the session, not the process."""
+
+import asyncio
+import signal
+import time
+
+import httpx
+import numpy as np
+
+from tests.service.conftest import RedisProcess
+
+ATOL = 1e-5
+
+
+def replicas(start_server, redis_server, n=2, *flags):
+    env = {"LSTM_SERVE_REDIS_URL": redis_server.url}
+    return [start_server(*flags, env=env) for _ in range(n)]
+
+
+def classify(url: str, frames: np.ndarray) -> np.ndarray:
+    body = httpx.post(f"{url}/v1/classify", json={"sequences": [frames.tolist()]}).json()
+    return np.array(body["predictions"][0]["probabilities"])
+
+
+def test_a_session_continued_alternately_on_two_replicas_ends_exactly_like_classify(
+        start_server, redis_server, test_sequences):
+    a, b = replicas(start_server, redis_server)
+    frames = test_sequences[3]
+    sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+    for t, frame in enumerate(frames):
+        target = (a, b)[t % 2]
+        reply = httpx.post(f"{target.url}/v1/sessions/{sid}/steps", json={"inputs": [frame.tolist()], "seq": t})
+        assert reply.status_code == 200, reply.text
+    assert reply.json()["steps"] == len(frames)
+    np.testing.assert_allclose(reply.json()["prediction"]["probabilities"], classify(a.url, frames), atol=ATOL)
+    assert httpx.get(f"{a.url}/v1/sessions/{sid}").json()["steps"] == len(frames)
+
+
+def test_a_killed_replica_loses_nothing(start_server, redis_server, test_sequences):
+    a, b = replicas(start_server, redis_server)
+    frames = test_sequences[11]
+    sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+    half = len(frames) // 2
+    httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": frames[:half].tolist(), "seq": 0})
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    reply = httpx.post(f"{b.url}/v1/sessions/{sid}/steps", json={"inputs": frames[half:].tolist(), "seq": half})
+    assert reply.status_code == 200 and reply.json()["steps"] == len(frames)
+    np.testing.assert_allclose(reply.json()["prediction"]["probabilities"], classify(b.url, frames), atol=ATOL)
+
+
+def test_concurrent_steps_on_both_replicas_are_each_applied_exactly_once(start_server, redis_server):
+    a, b = replicas(start_server, redis_server)
+    sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+    frame = [0.4] * 12
+
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as c:
+            return await asyncio.gather(*(c.post(f"{(a, b)[k % 2].url}/v1/sessions/{sid}/steps",
+                                                 json={"inputs": [frame]}) for k in range(40)))
+
+    responses = asyncio.run(main())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    assert sorted(r.json()["steps"] for r in responses) == list(range(1, 41)), "a step was lost or doubled"
+    final = httpx.get(f"{b.url}/v1/sessions/{sid}").json()
+    assert final["steps"] == 40
+    np.testing.assert_allclose(final["prediction"]["probabilities"], classify(a.url, np.array([frame] * 40)),
+                               atol=ATOL)
+
+
+def test_redis_down_gives_clean_503s_classify_keeps_working_and_service_resumes(start_server):
+    redis_server = RedisProcess().start()
+    try:
+        (a,) = replicas(start_server, redis_server, 1)
+        sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+        redis_server.stop()
+        for call in (lambda: httpx.post(f"{a.url}/v1/sessions", json={}),
+                     lambda: httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}),
+                     lambda: httpx.get(f"{a.url}/v1/sessions/{sid}")):
+            response = call()
+            assert response.status_code == 503, response.text
+            error = response.json()["error"]
+            assert error["code"] == "session_store_unavailable" and "Redis" in error["message"]
+        assert httpx.get(f"{a.url}/readyz").status_code == 503
+        assert httpx.post(f"{a.url}/v1/classify", json={"sequences": [[[0.0] * 12]]}).status_code == 200
+        assert httpx.get(f"{a.url}/metrics").status_code == 200
+        redis_server.start()  # same port, empty: this Redis keeps nothing on disk
+        deadline = time.time() + 15
+        while httpx.get(f"{a.url}/readyz").status_code != 200:
+            assert time.time() < deadline, "readiness did not come back with Redis"
+            time.sleep(0.2)
+        sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+        assert httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}).json()["steps"] == 1
+    finally:
+        redis_server.stop()
+
+
+def test_idle_sessions_expire_in_redis_too(start_server, redis_server):
+    a, b = replicas(start_server, redis_server, 2, "--session-ttl-s", "1", "--sweep-interval-s", "0.2")
+    idle = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+    busy = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+    for k in range(6):
+        assert httpx.post(f"{(a, b)[k % 2].url}/v1/sessions/{busy}/steps",
+                          json={"inputs": [[0.0] * 12]}).status_code == 200
+        time.sleep(0.3)
+    assert httpx.get(f"{b.url}/v1/sessions/{idle}").status_code == 404
+    assert httpx.get(f"{a.url}/v1/sessions/{busy}").json()["steps"] == 6
+
+
+def test_several_workers_are_allowed_with_redis_and_share_sessions(start_server, redis_server):
+    (server,) = replicas(start_server, redis_server, 1, "--workers", "2")
+    sid = httpx.post(f"{server.url}/v1/sessions", json={}).json()["session_id"]
+    with httpx.Client(base_url=server.url) as c:  # new connections land on either worker
+        steps = [httpx.post(f"{server.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.1] * 12]}).json()["steps"]
+                 for _ in range(10)]
+        assert c.get(f"/v1/sessions/{sid}").json()["steps"] == 10
+    assert steps == list(range(1, 11))
