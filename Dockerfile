@@ -22,9 +22,9 @@ ENV PYTHONUNBUFFERED=1 \
     LSTM_SERVE_MODEL_REPOSITORY=/app/models
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin lstm
 COPY --from=build /install /usr/local
-COPY --chown=lstm:lstm models/ /app/models/
+COPY --chown=10001:10001 models/ /app/models/
 WORKDIR /app
-USER lstm
+USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
