@@ -92,8 +92,8 @@ def frames_json(frame: np.ndarray, seq: int) -> bytes:
     return orjson.dumps({"inputs": [frame.tolist()], "seq": seq})
 
 
-def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_seq: bool = True):
-    """One session per sequence, one frame per request, one request in flight per session."""
+def session_client(host: str, port: int, sequences: list[np.ndarray], sequences_per_session: int, stream):
+    """A client that starts a session, streams frames through `stream`, ends the session, repeats."""
     counter = iter(range(1 << 62))
 
     async def client(samples: Samples, deadline: float) -> None:
@@ -106,60 +106,55 @@ def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_se
                     samples.failed(f"create {status} {body[:120]!r}")
                     continue
                 sid = orjson.loads(body)["session_id"]
-                path = f"/v1/sessions/{sid}/steps"
-                for t, frame in enumerate(sequences[k % len(sequences)]):
-                    payload = frames_json(frame, t) if use_seq else orjson.dumps({"inputs": [frame.tolist()]})
-                    raw = conn.encode("POST", path, payload)
-                    now = time.perf_counter()
-                    if now >= deadline:
-                        break
-                    status, body = await conn.send(raw)
-                    if status == 200:
-                        samples.ok(now, time.perf_counter())
-                    else:
-                        samples.failed(f"step {status} {body[:120]!r}")
+                frames = np.concatenate([sequences[(k + j) % len(sequences)] for j in range(sequences_per_session)])
+                await stream(conn, sid, frames, samples, deadline)
                 await conn.request("DELETE", f"/v1/sessions/{sid}")
                 k += 7
         finally:
             await conn.close()
 
     return client
+
+
+def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_seq: bool = True):
+    """One session per sequence, one frame per request, one request in flight per session."""
+
+    async def stream(conn: HttpConnection, sid: str, frames: np.ndarray, samples: Samples, deadline: float):
+        path = f"/v1/sessions/{sid}/steps"
+        for t, frame in enumerate(frames):
+            payload = frames_json(frame, t) if use_seq else orjson.dumps({"inputs": [frame.tolist()]})
+            raw = conn.encode("POST", path, payload)
+            now = time.perf_counter()
+            if now >= deadline:
+                return
+            status, body = await conn.send(raw)
+            if status == 200:
+                samples.ok(now, time.perf_counter())
+            else:
+                samples.failed(f"step {status} {body[:120]!r}")
+
+    return session_client(host, port, sequences, 1, stream)
 
 
 def stream_ws_client(host: str, port: int, sequences: list[np.ndarray], sequences_per_session: int = 1):
     """Like stream_http_client, over one WebSocket per session, binary float32 frames. With
     sequences_per_session > 1 a session streams that many test sequences back to back (a steady
     stream, like a wearable's), so connection set-up no longer dominates."""
-    counter = iter(range(1 << 62))
 
-    async def client(samples: Samples, deadline: float) -> None:
-        conn = await HttpConnection(host, port).connect()
-        k = next(counter)
+    async def stream(conn: HttpConnection, sid: str, frames: np.ndarray, samples: Samples, deadline: float):
+        ws = await WebSocketConnection(conn.host, conn.port, f"/v1/sessions/{sid}/stream").connect()
         try:
-            while time.perf_counter() < deadline:
-                status, body = await conn.request("POST", "/v1/sessions", b"{}")
-                if status != 201:
-                    samples.failed(f"create {status} {body[:120]!r}")
-                    continue
-                sid = orjson.loads(body)["session_id"]
-                ws = await WebSocketConnection(host, port, f"/v1/sessions/{sid}/stream").connect()
-                try:
-                    chosen = [sequences[(k + j) % len(sequences)] for j in range(sequences_per_session)]
-                    for frame in np.concatenate(chosen):
-                        now = time.perf_counter()
-                        if now >= deadline:
-                            break
-                        ws.send_binary(frame.astype("<f4").tobytes())
-                        reply = await ws.recv()
-                        if b'"error"' in reply[:10]:
-                            samples.failed(reply[:120].decode(errors="replace"))
-                        else:
-                            samples.ok(now, time.perf_counter())
-                finally:
-                    await ws.close()
-                await conn.request("DELETE", f"/v1/sessions/{sid}")
-                k += 7
+            for frame in frames:
+                now = time.perf_counter()
+                if now >= deadline:
+                    return
+                ws.send_binary(frame.astype("<f4").tobytes())
+                reply = await ws.recv()
+                if b'"error"' in reply[:10]:
+                    samples.failed(reply[:120].decode(errors="replace"))
+                else:
+                    samples.ok(now, time.perf_counter())
         finally:
-            await conn.close()
+            await ws.close()
 
-    return client
+    return session_client(host, port, sequences, sequences_per_session, stream)
