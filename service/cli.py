@@ -7,15 +7,14 @@ serving image, which carries onnxruntime and no torch, runs `lstm-serve serve` u
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import dataclasses
 import sys
 from collections.abc import Sequence
 
 
 def needs_torch(command: str) -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:  # looked up, not imported: serving never loads torch
         sys.exit(f"lstm-serve {command} needs PyTorch: pip install 'lstm-serve[train]'")
 
 
