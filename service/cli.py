@@ -7,8 +7,8 @@ serving image, which carries onnxruntime and no torch, runs `lstm-serve serve` u
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import dataclasses
+import importlib.util
 import sys
 from collections.abc import Sequence
 
