@@ -55,21 +55,23 @@ class FrontDoor:
     def state(self):
         return self.app.state
 
-    def match(self, scope: Scope) -> tuple[HotRoute | None, dict, list[str]]:
-        """The hot route for this request, its path parameters, and the methods its path allows."""
-        path, allowed = scope["path"], []
+    def match(self, scope: Scope) -> tuple[HotRoute | None, dict, list[str], str | None]:
+        """The hot route for this request, its path parameters, the methods its path allows, and
+        the path template that matched (for metric labels: never the raw path with a session id)."""
+        path, allowed, template = scope["path"], [], None
         method = scope["method"] if scope["type"] == "http" else "WEBSOCKET"
         for route, regex in self.routes:
             found = regex.match(path)
             if found:
                 if route.method == method:
-                    return route, found.groupdict(), allowed
+                    return route, found.groupdict(), allowed, route.path
                 allowed.append(route.method)
-        return None, {}, allowed
+                template = route.path
+        return None, {}, allowed, template
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            route, params, _ = self.match(scope)
+            route, params, _, _ = self.match(scope)
             if route is None:
                 await self.app(scope, receive, send)
             else:
@@ -99,7 +101,7 @@ class FrontDoor:
                 status = message["status"]
             await send(message)
 
-        route, params, allowed = self.match(scope)
+        route, params, allowed, template = self.match(scope)
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         try:
             if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -114,8 +116,8 @@ class FrontDoor:
             else:
                 await self.app(scope, limited_receive, record_status)
         finally:
-            template = route.path if route else getattr(scope.get("route"), "path", None)
-            labels = (template or (allowed and scope["path"]) or "unmatched", scope["method"], str(status))
+            template = template or getattr(scope.get("route"), "path", None) or "unmatched"
+            labels = (template, scope["method"], str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 

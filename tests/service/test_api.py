@@ -161,3 +161,12 @@ def test_openapi_documents_every_route_including_the_hot_ones(client):
     step_body = schema["components"]["schemas"]["StepRequest"]["properties"]
     assert {"inputs", "seq", "return_steps"} <= set(step_body)
     assert client.get("/docs").status_code == 200
+
+
+def test_metric_labels_use_route_templates_never_session_ids(client):
+    sid = client.post("/v1/sessions", json={}).json()["session_id"]
+    client.put(f"/v1/sessions/{sid}")  # 405 on a session path
+    client.get(f"/v1/sessions/{sid}")
+    text = client.get("/metrics").text
+    assert sid not in text
+    assert 'lstm_serve_requests_total{method="PUT",route="/v1/sessions/{session_id}",status="405"}' in text
