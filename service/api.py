@@ -109,9 +109,8 @@ async def step(request: Request) -> JSON:
     engine: Engine = request.app.state.engine
     session_id = request.path_params["session_id"]
     body = parse(StepRequest, await request.body())
-    record = await engine.get_session(session_id)
-    frames = engine.as_frames(body.inputs, engine.session_model(record), "inputs")
-    return JSON(await engine.step(session_id, frames, body.seq, body.return_steps))
+    to_frames = lambda model: engine.as_frames(body.inputs, model, "inputs")  # noqa: E731
+    return JSON(await engine.step(session_id, to_frames, body.seq, body.return_steps))
 
 
 async def stream(websocket: WebSocket) -> None:
@@ -155,13 +154,13 @@ async def stream_step(engine: Engine, model, session_id: str, message: dict) -> 
         if len(payload) > limit:
             raise InvalidInput(f"message of {len(payload)} bytes is over max_body_bytes={limit}")
         frames = engine.frames_from_bytes(payload, model, "binary message")
-        return await engine.step(session_id, frames, None, False)
+        return await engine.step(session_id, lambda _: frames, None, False)
     text = message.get("text") or ""
     if len(text) > limit:
         raise InvalidInput(f"message of {len(text)} characters is over max_body_bytes={limit}")
     body = parse(StepRequest, text, "message")
     frames = engine.as_frames(body.inputs, model, "inputs")
-    return await engine.step(session_id, frames, body.seq, body.return_steps)
+    return await engine.step(session_id, lambda _: frames, body.seq, body.return_steps)
 
 
 HOT_ROUTES = [

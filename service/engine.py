@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,12 +177,18 @@ class Engine:
             "prediction": prediction,
         }
 
-    async def step(self, session_id: str, frames: np.ndarray, seq: int | None, return_steps: bool) -> dict:
-        """Apply one chunk to a session exactly once, in order; replay the answer to a retried chunk."""
-        digest = chunk_digest(frames)
+    async def step(self, session_id: str, to_frames: Callable[[LoadedModel], np.ndarray], seq: int | None,
+                   return_steps: bool) -> dict:
+        """Apply one chunk to a session exactly once, in order; replay the answer to a retried chunk.
+        `to_frames` validates the chunk against the session's model, known once the session is loaded
+        (one load per step: with Redis each load is a round trip)."""
+        frames = digest = None
         async with self.store.lock(session_id):
             while True:
                 record = await self.store.load(session_id)
+                if frames is None:
+                    frames = to_frames(self.session_model(record))
+                    digest = chunk_digest(frames)
                 if seq is not None and seq != record.steps:
                     if seq == record.last_seq and digest == record.last_digest:
                         return record.last_response  # a retry of the chunk already applied
