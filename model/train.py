@@ -137,6 +137,7 @@ def train_member(cfg: TrainConfig, data: Dataset, fit_idx: np.ndarray, val_idx: 
 def train(cfg: TrainConfig) -> dict:
     started = time.time()
     torch.set_num_threads(cfg.threads)
+    assert cfg.model.ensemble == 1, "members are trained one by one: set --ensemble K, not --model.ensemble"
     data: Dataset = load_dataset(cfg.dataset)
     cfg.model.input_dim, cfg.model.num_classes = data.input_dim, len(data.label_names)
     fit_idx, val_idx = stratified_split(data.train.labels, cfg.val_fraction, cfg.seed)
