@@ -19,6 +19,7 @@ from service.errors import InvalidInput, ServiceError
 from service.frontdoor import FrontDoor, rejected
 from service.http import JSON, error_response, internal_error
 from service.metrics import Metrics
+from service.oip import OIP_ROUTES
 from service.sessions import InMemorySessionStore, SessionStore
 from service.settings import Settings
 
@@ -102,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return internal_error()
 
-    return FrontDoor(app, metrics, settings.max_body_bytes, HOT_ROUTES)
+    return FrontDoor(app, metrics, settings.max_body_bytes, HOT_ROUTES + OIP_ROUTES)
 
 
 def app_from_env() -> FrontDoor:

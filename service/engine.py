@@ -144,13 +144,17 @@ class Engine:
         return frames
 
     # -- classify ----------------------------------------------------------------------------
+    async def infer(self, model: LoadedModel, sequences: list[np.ndarray]) -> list[Output]:
+        """Each sequence from zero state, batched with whatever else is queued."""
+        return await asyncio.gather(*(model.batcher.submit(Item(x, None)) for x in sequences))
+
     async def classify(self, model: LoadedModel, sequences: list[np.ndarray]) -> list[dict]:
-        outputs = await asyncio.gather(*(model.batcher.submit(Item(x, None)) for x in sequences))
-        return [model.predict(out.probabilities[-1]) for out in outputs]
+        return [model.predict(out.probabilities[-1]) for out in await self.infer(model, sequences)]
 
     # -- sessions ----------------------------------------------------------------------------
-    async def create_session(self, model: LoadedModel) -> SessionRecord:
-        return await self.store.create(model.name, model.version)
+    async def create_session(self, model: LoadedModel, session_id: str | None = None) -> SessionRecord:
+        """A new session; naming an existing one restarts it from zero state."""
+        return await self.store.create(model.name, model.version, session_id)
 
     async def get_session(self, session_id: str) -> SessionRecord:
         return await self.store.load(session_id)
@@ -179,9 +183,14 @@ class Engine:
 
     async def step(self, session_id: str, to_frames: Callable[[LoadedModel], np.ndarray], seq: int | None,
                    return_steps: bool) -> dict:
+        return (await self.advance(session_id, to_frames, seq, return_steps))[0]
+
+    async def advance(self, session_id: str, to_frames: Callable[[LoadedModel], np.ndarray], seq: int | None,
+                      return_steps: bool) -> tuple[dict, Output | None]:
         """Apply one chunk to a session exactly once, in order; replay the answer to a retried chunk.
         `to_frames` validates the chunk against the session's model, known once the session is loaded
-        (one load per step: with Redis each load is a round trip)."""
+        (one load per step: with Redis each load is a round trip). Returns the response and the model's
+        output for this chunk (None for a replayed retry)."""
         frames = digest = None
         async with self.store.lock(session_id):
             while True:
@@ -191,7 +200,7 @@ class Engine:
                     digest = chunk_digest(frames)
                 if seq is not None and seq != record.steps:
                     if seq == record.last_seq and digest == record.last_digest:
-                        return record.last_response  # a retry of the chunk already applied
+                        return record.last_response, None  # a retry of the chunk already applied
                     raise SequenceConflict(
                         f"seq {seq} does not match: session {session_id!r} has consumed {record.steps} frames",
                         expected_seq=record.steps,
@@ -208,5 +217,5 @@ class Engine:
                     last_response=response, last_used=time.time(),
                 )
                 if await self.store.commit(updated, record.revision):
-                    return response
+                    return response, out
                 # another process advanced the session meanwhile: redo this chunk on its new state

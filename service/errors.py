@@ -29,6 +29,18 @@ class BodyTooLarge(ServiceError):
     status, code = 413, "body_too_large"
 
 
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status, code = 405, "method_not_allowed"
+
+
+class UnsupportedEncoding(ServiceError):
+    status, code = 415, "unsupported_encoding"
+
+
 class ModelNotFound(ServiceError):
     status, code = 404, "model_not_found"
 

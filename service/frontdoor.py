@@ -21,8 +21,8 @@ from starlette.routing import compile_path
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from service.errors import BodyTooLarge, Overloaded, ServiceError, TooManySessions
-from service.http import JSON, error_response, internal_error
+from service.errors import BodyTooLarge, MethodNotAllowed, Overloaded, ServiceError, TooManySessions
+from service.http import error_response
 from service.metrics import Metrics
 
 log = logging.getLogger("lstm_serve")
@@ -32,9 +32,10 @@ Endpoint = Callable[[Request], Awaitable[Response]] | Callable[[WebSocket], Awai
 
 @dataclass(frozen=True)
 class HotRoute:
-    method: str  # an HTTP method, or WEBSOCKET
+    method: str  # an HTTP method, WEBSOCKET, or * for any method of a path no other route claims
     path: str  # template, e.g. /v1/sessions/{session_id}/steps
     endpoint: Endpoint
+    render_error: Callable[[ServiceError], Response] = error_response  # the protocol's error body
 
     @property
     def regex(self) -> re.Pattern:
@@ -58,15 +59,20 @@ class FrontDoor:
     def match(self, scope: Scope) -> tuple[HotRoute | None, dict, list[str], str | None]:
         """The hot route for this request, its path parameters, the methods its path allows, and
         the path template that matched (for metric labels: never the raw path with a session id)."""
-        path, allowed, template = scope["path"], [], None
+        path, allowed, template, fallback = scope["path"], [], None, None
         method = scope["method"] if scope["type"] == "http" else "WEBSOCKET"
         for route, regex in self.routes:
             found = regex.match(path)
             if found:
                 if route.method == method:
                     return route, found.groupdict(), allowed, route.path
+                if route.method == "*":
+                    fallback = fallback or (route, found.groupdict())
+                    continue
                 allowed.append(route.method)
                 template = route.path
+        if fallback and not allowed and method != "WEBSOCKET":
+            return fallback[0], fallback[1], allowed, fallback[0].path
         return None, {}, allowed, template
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,17 +108,18 @@ class FrontDoor:
             await send(message)
 
         route, params, allowed, template = self.match(scope)
+        render = route.render_error if route else self.render_error(template)
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         try:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 rejected(self.metrics, too_large)
-                await error_response(too_large)(scope, receive, record_status)
+                await render(too_large)(scope, receive, record_status)
             elif route is not None:
                 await self.dispatch(route, params, scope, limited_receive, record_status)
             elif allowed:
                 message = f"{scope['method']} is not allowed here; use {' or '.join(allowed)}"
-                await JSON({"error": {"code": "method_not_allowed", "message": message}}, status_code=405,
-                           headers={"Allow": ", ".join(allowed)})(scope, receive, record_status)
+                error = MethodNotAllowed(message, headers={"Allow": ", ".join(allowed)})
+                await render(error)(scope, receive, record_status)
             else:
                 await self.app(scope, limited_receive, record_status)
         finally:
@@ -121,14 +128,19 @@ class FrontDoor:
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
+    def render_error(self, template: str | None) -> Callable[[ServiceError], Response]:
+        """The error body of the protocol a path belongs to (OIP paths answer {"error": "..."})."""
+        route = next((route for route, _ in self.routes if route.path == template), None)
+        return route.render_error if route else error_response
+
     async def dispatch(self, route: HotRoute, params: dict, scope: Scope, receive: Receive, send: Send) -> None:
         scope["app"], scope["path_params"] = self.app, params
         try:
             response = await route.endpoint(Request(scope, receive))
         except ServiceError as error:
             rejected(self.metrics, error)
-            response = error_response(error)
+            response = route.render_error(error)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            response = internal_error()
+            response = route.render_error(ServiceError("internal error; see the server log"))
         await response(scope, receive, send)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from service.api import HOT_ROUTE_DOCS
-from service.schemas import ErrorResponse
+from service.oip import OIP_ROUTE_DOCS
+from service.schemas import ErrorResponse, OipError
 
 REF = "#/components/schemas/{model}"
 
@@ -20,9 +23,13 @@ def schema_ref(model: type[BaseModel], components: dict) -> dict:
 
 
 def operation(summary, request, response, status, path, components) -> dict:
-    op: dict = {"summary": summary, "tags": [path.split("/")[2]], "responses": {}}
-    if "{session_id}" in path:
-        op["parameters"] = [{"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    oip = path.startswith("/v2")
+    op: dict = {"summary": summary, "tags": ["open inference protocol" if oip else path.split("/")[2]],
+                "responses": {}}
+    params = re.findall(r"{(\w+)}", path)
+    if params:
+        op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                            for name in params]
     if request is not None:
         op["requestBody"] = {"required": request.__name__ != "SessionCreateRequest",
                              "content": {"application/json": {"schema": schema_ref(request, components)}}}
@@ -30,8 +37,8 @@ def operation(summary, request, response, status, path, components) -> dict:
     if response is not None:
         ok["content"] = {"application/json": {"schema": schema_ref(response, components)}}
     op["responses"][str(status)] = ok
-    error = {"description": "error", "content": {"application/json": {"schema": schema_ref(ErrorResponse,
-                                                                                              components)}}}
+    error_schema = schema_ref(OipError if oip else ErrorResponse, components)
+    error = {"description": "error", "content": {"application/json": {"schema": error_schema}}}
     for code in ("400", "404", "409", "413", "422", "429", "503"):
         op["responses"][code] = error
     return op
@@ -43,7 +50,7 @@ def install(app: FastAPI) -> None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for route, summary, request, response, status in HOT_ROUTE_DOCS:
+            for route, summary, request, response, status in HOT_ROUTE_DOCS + OIP_ROUTE_DOCS:
                 entry = operation(summary, request, response, status, route.path, components)
                 schema["paths"].setdefault(route.path, {})[route.method.lower()] = entry
             app.openapi_schema = schema

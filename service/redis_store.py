@@ -25,14 +25,18 @@ from service.sessions import KeyedLocks, SessionRecord, new_session_id
 PREFIX = "lstm-serve:"
 INDEX = PREFIX + "sessions"  # sorted set: session id -> last use (unix seconds)
 
-# KEYS[1] index; ARGV: now, ttl, max, key, id, fields... -> 1 created, 0 full
+# KEYS[1] index; ARGV: now, ttl, max, key, id, fields... -> the new revision, or -1 when full.
+# A restart (the id exists) keeps its slot and bumps the revision past the old one's.
 CREATE = """
+local previous = redis.call('HGET', ARGV[4], 'revision')
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', ARGV[4], unpack(ARGV, 6))
+if not previous and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return -1 end
+local revision = previous and tonumber(previous) + 1 or 0
+redis.call('DEL', ARGV[4])
+redis.call('HSET', ARGV[4], 'revision', tostring(revision), unpack(ARGV, 6))
 redis.call('EXPIRE', ARGV[4], math.ceil(tonumber(ARGV[2])))
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[5])
-return 1
+return revision
 """
 
 # KEYS[1] session hash, KEYS[2] index; ARGV: expected revision, now, ttl, id, fields...
@@ -130,20 +134,19 @@ class RedisSessionStore:
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
 
     @reachable
-    async def create(self, model: str, version: int) -> SessionRecord:
+    async def create(self, model: str, version: int, session_id: str | None = None) -> SessionRecord:
         now = time.time()
-        record = SessionRecord(new_session_id(), model, version, created_at=now, last_used=now)
-        fields = {**encode(record), "revision": "0"}
+        record = SessionRecord(session_id or new_session_id(), model, version, created_at=now, last_used=now)
         key = session_key(record.session_id)
-        created = await self._create(keys=[INDEX], args=[now, self.ttl_s, self.max_sessions, key,
-                                                         record.session_id, *flatten(fields)])
-        if not created:
+        revision = await self._create(keys=[INDEX], args=[now, self.ttl_s, self.max_sessions, key,
+                                                          record.session_id, *flatten(encode(record))])
+        if revision < 0:
             raise TooManySessions(
                 f"the store holds its maximum of {self.max_sessions} sessions; delete finished sessions "
                 "or retry after idle ones expire",
                 headers={"Retry-After": str(max(1, round(self.ttl_s / 10)))},
             )
-        return record
+        return record.advanced(revision=revision)
 
     @reachable
     async def load(self, session_id: str) -> SessionRecord:

@@ -46,7 +46,9 @@ def new_session_id() -> str:
 class SessionStore(Protocol):
     ttl_s: float
 
-    async def create(self, model: str, version: int) -> SessionRecord: ...
+    async def create(self, model: str, version: int, session_id: str | None = None) -> SessionRecord:
+        """A fresh session; with a session_id that exists, that session restarts from zero state."""
+        ...
 
     async def load(self, session_id: str) -> SessionRecord: ...
 
@@ -102,17 +104,21 @@ class InMemorySessionStore:
     def _expired(self, record: SessionRecord, now: float) -> bool:
         return now - record.last_used >= self.ttl_s
 
-    async def create(self, model: str, version: int) -> SessionRecord:
-        if len(self._sessions) >= self.max_sessions:
+    async def create(self, model: str, version: int, session_id: str | None = None) -> SessionRecord:
+        previous = self._sessions.pop(session_id, None) if session_id else None
+        if previous is None and len(self._sessions) >= self.max_sessions:
             await self.sweep()
-        if len(self._sessions) >= self.max_sessions:
+        if previous is None and len(self._sessions) >= self.max_sessions:
             raise TooManySessions(
                 f"the server holds its maximum of {self.max_sessions} sessions; delete finished sessions "
                 "or retry after idle ones expire",
                 headers={"Retry-After": str(max(1, round(self.ttl_s / 10)))},
             )
         now = self.clock()
-        record = SessionRecord(new_session_id(), model, version, created_at=now, last_used=now)
+        # a restart bumps the revision, so a step still running on the old state cannot commit over it
+        revision = previous.revision + 1 if previous else 0
+        record = SessionRecord(session_id or new_session_id(), model, version, created_at=now, last_used=now,
+                               revision=revision)
         self._sessions[record.session_id] = record
         return record
 

@@ -84,3 +84,33 @@ def test_unreachable_redis_is_store_unavailable_not_a_crash():
 
     error = run(main())
     assert error.status == 503 and "unreachable" in error.message
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_create_with_an_id_restarts_that_session(kind, request):
+    """What an Open Inference Protocol sequence_start relies on, the same in both stores."""
+    from service.sessions import InMemorySessionStore
+
+    def make_store():
+        if kind == "memory":
+            return InMemorySessionStore(ttl_s=60, max_sessions=1)
+        return RedisSessionStore(request.getfixturevalue("redis_server").url, ttl_s=60, max_sessions=1)
+
+    async def main():
+        store = make_store()
+        first = await store.create("m", 1, "oip:m:n:7")
+        state = (np.ones((2, 3), np.float32),)
+        assert await store.commit(first.advanced(steps=5, state=state), first.revision)
+        stale = await store.load("oip:m:n:7")  # a step that read the old sequence, then lost the race
+        restarted = await store.create("m", 1, "oip:m:n:7")  # the store is full, but a restart keeps its slot
+        loaded = await store.load("oip:m:n:7")
+        with pytest.raises(TooManySessions):
+            await store.create("m", 1)
+        assert not await store.commit(stale.advanced(steps=9, state=state), stale.revision)
+        await store.close()
+        return restarted, loaded, stale
+
+    restarted, loaded, stale = run(main())
+    assert restarted.session_id == loaded.session_id == "oip:m:n:7"
+    assert (loaded.steps, loaded.state, loaded.revision) == (0, None, restarted.revision)
+    assert restarted.revision > stale.revision

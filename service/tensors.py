@@ -1,0 +1,139 @@
+"""Open Inference Protocol tensors on the wire: JSON `data`, and Triton's binary tensor data extension.
+
+A request body is a JSON header, optionally followed by raw tensor bytes; the header's length is the
+`Inference-Header-Content-Length` HTTP header, and each binary input says its byte count in
+`parameters.binary_data_size`, in the order the inputs are listed. Responses are built the same way.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import BodyTooLarge, InvalidInput, MalformedRequest, UnsupportedEncoding
+from service.http import dumps, parse
+from service.schemas import InferenceRequest
+
+HEADER_LENGTH = "inference-header-content-length"
+# OIP datatype -> numpy little-endian dtype; BYTES are length-prefixed strings
+DTYPES = {"BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
+          "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+NUMERIC_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}  # JSON numbers each datatype accepts
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str  # FP32 or BYTES
+    array: np.ndarray  # float32, or an object array of bytes for BYTES
+    binary: bool
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Content-Encoding gzip or deflate (what tritonclient's request_compression_algorithm sends)."""
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip framing, detected from the header
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise MalformedRequest(f"the {encoding} body could not be decompressed: {error}") from None
+    if len(data) > limit:
+        raise BodyTooLarge(f"the decompressed body is over max_body_bytes={limit}")
+    if not inflater.eof:
+        raise MalformedRequest(f"the {encoding} body could not be decompressed: it ends before its stream does")
+    return data
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary tail that follows it."""
+    if header_length is None:
+        return body, memoryview(b"")
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise MalformedRequest(f"Inference-Header-Content-Length {header_length!r} is not a byte count "
+                               f"within the {len(body)}-byte body")
+    n = int(header_length)
+    return body[:n], memoryview(body)[n:]
+
+
+def read_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
+    """The request and its input tensors as numpy arrays of their declared shape and datatype."""
+    header, tail = split_body(body, header_length)
+    request = parse(InferenceRequest, header, "inference request")
+    tensors, offset = {}, 0
+    for tensor in request.inputs:
+        if tensor.name in tensors:
+            raise InvalidInput(f"input {tensor.name!r} is given twice")
+        if tensor.datatype not in DTYPES:
+            raise InvalidInput(f"input {tensor.name!r} has datatype {tensor.datatype!r}; numeric inputs take "
+                               f"one of {', '.join(DTYPES)}")
+        if any(n < 0 for n in tensor.shape):
+            raise InvalidInput(f"input {tensor.name!r} has shape {tensor.shape}; dimensions cannot be negative")
+        size = tensor.parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
+                raise MalformedRequest(f"input {tensor.name!r}: binary_data_size {size!r} does not fit the "
+                                       f"{len(tail) - offset} bytes of binary data left in the body")
+            tensors[tensor.name] = from_bytes(tensor.name, tensor.datatype, tensor.shape, tail[offset:offset + size])
+            offset += size
+        elif tensor.data is None:
+            raise InvalidInput(f"input {tensor.name!r} has neither data nor parameters.binary_data_size")
+        else:
+            tensors[tensor.name] = from_json(tensor.name, tensor.datatype, tensor.shape, tensor.data)
+    if offset != len(tail):
+        raise MalformedRequest(f"the body has {len(tail) - offset} bytes of binary data that no input claims")
+    return request, tensors
+
+
+def from_bytes(name: str, datatype: str, shape: list[int], raw: memoryview) -> np.ndarray:
+    dtype = np.dtype(DTYPES[datatype])
+    count = int(np.prod(shape))
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(f"input {name!r}: {len(raw)} bytes of binary data, but shape {shape} of {datatype} "
+                           f"takes {count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def from_json(name: str, datatype: str, shape: list[int], data: list) -> np.ndarray:
+    """Row-major data, flat or nested; JSON numbers only, of a kind the datatype can hold."""
+    try:
+        values = np.asarray(data)
+    except ValueError:
+        raise InvalidInput(f"input {name!r}: nested data is ragged; send it flat, in row-major order") from None
+    count = int(np.prod(shape))
+    if values.size != count:
+        raise InvalidInput(f"input {name!r}: {values.size} values in data, but shape {shape} holds {count}")
+    if count and values.dtype.kind not in NUMERIC_KINDS[np.dtype(DTYPES[datatype]).kind]:
+        raise InvalidInput(f"input {name!r}: data of datatype {datatype} must be JSON "
+                           f"{'booleans' if datatype == 'BOOL' else 'numbers'}")
+    return values.astype(DTYPES[datatype]).reshape(shape)
+
+
+def bytes_elements(array: np.ndarray) -> bytes:
+    """BYTES tensor serialisation: each element as a little-endian uint32 length and its bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in array.ravel())
+
+
+def write_response(head: dict, outputs: list[OutputTensor]) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the length of its JSON header."""
+    tensors, tail = [], []
+    for out in outputs:
+        tensor = {"name": out.name, "datatype": out.datatype, "shape": list(out.array.shape)}
+        if out.binary:
+            raw = bytes_elements(out.array) if out.datatype == "BYTES" else out.array.astype("<f4").tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            tail.append(raw)
+        elif out.datatype == "BYTES":
+            tensor["data"] = [item.decode() for item in out.array.ravel()]
+        else:
+            tensor["data"] = np.ascontiguousarray(out.array, np.float32).ravel()
+        tensors.append(tensor)
+    header = dumps({**head, "outputs": tensors})
+    if not tail:
+        return header, None
+    return header + b"".join(tail), len(header)

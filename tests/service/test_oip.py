@@ -1,0 +1,270 @@
+"""The Open Inference Protocol, driven by NVIDIA's own client (tritonclient[http]) against a real server."""
+
+import gzip
+import json
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.utils import InferenceServerException
+
+MODEL = "japanese-vowels"
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def triton_client(server):
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=30)
+    yield client
+    client.close()
+
+
+def v1_probabilities(client, sequences: list[np.ndarray]) -> np.ndarray:
+    response = client.post("/v1/classify", json={"sequences": [s.tolist() for s in sequences]})
+    assert response.status_code == 200
+    return np.array([p["probabilities"] for p in response.json()["predictions"]])
+
+
+def padded(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(s) for s in sequences], np.int64)
+    x = np.zeros((len(sequences), lengths.max(), sequences[0].shape[1]), np.float32)
+    for row, s in enumerate(sequences):
+        x[row, : len(s)] = s
+    return x, lengths
+
+
+def tensor(name: str, array: np.ndarray, datatype: str, binary: bool = True) -> triton.InferInput:
+    inp = triton.InferInput(name, list(array.shape), datatype)
+    inp.set_data_from_numpy(array, binary_data=binary)
+    return inp
+
+
+def infer_sequence_chunk(triton_client, chunk: np.ndarray, sequence_id, start: bool, end: bool) -> np.ndarray:
+    result = triton_client.infer(MODEL, [tensor("x", chunk[None], "FP32")], sequence_id=sequence_id,
+                                 sequence_start=start, sequence_end=end,
+                                 outputs=[triton.InferRequestedOutput("probabilities")])
+    return result.as_numpy("probabilities")[0]
+
+
+def test_health_and_metadata(triton_client):
+    assert triton_client.is_server_live() and triton_client.is_server_ready()
+    assert triton_client.is_model_ready(MODEL) and triton_client.is_model_ready(MODEL, "1")
+    assert not triton_client.is_model_ready(MODEL, "2") and not triton_client.is_model_ready("no-such-model")
+    server = triton_client.get_server_metadata()
+    assert server["name"] == "lstm-serve"
+    assert {"binary_tensor_data", "sequence", "classification"} <= set(server["extensions"])
+    meta = triton_client.get_model_metadata(MODEL)
+    assert meta == triton_client.get_model_metadata(MODEL, "1")
+    assert meta["name"] == MODEL and meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
+    assert {"name": "x", "datatype": "FP32", "shape": [-1, -1, 12]} in meta["inputs"]
+    assert {"name": "probabilities", "datatype": "FP32", "shape": [-1, 9]} in meta["outputs"]
+    assert {"name": "logits", "datatype": "FP32", "shape": [-1, -1, 9]} in meta["outputs"]
+    config = triton_client.get_model_config(MODEL)
+    state = config["sequence_batching"]["state"]
+    assert [(s["input_name"], s["output_name"], s["dims"]) for s in state] == [("h0", "hn", [2, 192]),
+                                                                                ("c0", "cn", [2, 192])]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_equals_v1_classify(triton_client, client, test_sequences, binary):
+    sequences = test_sequences[:37]  # lengths 7..29: padded, with a lengths input
+    x, lengths = padded(sequences)
+    result = triton_client.infer(
+        MODEL, [tensor("x", x, "FP32", binary), tensor("lengths", lengths, "INT64", binary)],
+        outputs=[triton.InferRequestedOutput(name, binary_data=binary) for name in ("probabilities", "logits")],
+        request_id="req-17",
+    )
+    assert result.get_response()["id"] == "req-17"
+    assert result.get_response()["model_name"] == MODEL and result.get_response()["model_version"] == "1"
+    probabilities, logits = result.as_numpy("probabilities"), result.as_numpy("logits")
+    assert probabilities.shape == (37, 9) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, v1_probabilities(client, sequences), atol=ATOL)
+    assert logits.shape == (37, lengths.max(), 9)
+    for row, n in enumerate(lengths):  # softmax of the last valid step's logits is the prediction
+        last = np.exp(logits[row, n - 1] - logits[row, n - 1].max())
+        np.testing.assert_allclose(last / last.sum(), probabilities[row], atol=ATOL)
+        assert not logits[row, n:].any()
+
+
+def test_all_outputs_when_none_requested_and_gzip(triton_client, client, test_sequences):
+    sequence = test_sequences[5]
+    result = triton_client.infer(MODEL, [tensor("x", sequence[None], "FP32")], request_compression_algorithm="gzip")
+    assert {o["name"] for o in result.get_response()["outputs"]} == {"probabilities", "logits"}
+    np.testing.assert_allclose(result.as_numpy("probabilities"), v1_probabilities(client, [sequence]), atol=ATOL)
+    assert result.as_numpy("logits").shape == (1, len(sequence), 9)
+
+
+def test_classification_extension(triton_client, client, test_sequences):
+    sequences = test_sequences[40:44]
+    x, lengths = padded(sequences)
+    result = triton_client.infer(MODEL, [tensor("x", x, "FP32"), tensor("lengths", lengths, "INT64")],
+                                 outputs=[triton.InferRequestedOutput("probabilities", class_count=3)])
+    top = result.as_numpy("probabilities")
+    assert top.shape == (4, 3)
+    expected = v1_probabilities(client, sequences)
+    for row in range(4):
+        cells = [cell.decode().split(":") for cell in top[row]]
+        indices = [int(index) for _, index, _ in cells]
+        assert indices == list(np.argsort(-expected[row])[:3])
+        assert [label for _, _, label in cells] == [f"speaker-{i + 1}" for i in indices]
+        np.testing.assert_allclose([float(v) for v, _, _ in cells], expected[row][indices], atol=1e-5)
+
+
+def test_sequence_in_chunks_equals_whole(triton_client, client, test_sequences):
+    sequence = test_sequences[7]
+    chunks = np.split(sequence, [1, 4, 9])
+    for i, chunk in enumerate(chunks):
+        out = infer_sequence_chunk(triton_client, chunk, 1001, start=i == 0, end=i == len(chunks) - 1)
+        np.testing.assert_allclose(out, v1_probabilities(client, [sequence[: sum(map(len, chunks[: i + 1]))]])[0],
+                                   atol=ATOL)
+    with pytest.raises(InferenceServerException, match="must specify sequence_start") as ended:
+        infer_sequence_chunk(triton_client, chunks[0], 1001, start=False, end=False)  # end freed the state
+    assert ended.value.status() == "400"
+
+
+def test_interleaved_sequences_and_restart(triton_client, client, test_sequences):
+    a, b = test_sequences[10], test_sequences[200]
+    ids = ["speaker-a", 77]  # string and integer ids
+    half = min(len(a), len(b)) // 2
+    for t in range(half):  # one frame at a time, alternating between the two sequences
+        for sid, seq in zip(ids, (a, b), strict=True):
+            infer_sequence_chunk(triton_client, seq[t : t + 1], sid, start=t == 0, end=False)
+    np.testing.assert_allclose(infer_sequence_chunk(triton_client, a[half:], ids[0], False, True),
+                               v1_probabilities(client, [a])[0], atol=ATOL)
+    # a start on a live sequence begins again from zero state
+    infer_sequence_chunk(triton_client, b[:3], ids[1], start=True, end=False)
+    np.testing.assert_allclose(infer_sequence_chunk(triton_client, b[3:], ids[1], False, True),
+                               v1_probabilities(client, [b])[0], atol=ATOL)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=st.integers(0, 369), cuts=st.lists(st.integers(1, 28), max_size=6), data=st.data())
+def test_any_chunking_equals_whole_sequence(triton_client, client, test_sequences, index, cuts, data):
+    sequence = test_sequences[index]
+    chunks = [c for c in np.split(sequence, sorted({c for c in cuts if c < len(sequence)})) if len(c)]
+    sequence_id = data.draw(st.one_of(st.integers(1, 2**64 - 1), st.text("abcxyz-_", min_size=1, max_size=40)))
+    for i, chunk in enumerate(chunks):
+        out = infer_sequence_chunk(triton_client, chunk, sequence_id, start=i == 0, end=i == len(chunks) - 1)
+    np.testing.assert_allclose(out, v1_probabilities(client, [sequence])[0], atol=ATOL)
+
+
+def infer_raw(client, body, headers=None, path=f"/v2/models/{MODEL}/infer"):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return client.post(path, content=content, headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def x_tensor(shape, data=None, datatype="FP32", **extra):
+    data = data if data is not None else [0.5] * int(np.prod(shape))
+    return {"name": "x", "shape": shape, "datatype": datatype, "data": data, **extra}
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    ({"inputs": [x_tensor([1, 2, 12], datatype="FP64")]}, 400, "datatype FP64"),
+    ({"inputs": [x_tensor([1, 2, 12], datatype="STRING")]}, 400, "datatype 'STRING'"),
+    ({"inputs": [x_tensor([1, 2, 11])]}, 400, "shape [1, 2, 11]"),
+    ({"inputs": [x_tensor([1, 2, 12], data=[0.5] * 23)]}, 400, "23 values in data"),
+    ({"inputs": [x_tensor([1, 2, 12], data=["a"] * 24)]}, 400, "must be JSON numbers"),
+    ({"inputs": [x_tensor([2, 12])]}, 400, "shape [2, 12]"),
+    ({"inputs": [{"name": "h0", "shape": [1], "datatype": "FP32", "data": [0]}]}, 400, "unexpected inference input"),
+    ({"inputs": [x_tensor([1, 2, 12]), {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [3]}]},
+     400, "lengths between 1 and T=2"),
+    ({"inputs": [x_tensor([1, 2, 12])], "outputs": [{"name": "hn"}]}, 400, "unexpected inference output"),
+    ({"inputs": [x_tensor([1, 2, 12])], "outputs": [{"name": "logits", "parameters": {"classification": 10}}]},
+     400, "classification"),
+    ({"inputs": [x_tensor([1, 2, 12], data=[1e39] * 24)]}, 400, "NaN or Inf"),
+    ({"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_id": 555}}, 400, "must specify sequence_start"),
+    ({"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_start": True}}, 400, "needs a sequence_id"),
+    ({"inputs": [x_tensor([2, 2, 12])], "parameters": {"sequence_id": 5, "sequence_start": True}}, 400,
+     "one sequence"),
+    ({"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_id": -1, "sequence_start": True}}, 400,
+     "unsigned 64-bit"),
+    ({"inputs": []}, 400, "inputs"),
+    ({"input": [x_tensor([1, 2, 12])]}, 400, "invalid inference request"),
+])
+def test_bad_requests_get_the_spec_error(client, body, status, message):
+    response = infer_raw(client, body)
+    assert response.status_code == status
+    assert set(response.json()) == {"error"} and message in response.json()["error"]
+
+
+def test_unknown_model_version_endpoint_and_method(client):
+    body = {"inputs": [x_tensor([1, 2, 12])]}
+    for path, status in [("/v2/models/nope/infer", 404), (f"/v2/models/{MODEL}/versions/9/infer", 404),
+                         (f"/v2/models/{MODEL}/versions/1/infer", 200)]:
+        response = infer_raw(client, body, path=path)
+        assert response.status_code == status, path
+    assert "no version '9'" in infer_raw(client, body, path=f"/v2/models/{MODEL}/versions/9/infer").json()["error"]
+    assert client.get("/v2/models/nope").json() == {"error": "no model 'nope'; this server has ['japanese-vowels']"}
+    unknown = client.get("/v2/repository/index")
+    assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
+    wrong_method = client.get(f"/v2/models/{MODEL}/infer")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert set(wrong_method.json()) == {"error"}
+
+
+def test_binary_framing_errors(client):
+    header = json.dumps({"inputs": [{"name": "x", "shape": [1, 2, 12], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 96}}]}).encode()
+    data = np.ones((1, 2, 12), "<f4").tobytes()
+    ok = infer_raw(client, header + data, {"Inference-Header-Content-Length": str(len(header))})
+    assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
+    for body, length, message in [
+        (header + data[:-4], len(header), "does not fit"),
+        (header + data + b"\0\0\0\0", len(header), "no input claims"),
+        (header + data, 10**6, "Inference-Header-Content-Length"),
+        (header + data, "ten", "Inference-Header-Content-Length"),
+        (header[:-1] + data, len(header) - 1, "not valid JSON"),
+    ]:
+        response = infer_raw(client, body, {"Inference-Header-Content-Length": str(length)})
+        assert response.status_code == 400 and message in response.json()["error"], message
+    nan = np.full((1, 2, 12), np.nan, "<f4").tobytes()
+    response = infer_raw(client, header + nan, {"Inference-Header-Content-Length": str(len(header))})
+    assert response.status_code == 400 and "NaN" in response.json()["error"]
+    response = infer_raw(client, gzip.compress(header + data)[:-8], {"Content-Encoding": "gzip",
+                                                                      "Inference-Header-Content-Length": "0"})
+    assert response.status_code == 400 and "decompressed" in response.json()["error"]
+    bomb = gzip.compress(b" " * (8 * 1024 * 1024 + 1))  # small on the wire, over max_body_bytes inflated
+    response = infer_raw(client, bomb, {"Content-Encoding": "gzip"})
+    assert response.status_code == 413 and "decompressed" in response.json()["error"]
+    response = infer_raw(client, header + data, {"Content-Encoding": "br"})
+    assert response.status_code == 415 and "br" in response.json()["error"]
+    assert client.get("/readyz").status_code == 200  # still serving
+
+
+def test_binary_output_framing(client):
+    body = {"inputs": [x_tensor([1, 3, 12])], "parameters": {"binary_data_output": True},
+            "outputs": [{"name": "probabilities"}, {"name": "logits", "parameters": {"binary_data": False}}]}
+    response = infer_raw(client, body)
+    assert response.headers["content-type"] == "application/octet-stream"
+    length = int(response.headers["inference-header-content-length"])
+    head = json.loads(response.content[:length])
+    probabilities, logits = head["outputs"]
+    assert probabilities["parameters"] == {"binary_data_size": 36} and "data" not in probabilities
+    assert len(response.content) == length + 36 and len(logits["data"]) == 27
+    values = np.frombuffer(response.content[length:], "<f4")
+    assert abs(values.sum() - 1) < 1e-5
+
+
+def test_v2_requests_are_counted_by_route_template(client):
+    client.get(f"/v2/models/{MODEL}")
+    metrics = client.get("/metrics").text
+    assert 'route="/v2/models/{model_name}",status="200"' in metrics.replace('method="GET",', "")
+
+
+def test_sequences_live_in_the_shared_store(start_server, redis_server, client, test_sequences):
+    """A sequence started on one replica continues on another: the state is in Redis, not the process."""
+    replicas = [start_server("--redis-url", redis_server.url) for _ in range(2)]
+    clients = [triton.InferenceServerClient(r.url.removeprefix("http://")) for r in replicas]
+    sequence = test_sequences[3]
+    chunks = np.split(sequence, [2, 5, 9, 14])
+    for i, chunk in enumerate(chunks):
+        out = infer_sequence_chunk(clients[i % 2], chunk, "shared-1", start=i == 0, end=i == len(chunks) - 1)
+    np.testing.assert_allclose(out, v1_probabilities(client, [sequence])[0], atol=ATOL)
+    for c in clients:
+        c.close()
+    with httpx.Client(base_url=replicas[1].url) as other:
+        response = infer_raw(other, {"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_id": "shared-1"}})
+        assert response.status_code == 400  # ended on replica A: gone for replica B too
