@@ -19,17 +19,18 @@ def ort_session(path: str | Path) -> ort.InferenceSession:
 
 
 def run_graph(session: ort.InferenceSession, x: np.ndarray, lengths: np.ndarray | None = None,
-              state: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (B, T, D) -> logits (B, T, C), hn, cn (L, B, H); zero state and full lengths by default."""
+              state: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, ...]:
+    """x (B, T, D) -> logits (B, T, C) and the state after it (hn[, cn], each (L, B, H)); zero state and
+    full lengths by default. The state tensors are whatever the graph declares besides x and lengths."""
     B, T, _ = x.shape
-    L, _, H = session.get_inputs()[1].shape
+    state_inputs = [i for i in session.get_inputs() if i.name not in ("x", "lengths")]
     if state is None:
-        state = (np.zeros((L, B, H), np.float32), np.zeros((L, B, H), np.float32))
+        state = tuple(np.zeros((i.shape[0], B, i.shape[2]), np.float32) for i in state_inputs)
     if lengths is None:
         lengths = np.full(B, T, np.int64)
-    feeds = {"x": x.astype(np.float32), "h0": state[0], "c0": state[1], "lengths": lengths.astype(np.int64)}
-    logits, hn, cn = session.run(["logits", "hn", "cn"], feeds)
-    return logits, hn, cn
+    feeds = {"x": x.astype(np.float32), "lengths": lengths.astype(np.int64),
+             **{i.name: s for i, s in zip(state_inputs, state, strict=True)}}
+    return tuple(session.run(None, feeds))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

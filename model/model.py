@@ -1,7 +1,9 @@
-"""A streaming sequence classifier: per-feature normalisation -> LSTM -> linear head at every step.
+"""A streaming sequence classifier: per-feature normalisation -> recurrent cell -> linear head at every step.
 
-Read top to bottom: the config, the seed equations written out (`ReferenceLSTM`, for tests and
-teaching), then the served network (`SequenceClassifier`: fused-gate `nn.LSTM`s, fast).
+Read top to bottom: the config; the seed equations written out, one gate at a time, for the three
+LSTM variants (`GatedLSTM`: standard, peephole, coupled) and the GRU (`ReferenceGRU`); then the
+served network (`SequenceClassifier`), which runs PyTorch's fused `nn.LSTM` / `nn.GRU` where one
+exists and `GatedLSTM` for the peephole and coupled cells.
 """
 
 from __future__ import annotations
@@ -12,33 +14,123 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (L, B, H)
+State = tuple[torch.Tensor, ...]  # (h, c) for the LSTM cells, (h,) for the GRU; each (L, B, H)
+CELLS = ("lstm", "peephole", "coupled", "gru")
 
 
 @dataclass
 class ModelConfig:
     input_dim: int = 12  # D: features per frame (12 LPC cepstrum coefficients for JapaneseVowels)
     num_classes: int = 9  # C: classes (9 speakers)
-    hidden_size: int = 64  # H: width of h and c in every layer (of each ensemble member)
-    num_layers: int = 2  # L: stacked LSTM layers
+    hidden_size: int = 64  # H: width of h (and c) in every layer (of each ensemble member)
+    num_layers: int = 2  # L: stacked recurrent layers
     dropout: float = 0.1  # dropout between stacked layers, training only
-    cell: str = "lstm"  # recurrent cell; the served contract is the same for every cell
-    ensemble: int = 1  # K independent LSTMs side by side; the state is their h/c concatenated (L, B, K*H)
+    cell: str = "lstm"  # one of CELLS; the served contract is the same for every cell
+    ensemble: int = 1  # K independent networks side by side; the state is theirs concatenated (L, B, K*H)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class ReferenceLSTM(nn.Module):
-    """The seed equations, one gate at a time. Same parameter names and layout as `nn.LSTM`
-    (weights stacked as [i, f, c~, o]), so `load_state_dict` moves weights between the two.
+def state_names(cell: str) -> tuple[str, ...]:
+    return ("h",) if cell == "gru" else ("h", "c")
 
-        i_t  = sigmoid(x_t W_xi + h_{t-1} W_hi + b_i)
-        f_t  = sigmoid(x_t W_xf + h_{t-1} W_hf + b_f)
-        o_t  = sigmoid(x_t W_xo + h_{t-1} W_ho + b_o)
-        c~_t = tanh(x_t W_xc + h_{t-1} W_hc + b_c)
-        c_t  = f_t * c_{t-1} + i_t * c~_t
-        h_t  = o_t * tanh(c_t)
+
+class GatedLSTM(nn.Module):
+    """The seed equations of the LSTM and its two variants, one gate at a time.
+
+        standard   i_t  = sigmoid(x_t W_xi + h_{t-1} W_hi + b_i)
+                   f_t  = sigmoid(x_t W_xf + h_{t-1} W_hf + b_f)
+                   c~_t = tanh(x_t W_xc + h_{t-1} W_hc + b_c)
+                   c_t  = f_t * c_{t-1} + i_t * c~_t
+                   o_t  = sigmoid(x_t W_xo + h_{t-1} W_ho + b_o)
+                   h_t  = o_t * tanh(c_t)
+        peephole   the gates also see the cell: f_t and i_t add p_f * c_{t-1} and p_i * c_{t-1},
+                   o_t adds p_o * c_t (p are per-unit weights: diagonal peephole connections)
+        coupled    no input gate: i_t = 1 - f_t, so what is forgotten is what gets written
+
+    Parameter names and layout as `nn.LSTM` (weights stacked [i, f, c~, o]), so `load_state_dict`
+    moves weights between a standard GatedLSTM and nn.LSTM; the coupled cell stacks [f, c~, o]; the
+    peephole cell adds `weight_peephole_l{k}`, rows [p_i, p_f, p_o]. Slow (a Python loop over time)
+    but exact; the export maps each variant onto ONNX's LSTM op, which has both variants built in.
+    """
+
+    def __init__(self, input_dim: int, hidden_size: int, num_layers: int, variant: str = "lstm",
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        assert variant in ("lstm", "peephole", "coupled"), f"unknown LSTM variant {variant!r}"
+        self.hidden_size, self.num_layers, self.variant, self.dropout = hidden_size, num_layers, variant, dropout
+        gates = 3 if variant == "coupled" else 4
+        bound = hidden_size**-0.5  # nn.LSTM's initialisation
+        for layer in range(num_layers):
+            d = input_dim if layer == 0 else hidden_size
+            shapes = {"weight_ih": (gates * hidden_size, d), "weight_hh": (gates * hidden_size, hidden_size),
+                      "bias_ih": (gates * hidden_size,), "bias_hh": (gates * hidden_size,)}
+            if variant == "peephole":
+                shapes["weight_peephole"] = (3, hidden_size)
+            for name, shape in shapes.items():
+                self.register_parameter(f"{name}_l{layer}", nn.Parameter(torch.empty(shape).uniform_(-bound, bound)))
+
+    def layer(self, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+              lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer over the whole sequence: x (B, T, D), h and c (B, H) -> outputs (B, T, H), h, c.
+        Past a row's length its state stays as it was and its output is zero (as with packed sequences)."""
+        w_hh = getattr(self, f"weight_hh_l{layer}")
+        bias = getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}")
+        x_part = x @ getattr(self, f"weight_ih_l{layer}").T + bias  # every step's input term at once
+        peep = getattr(self, f"weight_peephole_l{layer}", None)
+        outputs = []
+        for t in range(x.shape[1]):
+            gates = (x_part[:, t] + h @ w_hh.T).chunk(3 if self.variant == "coupled" else 4, dim=1)
+            if self.variant == "coupled":
+                f_in, g_in, o_in = gates
+                f = torch.sigmoid(f_in)
+                i = 1 - f
+            else:
+                i_in, f_in, g_in, o_in = gates
+                if peep is not None:
+                    i_in, f_in = i_in + peep[0] * c, f_in + peep[1] * c
+                i, f = torch.sigmoid(i_in), torch.sigmoid(f_in)
+            c_new = f * c + i * torch.tanh(g_in)
+            if peep is not None:
+                o_in = o_in + peep[2] * c_new
+            h_new = torch.sigmoid(o_in) * torch.tanh(c_new)
+            if lengths is not None:
+                valid = (t < lengths).to(x.device).unsqueeze(1)
+                h, c = torch.where(valid, h_new, h), torch.where(valid, c_new, c)
+                outputs.append(h_new * valid)
+            else:
+                h, c = h_new, c_new
+                outputs.append(h)
+        return torch.stack(outputs, dim=1), h, c
+
+    def forward(self, x: torch.Tensor, state: State | None = None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """x (B, T, D) -> outputs of the last layer (B, T, H) and the final (h, c), each (L, B, H)."""
+        if state is None:
+            zeros = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
+            state = (zeros, zeros)
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            if layer:
+                x = nn.functional.dropout(x, self.dropout, self.training)
+            x, h, c = self.layer(layer, x, state[0][layer], state[1][layer], lengths)
+            hs.append(h)
+            cs.append(c)
+        return x, (torch.stack(hs), torch.stack(cs))
+
+
+class ReferenceGRU(nn.Module):
+    """The GRU of the notes, one gate at a time, with `nn.GRU`'s names and layout ([r, z, n]):
+
+        r_t  = sigmoid(x_t W_xr + h_{t-1} W_hr + b_r)              reset gate
+        z_t  = sigmoid(x_t W_xz + h_{t-1} W_hz + b_z)              update gate
+        h~_t = tanh(x_t W_xh + r_t * (h_{t-1} W_hh + b_hh) + b_xh)  candidate state
+        h_t  = (1 - z_t) * h~_t + z_t * h_{t-1}
+
+    Two conventions differ from the notes' figure: z_t here is the share of the old state kept (the
+    notes' z_t is 1 - this one), and the reset gate multiplies h_{t-1} W_hh after the product, not
+    h_{t-1} before it; both are what `nn.GRU` and ONNX's GRU op (linear_before_reset=1) compute.
     """
 
     def __init__(self, input_dim: int, hidden_size: int, num_layers: int) -> None:
@@ -46,39 +138,40 @@ class ReferenceLSTM(nn.Module):
         self.hidden_size, self.num_layers = hidden_size, num_layers
         for layer in range(num_layers):
             d = input_dim if layer == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(4 * hidden_size, d)))
-            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(4 * hidden_size, hidden_size)))
-            self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(4 * hidden_size)))
-            self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(4 * hidden_size)))
+            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, d)))
+            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, hidden_size)))
+            self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(3 * hidden_size)))
+            self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(3 * hidden_size)))
 
-    def cell(self, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> State:
-        """One step of one layer: x (B, D), h and c (B, H)."""
-        w_x = getattr(self, f"weight_ih_l{layer}").chunk(4)  # W_xi, W_xf, W_xc, W_xo (transposed)
-        w_h = getattr(self, f"weight_hh_l{layer}").chunk(4)
-        b = (getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}")).chunk(4)
-        i = torch.sigmoid(x @ w_x[0].T + h @ w_h[0].T + b[0])
-        f = torch.sigmoid(x @ w_x[1].T + h @ w_h[1].T + b[1])
-        c_tilde = torch.tanh(x @ w_x[2].T + h @ w_h[2].T + b[2])
-        o = torch.sigmoid(x @ w_x[3].T + h @ w_h[3].T + b[3])
-        c = f * c + i * c_tilde
-        h = o * torch.tanh(c)
-        return h, c
+    def cell(self, layer: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        x_r, x_z, x_h = (x @ getattr(self, f"weight_ih_l{layer}").T + getattr(self, f"bias_ih_l{layer}")).chunk(3, 1)
+        h_r, h_z, h_h = (h @ getattr(self, f"weight_hh_l{layer}").T + getattr(self, f"bias_hh_l{layer}")).chunk(3, 1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        candidate = torch.tanh(x_h + r * h_h)
+        return (1 - z) * candidate + z * h
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """x (B, T, D) -> outputs of the last layer (B, T, H) and the final (h, c), each (L, B, H)."""
-        B, T, _ = x.shape
-        if state is None:
-            zeros = x.new_zeros(self.num_layers, B, self.hidden_size)
-            state = (zeros, zeros)
-        hs, cs = list(state[0]), list(state[1])
+        """x (B, T, D) -> outputs of the last layer (B, T, H) and the final (h,), (L, B, H)."""
+        hs = list(state[0]) if state else [x.new_zeros(x.shape[0], self.hidden_size)] * self.num_layers
         outputs = []
-        for t in range(T):
+        for t in range(x.shape[1]):
             inp = x[:, t]
             for layer in range(self.num_layers):
-                hs[layer], cs[layer] = self.cell(layer, inp, hs[layer], cs[layer])
-                inp = hs[layer]
+                hs[layer] = inp = self.cell(layer, inp, hs[layer])
             outputs.append(inp)
-        return torch.stack(outputs, dim=1), (torch.stack(hs), torch.stack(cs))
+        return torch.stack(outputs, dim=1), (torch.stack(hs),)
+
+
+def make_rnn(config: ModelConfig) -> nn.Module:
+    """The fastest exact module for a cell: PyTorch's fused kernels where they exist."""
+    dropout = config.dropout if config.num_layers > 1 else 0.0
+    args = (config.input_dim, config.hidden_size, config.num_layers)
+    if config.cell == "lstm":
+        return nn.LSTM(*args, batch_first=True, dropout=dropout)
+    if config.cell == "gru":
+        return nn.GRU(*args, batch_first=True, dropout=dropout)
+    return GatedLSTM(*args, variant=config.cell, dropout=dropout)
 
 
 class SequenceClassifier(nn.Module):
@@ -87,21 +180,12 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        assert config.cell == "lstm", f"unknown cell {config.cell!r}; this network implements 'lstm'"
+        assert config.cell in CELLS, f"unknown cell {config.cell!r}; choose one of {CELLS}"
         self.config = config
         # normalisation statistics of the training split, part of the exported graph
         self.register_buffer("feature_mean", torch.zeros(config.input_dim))
         self.register_buffer("feature_std", torch.ones(config.input_dim))
-        self.lstms = nn.ModuleList(
-            nn.LSTM(
-                config.input_dim,
-                config.hidden_size,
-                config.num_layers,
-                batch_first=True,
-                dropout=config.dropout if config.num_layers > 1 else 0.0,
-            )
-            for _ in range(config.ensemble)
-        )
+        self.rnns = nn.ModuleList(make_rnn(config) for _ in range(config.ensemble))
         # W_hy, applied at every step; with K members it holds each member's head divided by K,
         # so its output is the mean of the members' logits
         self.head = nn.Linear(config.ensemble * config.hidden_size, config.num_classes)
@@ -110,14 +194,18 @@ class SequenceClassifier(nn.Module):
     def state_size(self) -> int:
         return self.config.ensemble * self.config.hidden_size
 
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return state_names(self.config.cell)
+
     def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         assert mean.shape == std.shape == (self.config.input_dim,), f"expected ({self.config.input_dim},) stats"
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp_min(1e-6))
 
     def zero_state(self, batch_size: int) -> State:
-        zeros = self.feature_mean.new_zeros(self.config.num_layers, batch_size, self.state_size)
-        return zeros, zeros.clone()
+        shape = (self.config.num_layers, batch_size, self.state_size)
+        return tuple(self.feature_mean.new_zeros(shape) for _ in self.state_names)
 
     def forward(
         self, x: torch.Tensor, state: State | None = None, lengths: torch.Tensor | None = None
@@ -130,26 +218,29 @@ class SequenceClassifier(nn.Module):
             state = self.zero_state(B)
         z = (x - self.feature_mean) / self.feature_std
         K = self.config.ensemble
-        h0, c0 = state[0].chunk(K, dim=2), state[1].chunk(K, dim=2)  # K x (L, B, H)
-        outs, hn, cn = [], [], []
-        for lstm, h, c in zip(self.lstms, h0, c0, strict=True):
-            out, (h, c) = self.run_lstm(lstm, z, (h.contiguous(), c.contiguous()), lengths)
+        member_states = zip(*(s.chunk(K, dim=2) for s in state), strict=True)  # K x (h, c) of (L, B, H)
+        outs, finals = [], []
+        for rnn, member_state in zip(self.rnns, member_states, strict=True):
+            out, final = self.run_rnn(rnn, z, tuple(s.contiguous() for s in member_state), lengths)
             outs.append(out)
-            hn.append(h)
-            cn.append(c)
+            finals.append(final)
         out = torch.cat(outs, dim=2)  # (B, T, K*H)
-        return self.head(out), (torch.cat(hn, dim=2), torch.cat(cn, dim=2))  # (B, T, C)
+        return self.head(out), tuple(torch.cat(parts, dim=2) for parts in zip(*finals, strict=True))
 
     @staticmethod
-    def run_lstm(lstm: nn.LSTM, z: torch.Tensor, state: State, lengths: torch.Tensor | None):
+    def run_rnn(rnn: nn.Module, z: torch.Tensor, state: State, lengths: torch.Tensor | None):
+        if isinstance(rnn, GatedLSTM):
+            return rnn(z, state, lengths)
+        torch_state = state[0] if isinstance(rnn, nn.GRU) else state
         if lengths is None:
-            return lstm(z, state)
-        # the exported ONNX LSTM takes lengths in any order, so the graph needs no sort
-        exporting = torch.onnx.is_in_onnx_export()
-        packed = pack_padded_sequence(z, lengths.cpu(), batch_first=True, enforce_sorted=exporting)
-        out, state = lstm(packed, state)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=z.shape[1])
-        return out, state
+            out, final = rnn(z, torch_state)
+        else:
+            # the exported ONNX LSTM/GRU ops take lengths in any order, so the graph needs no sort
+            exporting = torch.onnx.is_in_onnx_export()
+            packed = pack_padded_sequence(z, lengths.cpu(), batch_first=True, enforce_sorted=exporting)
+            out, final = rnn(packed, torch_state)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=z.shape[1])
+        return out, (final,) if isinstance(rnn, nn.GRU) else final
 
     @staticmethod
     def last_step(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -163,21 +254,21 @@ class SequenceClassifier(nn.Module):
 
 def combine_members(members: list[SequenceClassifier]) -> SequenceClassifier:
     """K separately trained classifiers -> one that runs them side by side and averages their logits.
-    Each member keeps its own nn.LSTM (K small LSTM ops in the exported graph, not one K-times wider
-    one), so the ensemble costs K times one member and streams like any single model."""
+    Each member keeps its own recurrent module (K small LSTM ops in the exported graph, not one K-times
+    wider one), so the ensemble costs K times one member and streams like any single model."""
     first = members[0]
     if len(members) == 1:
         return first
     for m in members:
-        assert m.config == first.config and m.config.ensemble == 1, "members must share one single-LSTM config"
+        assert m.config == first.config and m.config.ensemble == 1, "members must share one single-network config"
         assert torch.equal(m.feature_mean, first.feature_mean), "ensemble members must share normalisation"
     K = len(members)
     combined = SequenceClassifier(ModelConfig(**{**first.config.to_dict(), "ensemble": K}))
     with torch.no_grad():
         combined.feature_mean.copy_(first.feature_mean)
         combined.feature_std.copy_(first.feature_std)
-        for slot, member in zip(combined.lstms, members, strict=True):
-            slot.load_state_dict(member.lstms[0].state_dict())
+        for slot, member in zip(combined.rnns, members, strict=True):
+            slot.load_state_dict(member.rnns[0].state_dict())
         combined.head.weight.copy_(torch.cat([m.head.weight for m in members], dim=1) / K)
         combined.head.bias.copy_(torch.stack([m.head.bias for m in members]).mean(0))
     return combined.eval()

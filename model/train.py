@@ -230,5 +230,7 @@ def load_checkpoint(path: str | Path) -> tuple[SequenceClassifier, dict]:
     """Rebuild the model from the checkpoint alone."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model = SequenceClassifier(ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    # checkpoints from before the other cells name the recurrent modules `lstms`
+    state = {key.replace("lstms.", "rnns.", 1): value for key, value in checkpoint["state_dict"].items()}
+    model.load_state_dict(state)
     return model.eval(), checkpoint

@@ -24,3 +24,29 @@ def tiny_run(tmp_path_factory) -> Path:
     cfg = TrainConfig(out_dir=str(out), epochs=3, ensemble=2, progress=False, model=ModelConfig(hidden_size=8))
     train(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def cell_runs(tmp_path_factory) -> Path:
+    """One small model per cell, trained for two epochs on BasicMotions through the real entry point:
+    `<cell>/checkpoint.pt` for lstm, peephole, coupled and gru."""
+    from model.model import CELLS, ModelConfig
+    from model.train import TrainConfig, train
+
+    runs = tmp_path_factory.mktemp("cell-runs")
+    for cell in CELLS:
+        train(TrainConfig(dataset="basic-motions", out_dir=str(runs / cell), epochs=2, ensemble=1, progress=False,
+                          model=ModelConfig(hidden_size=8, cell=cell)))
+    return runs
+
+
+@pytest.fixture(scope="session")
+def cell_repository(cell_runs, tmp_path_factory) -> Path:
+    """Those models exported: a model repository of entries `lstm`, `peephole`, `coupled`, `gru`."""
+    from export.onnx_export import export_checkpoint
+    from model.model import CELLS
+
+    repository = tmp_path_factory.mktemp("cell-repository")
+    for cell in CELLS:
+        export_checkpoint(cell_runs / cell / "checkpoint.pt", repository, cell, 1)
+    return repository
