@@ -1,4 +1,4 @@
-"""`lstm-serve` — one command line: train, export, serve, bench.
+"""`lstm-serve` — one command line: train, export, report, serve, bench.
 
 Training and export need the `train` extra (torch); they are imported only when asked for, so the
 serving image, which carries onnxruntime and no torch, runs `lstm-serve serve` unchanged.
@@ -78,6 +78,21 @@ def cmd_export(argv: Sequence[str]) -> None:
             print(line)
 
 
+def cmd_report(argv: Sequence[str]) -> None:
+    needs_torch("report")
+    from export.report import ReportConfig, report
+
+    parser = argparse.ArgumentParser("lstm-serve report", description="Every cell on every data set, measured.")
+    defaults = ReportConfig()
+    parser.add_argument("--out-dir", default=defaults.out_dir)
+    parser.add_argument("--datasets", nargs="+", default=defaults.datasets)
+    parser.add_argument("--cells", nargs="+", default=defaults.cells)
+    for name in ("seeds", "hidden_size", "epochs", "gradient_steps", "workers", "latency_runs"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    path = report(ReportConfig(**vars(parser.parse_args(argv))))
+    print(f"wrote {path} and its plots")
+
+
 def cmd_serve(argv: Sequence[str]) -> None:
     from service.server import main
 
@@ -90,7 +105,7 @@ def cmd_bench(argv: Sequence[str]) -> None:
     main(list(argv))
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "serve": cmd_serve, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "export": cmd_export, "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

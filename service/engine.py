@@ -76,9 +76,12 @@ class Engine:
     async def start(self) -> None:
         s = self.settings
         entries = load_repository(s.model_repository)
-        if s.default_model and s.default_model not in entries:
+        if s.default_model in entries:
+            self.default_model = s.default_model
+        elif "default_model" in s.model_fields_set:  # asked for explicitly: a typo must not go unnoticed
             raise ModelNotFound(f"default model {s.default_model!r} is not in {s.model_repository}")
-        self.default_model = s.default_model or next(iter(entries))
+        else:
+            self.default_model = next(iter(entries))
         for name, entry in entries.items():
             runner = OnnxRunner(entry, s.providers, s.intra_op_threads)
             batcher = Batcher(runner.run, s.max_batch_size, s.max_queue_delay_ms / 1000, s.max_queue_length,

@@ -15,7 +15,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="ignore")
 
     model_repository: Path = Field(DEFAULT_REPOSITORY, description="folder of <name>/<version>/ model entries")
-    default_model: str | None = Field(None, description="model used when a request names none (default: first)")
+    default_model: str = Field("japanese-vowels", description="model used when a request names none; if not set "
+                               "and the repository lacks it, the repository's first model by name")
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime execution: auto = CUDA if onnxruntime-gpu sees a GPU, else CPU"
     )

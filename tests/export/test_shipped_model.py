@@ -63,3 +63,12 @@ def test_a_mixed_batch_equals_one_by_one(session, test_split, indices):
         np.testing.assert_allclose(logits[row, : len(seq)], alone_logits[0], atol=1e-5)
         np.testing.assert_allclose(hn[:, row], alone_h[:, 0], atol=1e-5)
         np.testing.assert_allclose(cn[:, row], alone_c[:, 0], atol=1e-5)
+
+
+def test_the_basic_motions_model_ships_with_parity_and_its_accuracy():
+    entry = SHIPPED_ENTRY.parents[1] / "basic-motions"
+    lines = check_entry(entry / "training" / "checkpoint.pt", entry / "1")  # ORT vs PyTorch, sha256, accuracy
+    assert "argmax identical" in lines[0]
+    config = json.loads((entry / "1" / "config.json").read_text())
+    assert config["input_dim"] == 6 and config["labels"] == ["running", "walking", "standing", "badminton"]
+    assert config["metrics"]["test_accuracy"] >= 0.95

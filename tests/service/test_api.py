@@ -20,13 +20,16 @@ def zeros(t: int, d: int = D) -> list[list[float]]:
 def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "alive"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["models"] == ["japanese-vowels"]
+    assert ready.status_code == 200 and ready.json()["models"] == ["basic-motions", "japanese-vowels"]
 
 
 def test_models_describe_what_is_served(client):
-    (listed,) = client.get("/v1/models").json()
+    listed = {model["name"]: model for model in client.get("/v1/models").json()}
     one = client.get("/v1/models/japanese-vowels").json()
-    assert listed == one
+    assert set(listed) == {"basic-motions", "japanese-vowels"} and listed["japanese-vowels"] == one
+    assert listed["basic-motions"]["input_dim"] == 6 and len(listed["basic-motions"]["labels"]) == 4
+    default = client.post("/v1/classify", json={"sequences": [zeros(3)]}).json()
+    assert default["model"] == "japanese-vowels"  # a request that names no model
     config = json.loads((SHIPPED_ENTRY / "config.json").read_text())
     assert one["name"] == "japanese-vowels" and one["version"] == 1 and one["cell"] == "lstm"
     assert one["labels"] == config["labels"] and one["input_dim"] == 12

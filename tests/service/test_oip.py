@@ -197,7 +197,8 @@ def test_unknown_model_version_endpoint_and_method(client):
         response = infer_raw(client, body, path=path)
         assert response.status_code == status, path
     assert "no version '9'" in infer_raw(client, body, path=f"/v2/models/{MODEL}/versions/9/infer").json()["error"]
-    assert client.get("/v2/models/nope").json() == {"error": "no model 'nope'; this server has ['japanese-vowels']"}
+    missing = client.get("/v2/models/nope").json()
+    assert set(missing) == {"error"} and missing["error"].startswith("no model 'nope'; this server has [")
     unknown = client.get("/v2/repository/index")
     assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
     wrong_method = client.get(f"/v2/models/{MODEL}/infer")
