@@ -40,14 +40,18 @@ async def healthz() -> JSON:
     return JSON({"status": "alive"})
 
 
-@router.get("/readyz", tags=["health"])
-async def readyz(request: Request) -> JSON:
-    state = request.app.state
+async def check_ready(state) -> None:
+    """Ready: every model loaded and warm, not draining, and the session store reachable."""
     if not getattr(state, "ready", False):
         raise NotReady("models are loading or the server is shutting down")
     if not await state.engine.store.ping():
         raise NotReady("the session store is unreachable")
-    return JSON({"status": "ready", "models": sorted(state.engine.models)})
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(request: Request) -> JSON:
+    await check_ready(request.app.state)
+    return JSON({"status": "ready", "models": sorted(request.app.state.engine.models)})
 
 
 @router.get("/metrics", tags=["health"])

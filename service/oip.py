@@ -16,6 +16,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service.api import check_ready
 from service.engine import Engine, LoadedModel
 from service.errors import InvalidInput, ModelNotFound, NotFound, NotReady, ServiceError, SessionNotFound
 from service.frontdoor import HotRoute
@@ -257,11 +258,7 @@ async def server_live(request: Request) -> Response:
 
 
 async def server_ready(request: Request) -> Response:
-    state = request.app.state
-    if not getattr(state, "ready", False):
-        raise NotReady("models are loading or the server is shutting down")
-    if not await state.engine.store.ping():
-        raise NotReady("the session store is unreachable: sequences cannot be served")
+    await check_ready(request.app.state)
     return Response(status_code=200)
 
 
