@@ -86,10 +86,9 @@ def step_latency_us(onnx_bytes: bytes, batch: int, runs: int) -> float:
     """Median time of one streaming step (T=1, state in and out) at a batch size, one thread."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    from service.runner import session_options
+
+    session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
     feeds = {}
     for tensor in session.get_inputs():
         if tensor.name == "x":

@@ -108,7 +108,10 @@ class FrontDoor:
             await send(message)
 
         route, params, allowed, template = self.match(scope)
-        render = route.render_error if route else self.render_error(template)
+
+        def render(error: ServiceError) -> Response:  # looked up only when the front door itself refuses
+            return (route.render_error if route else self.render_error(template))(error)
+
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         try:
             if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -43,16 +43,22 @@ def choose_providers(setting: str) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
+    """How the server runs a graph; the model report measures latency with the same options."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # without this, idle onnxruntime threads spin and burn the cores the HTTP server needs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return options
+
+
 class OnnxRunner:
     def __init__(self, entry: ModelEntry, providers: str = "auto", intra_op_threads: int = 1) -> None:
         self.entry = entry
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # without this, idle onnxruntime threads spin and burn the cores the HTTP server needs
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        options = session_options(intra_op_threads)
         self.session = ort.InferenceSession(str(entry.onnx_path), options, providers=choose_providers(providers))
         if providers == "cuda" and self.session.get_providers()[0] != CUDA:
             raise RuntimeError(f"providers=cuda but onnxruntime fell back to {self.session.get_providers()}")
