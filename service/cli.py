@@ -45,13 +45,23 @@ def apply_flags(instance, args: argparse.Namespace, prefix: str = ""):
     return instance
 
 
+def train_config(argv: Sequence[str]):
+    """Flags over the data set's recipe: `--dataset basic-motions` alone gives its batch size and epochs."""
+    from model.train import TrainConfig, config_for
+
+    dataset = argparse.ArgumentParser(add_help=False)
+    dataset.add_argument("--dataset", default=TrainConfig().dataset)
+    defaults = config_for(dataset.parse_known_args(argv)[0].dataset)
+    parser = argparse.ArgumentParser("lstm-serve train", description="Train a classifier on a UEA data set.")
+    add_dataclass_flags(parser, defaults)
+    return apply_flags(defaults, parser.parse_args(argv))
+
+
 def cmd_train(argv: Sequence[str]) -> None:
     needs_torch("train")
-    from model.train import TrainConfig, train
+    from model.train import train
 
-    parser = argparse.ArgumentParser("lstm-serve train", description="Train a classifier on a UEA data set.")
-    add_dataclass_flags(parser, TrainConfig())
-    cfg = apply_flags(TrainConfig(), parser.parse_args(argv))
+    cfg = train_config(argv)
     metrics = train(cfg)
     print(f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['split']['test']} sequences, "
           f"{metrics['wall_time_s']} s; wrote {cfg.out_dir}/checkpoint.pt, metrics.json, training.png")

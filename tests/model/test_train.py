@@ -46,3 +46,18 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     (first, acc_a), (second, acc_b) = weights
     assert acc_a == acc_b
     assert all(torch.equal(first[k], second[k]) for k in first), "same seed, different weights"
+
+
+def test_a_data_sets_recipe_is_the_default_and_flags_still_win():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from service.cli import train_config
+
+    shipped = json.loads((Path(__file__).parents[2] / "models/basic-motions/training/metrics.json").read_text())
+    recipe = asdict(train_config(["--dataset", "basic-motions"]))
+    ignored = {"out_dir", "progress", "model"}  # where it was written, a progress bar, dims filled in by train()
+    assert {k: v for k, v in recipe.items() if k not in ignored} == \
+        {k: v for k, v in shipped["train_config"].items() if k not in ignored}
+    assert train_config(["--dataset", "basic-motions", "--epochs", "5"]).epochs == 5
+    assert train_config([]).batch_size == 32 and train_config([]).dataset == "japanese-vowels"
