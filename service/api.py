@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import Response
 
-from service.engine import Engine
+from service.engine import Engine, LoadedModel, StepResult
 from service.errors import InvalidInput, NotReady, ServiceError, SessionNotFound
 from service.frontdoor import HotRoute
 from service.http import JSON, dumps, parse
@@ -23,6 +24,7 @@ from service.schemas import (
     StepRequest,
     StepResponse,
 )
+from service.sessions import SessionRecord, new_session_id
 
 
 async def get_engine(request: Request) -> Engine:
@@ -89,32 +91,75 @@ async def classify(request: Request) -> JSON:
     return JSON({"model": model.name, "version": model.version, "predictions": predictions})
 
 
+# /v1 session ids live in their own part of the store: a client's id is never another protocol's key.
+SESSION_PREFIX = "v1:"
+PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def store_key(session_id: str) -> str:
+    """The store key of a /v1 session id; an id /v1 never hands out is unknown, whatever the store holds."""
+    if not PUBLIC_ID.fullmatch(session_id):
+        raise SessionNotFound(f"no session {session_id[:80]!r} (never created, deleted, or expired)")
+    return SESSION_PREFIX + session_id
+
+
+def public_id(record: SessionRecord) -> str:
+    return record.session_id.removeprefix(SESSION_PREFIX)
+
+
+def describe_session(engine: Engine, record: SessionRecord) -> dict:
+    prediction = None
+    if record.last_probabilities is not None:
+        prediction = engine.session_model(record).predict(record.last_probabilities)
+    return {
+        "session_id": public_id(record),
+        "model": record.model,
+        "version": record.version,
+        "steps": record.steps,
+        "created_at": record.created_at,
+        "expires_at": record.last_used + engine.store.ttl_s,
+        "prediction": prediction,
+    }
+
+
+def step_response(session_id: str, result: StepResult, return_steps: bool) -> dict:
+    model = result.model
+    response = {"session_id": session_id, "steps": result.steps, "prediction": model.predict(result.probabilities)}
+    if return_steps:
+        assert result.outputs is not None, "per-frame outputs were asked for"
+        response["step_predictions"] = [model.predict(row) for row in result.outputs.probabilities]
+    return response
+
+
 async def create_session(request: Request) -> JSON:
     engine: Engine = request.app.state.engine
     raw = await request.body()
     body = parse(SessionCreateRequest, raw) if raw.strip() else SessionCreateRequest()
-    record = await engine.create_session(engine.model(body.model))
-    info = engine.describe_session(record)
+    model = engine.model(body.model)
+    record = await engine.create_session(model, SESSION_PREFIX + new_session_id())
+    info = describe_session(engine, record)
     return JSON({k: info[k] for k in ("session_id", "model", "version", "expires_at")}, status_code=201)
 
 
 async def get_session(request: Request) -> JSON:
     engine: Engine = request.app.state.engine
-    return JSON(engine.describe_session(await engine.get_session(request.path_params["session_id"])))
+    return JSON(describe_session(engine, await engine.get_session(store_key(request.path_params["session_id"]))))
 
 
 async def delete_session(request: Request) -> Response:
     engine: Engine = request.app.state.engine
-    await engine.delete_session(request.path_params["session_id"])
+    await engine.delete_session(store_key(request.path_params["session_id"]))
     return Response(status_code=204)
 
 
 async def step(request: Request) -> JSON:
     engine: Engine = request.app.state.engine
     session_id = request.path_params["session_id"]
+    key = store_key(session_id)
     body = parse(StepRequest, await request.body())
     to_frames = lambda model: engine.as_frames(body.inputs, model, "inputs")  # noqa: E731
-    return JSON(await engine.step(session_id, to_frames, body.seq, body.return_steps))
+    result = await engine.step(key, to_frames, body.seq, body.return_steps)
+    return JSON(step_response(session_id, result, body.return_steps))
 
 
 async def stream(websocket: WebSocket) -> None:
@@ -125,7 +170,7 @@ async def stream(websocket: WebSocket) -> None:
     metrics = websocket.app.state.metrics
     await websocket.accept()
     try:
-        model = engine.session_model(await engine.get_session(session_id))
+        model = engine.session_model(await engine.get_session(store_key(session_id)))
     except ServiceError as error:
         await websocket.send_text(dumps(error.body()).decode())
         await websocket.close(code=4404 if isinstance(error, SessionNotFound) else 1008)
@@ -151,20 +196,22 @@ async def stream(websocket: WebSocket) -> None:
         return
 
 
-async def stream_step(engine: Engine, model, session_id: str, message: dict) -> dict:
+async def stream_step(engine: Engine, model: LoadedModel, session_id: str, message: dict) -> dict:
     limit = engine.settings.max_body_bytes
+    key = SESSION_PREFIX + session_id
     if message.get("bytes") is not None:
         payload = message["bytes"]
         if len(payload) > limit:
             raise InvalidInput(f"message of {len(payload)} bytes is over max_body_bytes={limit}")
         frames = engine.frames_from_bytes(payload, model, "binary message")
-        return await engine.step(session_id, lambda _: frames, None, False)
+        return step_response(session_id, await engine.step(key, lambda _: frames, None, False), False)
     text = message.get("text") or ""
     if len(text) > limit:
         raise InvalidInput(f"message of {len(text)} characters is over max_body_bytes={limit}")
     body = parse(StepRequest, text, "message")
     frames = engine.as_frames(body.inputs, model, "inputs")
-    return await engine.step(session_id, lambda _: frames, body.seq, body.return_steps)
+    result = await engine.step(key, lambda _: frames, body.seq, body.return_steps)
+    return step_response(session_id, result, body.return_steps)
 
 
 HOT_ROUTES = [

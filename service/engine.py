@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.batcher import Batcher
-from service.errors import InvalidInput, ModelNotFound, SequenceConflict
+from service.errors import InvalidInput, ModelNotFound, SequenceConflict, SessionRestarted
 from service.metrics import Metrics
 from service.repository import ModelEntry, load_repository
 from service.runner import Item, OnnxRunner, Output
-from service.sessions import SessionRecord, SessionStore
+from service.sessions import SessionRecord, SessionStore, new_record
 from service.settings import Settings
 
 log = logging.getLogger("lstm_serve")
@@ -60,6 +60,17 @@ class LoadedModel:
         writes float32 arrays in C, several times faster than .tolist() and Python floats."""
         class_id = int(probabilities.argmax())
         return {"label": self.entry.labels[class_id], "class_id": class_id, "probabilities": probabilities.copy()}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one chunk did to a session, in no protocol's terms."""
+
+    model: LoadedModel  # the model the session runs on
+    steps: int  # frames the session has consumed after this chunk
+    probabilities: np.ndarray  # (C,) class probabilities after its last frame
+    outputs: Output | None  # per-frame logits and probabilities of this chunk (None for a replay not asking)
+    replayed: bool  # a retry answered from the session, not applied again
 
 
 def chunk_digest(frames: np.ndarray) -> str:
@@ -156,14 +167,14 @@ class Engine:
 
     # -- sessions ----------------------------------------------------------------------------
     async def create_session(self, model: LoadedModel, session_id: str | None = None) -> SessionRecord:
-        """A new session; naming an existing one restarts it from zero state."""
-        return await self.store.create(model.name, model.version, session_id)
+        return await self.store.create(new_record(model.name, model.version, session_id))
 
     async def get_session(self, session_id: str) -> SessionRecord:
         return await self.store.load(session_id)
 
     async def delete_session(self, session_id: str) -> None:
-        await self.store.delete(session_id)
+        async with self.store.lock(session_id):  # after a step of this process in flight, never under it
+            await self.store.delete(session_id)
 
     def session_model(self, record: SessionRecord) -> LoadedModel:
         model = self.model(record.model)
@@ -172,53 +183,59 @@ class Engine:
                                 f"which this server no longer serves (it has v{model.version})")
         return model
 
-    def describe_session(self, record: SessionRecord) -> dict:
-        prediction = record.last_response["prediction"] if record.last_response else None
-        return {
-            "session_id": record.session_id,
-            "model": record.model,
-            "version": record.version,
-            "steps": record.steps,
-            "created_at": record.created_at,
-            "expires_at": record.last_used + self.store.ttl_s,
-            "prediction": prediction,
-        }
+    async def restart(self, model: LoadedModel, session_id: str, frames: np.ndarray) -> StepResult:
+        """The session `session_id` from zero state with exactly these frames, replacing any session of
+        that id (a step still running on the old one fails instead of landing on this one)."""
+        async with self.store.lock(session_id):
+            (out,) = await self.infer(model, [frames])
+            record = new_record(model.name, model.version, session_id, steps=len(frames), state=tuple(out.state),
+                                last_seq=0, last_digest=chunk_digest(frames),
+                                last_probabilities=out.probabilities[-1].copy())
+            await self.store.create(record)
+        return StepResult(model, record.steps, out.probabilities[-1], out, replayed=False)
 
     async def step(self, session_id: str, to_frames: Callable[[LoadedModel], np.ndarray], seq: int | None,
-                   return_steps: bool) -> dict:
-        return (await self.advance(session_id, to_frames, seq, return_steps))[0]
-
-    async def advance(self, session_id: str, to_frames: Callable[[LoadedModel], np.ndarray], seq: int | None,
-                      return_steps: bool) -> tuple[dict, Output | None]:
-        """Apply one chunk to a session exactly once, in order; replay the answer to a retried chunk.
-        `to_frames` validates the chunk against the session's model, known once the session is loaded
-        (one load per step: with Redis each load is a round trip). Returns the response and the model's
-        output for this chunk (None for a replayed retry)."""
-        frames = digest = None
+                   per_frame: bool) -> StepResult:
+        """Apply one chunk to a session exactly once, in order; answer a retried chunk without applying it
+        again. `to_frames` validates the chunk against the session's model, known once the session is
+        loaded (one load per step: with Redis each load is a round trip)."""
         async with self.store.lock(session_id):
+            record = await self.store.load(session_id)
+            model = self.session_model(record)
+            frames = to_frames(model)
+            digest = chunk_digest(frames)
             while True:
-                record = await self.store.load(session_id)
-                if frames is None:
-                    frames = to_frames(self.session_model(record))
-                    digest = chunk_digest(frames)
                 if seq is not None and seq != record.steps:
                     if seq == record.last_seq and digest == record.last_digest:
-                        return record.last_response, None  # a retry of the chunk already applied
+                        return await self.replay(model, record, frames, per_frame)
                     raise SequenceConflict(
                         f"seq {seq} does not match: session {session_id!r} has consumed {record.steps} frames",
                         expected_seq=record.steps,
                     )
-                model = self.session_model(record)
                 out = await model.batcher.submit(Item(frames, list(record.state) if record.state else None))
-                steps = record.steps + len(frames)
-                prediction = model.predict(out.probabilities[-1])
-                response = {"session_id": session_id, "steps": steps, "prediction": prediction}
-                if return_steps:
-                    response["step_predictions"] = [model.predict(row) for row in out.probabilities]
                 updated = record.advanced(
-                    steps=steps, state=tuple(out.state), last_seq=record.steps, last_digest=digest,
-                    last_response=response, last_used=time.time(),
+                    steps=record.steps + len(frames), state=tuple(out.state), last_seq=record.steps,
+                    last_digest=digest, last_probabilities=out.probabilities[-1].copy(),
+                    previous_state=record.state, last_used=time.time(),
                 )
-                if await self.store.commit(updated, record.revision):
-                    return response, out
-                # another process advanced the session meanwhile: redo this chunk on its new state
+                if await self.store.commit(updated, record):
+                    return StepResult(model, updated.steps, out.probabilities[-1], out, replayed=False)
+                # Lost the compare-and-set. Another replica stepped this session meanwhile: redo the chunk on
+                # its state (with seq, the check above decides again). But a session restarted (or deleted
+                # and created again) under the same id is another session: this chunk was not meant for it.
+                current = await self.store.load(session_id)
+                if current.incarnation != record.incarnation:
+                    raise SessionRestarted(f"session {session_id!r} was restarted while this chunk ran; "
+                                           "the chunk was not applied")
+                record = current
+
+    async def replay(self, model: LoadedModel, record: SessionRecord, frames: np.ndarray,
+                     per_frame: bool) -> StepResult:
+        """The answer to a retry of the last chunk, from what the session keeps: the probabilities after the
+        chunk as they were sent, and its per-frame outputs recomputed from the state before it."""
+        out = None
+        if per_frame:
+            state = list(record.previous_state) if record.previous_state else None
+            out = await model.batcher.submit(Item(frames, state))
+        assert record.last_probabilities is not None, "a session with a last chunk keeps its probabilities"
+        return StepResult(model, record.steps, record.last_probabilities, out, replayed=True)

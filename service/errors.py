@@ -53,6 +53,10 @@ class SequenceConflict(ServiceError):
     status, code = 409, "seq_conflict"
 
 
+class SessionRestarted(ServiceError):
+    status, code = 409, "session_restarted"
+
+
 class TooManySessions(ServiceError):
     status, code = 429, "too_many_sessions"
 

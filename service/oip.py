@@ -205,10 +205,11 @@ async def run_sequence(engine: Engine, model: LoadedModel, sequence: Sequence,
         with contextlib.suppress(SessionNotFound):
             await engine.delete_session(session_id)
         return out, len(frames)
-    if sequence.start:
-        await engine.create_session(model, session_id)
     try:
-        response, out = await engine.advance(session_id, lambda _: frames, None, False)
+        if sequence.start:
+            result = await engine.restart(model, session_id, frames)
+        else:
+            result = await engine.step(session_id, lambda _: frames, None, True)
     except SessionNotFound:
         raise SequenceNotStarted(
             f"inference request for sequence {sequence.id!r} to model {model.name!r} must specify "
@@ -218,7 +219,8 @@ async def run_sequence(engine: Engine, model: LoadedModel, sequence: Sequence,
     if sequence.end:
         with contextlib.suppress(SessionNotFound):
             await engine.delete_session(session_id)
-    return out, response["steps"]
+    assert result.outputs is not None, "a sequence step asks for its per-frame outputs"
+    return result.outputs, result.steps
 
 
 # -- outputs -> response ----------------------------------------------------------------------------

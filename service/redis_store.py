@@ -1,53 +1,53 @@
 """Sessions in Redis, shared by every replica.
 
 Per session a hash `lstm-serve:s:<id>` holds the model and version, timestamps, frames consumed,
-the state tensors as float32 bytes, the last chunk's digest and response (for safe retries) and a
-revision number. Commits are a Lua compare-and-set on the revision, so two replicas stepping one
-session at the same moment both apply, in some order, each exactly once. Idle expiry is a Redis
-TTL on the hash; a sorted set of last-use times counts live sessions and expired ones.
+the state tensors as float32 bytes, what a retry of the last chunk needs (its seq and digest, the
+probabilities after it, the state before it), the incarnation and a revision number. Commits are a Lua
+compare-and-set on (incarnation, revision), so two replicas stepping one session at the same moment
+both apply, in some order, each exactly once, and a step never lands on a restarted session. Idle
+expiry is a Redis TTL on the hash; a sorted set of last-use times counts live sessions and expired ones.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from functools import wraps
 
 import numpy as np
-import orjson
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import SessionNotFound, StoreUnavailable, TooManySessions
-from service.sessions import KeyedLocks, SessionRecord, new_session_id
+from service.sessions import KeyedLocks, SessionRecord
 
 PREFIX = "lstm-serve:"
 INDEX = PREFIX + "sessions"  # sorted set: session id -> last use (unix seconds)
 
-# KEYS[1] index; ARGV: now, ttl, max, key, id, fields... -> the new revision, or -1 when full.
-# A restart (the id exists) keeps its slot and bumps the revision past the old one's.
+# KEYS[1] session hash, KEYS[2] index; ARGV: now, ttl, max, id, fields... -> 1 stored, -1 when full.
+# A restart (the id exists) keeps its slot; the record's new incarnation tells it from the old one.
 CREATE = """
-local previous = redis.call('HGET', ARGV[4], 'revision')
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
-if not previous and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return -1 end
-local revision = previous and tonumber(previous) + 1 or 0
-redis.call('DEL', ARGV[4])
-redis.call('HSET', ARGV[4], 'revision', tostring(revision), unpack(ARGV, 6))
-redis.call('EXPIRE', ARGV[4], math.ceil(tonumber(ARGV[2])))
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[5])
-return revision
+local replacing = redis.call('EXISTS', KEYS[1]) == 1
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1] - ARGV[2])
+if not replacing and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])))
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
+return 1
 """
 
-# KEYS[1] session hash, KEYS[2] index; ARGV: expected revision, now, ttl, id, fields...
-# -> 1 committed, 0 lost the race, -1 session gone
+# KEYS[1] session hash, KEYS[2] index; ARGV: expected incarnation, expected revision, now, ttl, id, fields...
+# -> 1 committed, 0 lost the race (moved on or replaced), -1 session gone
 COMMIT = """
-local revision = redis.call('HGET', KEYS[1], 'revision')
-if not revision then return -1 end
-if revision ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'revision', tostring(tonumber(revision) + 1), unpack(ARGV, 5))
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+local stored = redis.call('HMGET', KEYS[1], 'incarnation', 'revision')
+if not stored[2] then return -1 end
+if stored[1] ~= ARGV[1] or stored[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
 return 1
 """
 
@@ -70,51 +70,56 @@ def reachable(method: Callable) -> Callable:
     return wrapper
 
 
-def encode_state(state: tuple[np.ndarray, ...] | None) -> dict[str, bytes | str]:
-    if state is None:
-        return {"state": b"", "state_shapes": ""}
-    return {"state": b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in state),
-            "state_shapes": ";".join(",".join(map(str, a.shape)) for a in state)}
+def encode_arrays(arrays: tuple[np.ndarray, ...] | None) -> bytes:
+    """float32 arrays as one blob: a shapes line, then their bytes (b"" for None = zeros)."""
+    if arrays is None:
+        return b""
+    shapes = ";".join(",".join(map(str, a.shape)) for a in arrays).encode()
+    return shapes + b"\n" + b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in arrays)
 
 
-def decode_state(blob: bytes, shapes: str) -> tuple[np.ndarray, ...] | None:
-    if not shapes:
+def decode_arrays(blob: bytes) -> tuple[np.ndarray, ...] | None:
+    if not blob:
         return None
+    shapes, _, data = blob.partition(b"\n")
     arrays, offset = [], 0
-    for spec in shapes.split(";"):
+    for spec in shapes.decode().split(";"):
         shape = tuple(int(n) for n in spec.split(","))
-        count = int(np.prod(shape))
-        arrays.append(np.frombuffer(blob, np.float32, count, offset).reshape(shape).copy())
+        count = math.prod(shape)
+        arrays.append(np.frombuffer(data, np.float32, count, offset).reshape(shape).copy())
         offset += 4 * count
     return tuple(arrays)
 
 
 def encode(record: SessionRecord) -> dict[str, bytes | str]:
+    last = record.last_probabilities
     return {
-        "model": record.model, "version": str(record.version),
+        "model": record.model, "version": str(record.version), "incarnation": record.incarnation,
         "created_at": repr(record.created_at), "last_used": repr(record.last_used),
-        "steps": str(record.steps),
+        "steps": str(record.steps), "state": encode_arrays(record.state),
         "last_seq": "" if record.last_seq is None else str(record.last_seq),
         "last_digest": record.last_digest or "",
-        "last_response": b"" if record.last_response is None else orjson.dumps(
-            record.last_response, option=orjson.OPT_SERIALIZE_NUMPY),
-        **encode_state(record.state),
+        "last_probabilities": encode_arrays(None if last is None else (last,)),
+        "previous_state": encode_arrays(record.previous_state),
     }
 
 
 def decode(session_id: str, fields: dict[bytes, bytes]) -> SessionRecord:
     text = {k.decode(): v for k, v in fields.items()}
+    last = decode_arrays(text["last_probabilities"])
     return SessionRecord(
         session_id=session_id,
         model=text["model"].decode(),
         version=int(text["version"]),
+        incarnation=text["incarnation"].decode(),
         created_at=float(text["created_at"]),
         last_used=float(text["last_used"]),
         steps=int(text["steps"]),
-        state=decode_state(text["state"], text["state_shapes"].decode()),
+        state=decode_arrays(text["state"]),
         last_seq=int(text["last_seq"]) if text["last_seq"] else None,
         last_digest=text["last_digest"].decode() or None,
-        last_response=orjson.loads(text["last_response"]) if text["last_response"] else None,
+        last_probabilities=None if last is None else last[0],
+        previous_state=decode_arrays(text["previous_state"]),
         revision=int(text["revision"]),
     )
 
@@ -134,19 +139,18 @@ class RedisSessionStore:
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
 
     @reachable
-    async def create(self, model: str, version: int, session_id: str | None = None) -> SessionRecord:
-        now = time.time()
-        record = SessionRecord(session_id or new_session_id(), model, version, created_at=now, last_used=now)
-        key = session_key(record.session_id)
-        revision = await self._create(keys=[INDEX], args=[now, self.ttl_s, self.max_sessions, key,
-                                                          record.session_id, *flatten(encode(record))])
-        if revision < 0:
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        fields = {**encode(record), "revision": str(record.revision)}
+        stored = await self._create(keys=[session_key(record.session_id), INDEX],
+                                    args=[record.last_used, self.ttl_s, self.max_sessions, record.session_id,
+                                          *flatten(fields)])
+        if stored < 0:
             raise TooManySessions(
                 f"the store holds its maximum of {self.max_sessions} sessions; delete finished sessions "
                 "or retry after idle ones expire",
                 headers={"Retry-After": str(max(1, round(self.ttl_s / 10)))},
             )
-        return record.advanced(revision=revision)
+        return record
 
     @reachable
     async def load(self, session_id: str) -> SessionRecord:
@@ -156,14 +160,16 @@ class RedisSessionStore:
         return decode(session_id, fields)
 
     @reachable
-    async def commit(self, record: SessionRecord, expected_revision: int) -> bool:
+    async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
+        fields = {**encode(record), "revision": str(expected.revision + 1)}
         result = await self._commit(
             keys=[session_key(record.session_id), INDEX],
-            args=[str(expected_revision), record.last_used, self.ttl_s, record.session_id,
-                  *flatten(encode(record))],
+            args=[expected.incarnation, str(expected.revision), record.last_used, self.ttl_s, record.session_id,
+                  *flatten(fields)],
         )
         if result == -1:
-            raise SessionNotFound(f"session {record.session_id!r} was deleted or expired while a step ran")
+            raise SessionNotFound(f"session {record.session_id!r} was deleted or expired while this chunk ran; "
+                                  "the chunk was not applied")
         return result == 1
 
     @reachable

@@ -1,8 +1,9 @@
 """Session state held between requests: what each streaming session has consumed and its h/c.
 
 `SessionStore` is the interface the engine talks to; `InMemorySessionStore` is the default. Updates
-are compare-and-set on a revision number, so a store shared by several processes (Redis) can refuse
-a write that lost a race; within one process, `lock(id)` puts a session's steps in a line.
+are compare-and-set on (incarnation, revision), so a store shared by several processes (Redis) can
+refuse a write that lost a race, and a step that started on a session cannot land on a restarted one
+of the same id; within one process, `lock(id)` puts a session's steps in a line.
 """
 
 from __future__ import annotations
@@ -23,17 +24,24 @@ from service.errors import SessionNotFound, TooManySessions
 
 @dataclass(frozen=True)
 class SessionRecord:
-    session_id: str
+    """A session's whole state. Its size is bounded by the model, never by what a request asked for: the
+    recurrent state twice (after and before the last chunk) and one row of class probabilities."""
+
+    session_id: str  # the store key; protocols namespace it (service/api.py, service/oip.py)
     model: str
     version: int
     created_at: float  # unix seconds
     last_used: float  # unix seconds of the last applied step (or creation)
+    incarnation: str = ""  # new for every create: a restart or a delete-then-create is another session
     steps: int = 0  # frames consumed so far
     state: tuple[np.ndarray, ...] | None = None  # one (L, H) array per state tensor; None = zeros
+    # what a retry of the last chunk needs: its seq and digest recognise it, the probabilities after it
+    # answer it, and the state before it recomputes its per-frame outputs when the retry asks for them
     last_seq: int | None = None  # frames consumed before the last applied chunk
-    last_digest: str | None = None  # digest of the last applied chunk, to recognise a retry
-    last_response: dict | None = None  # the response to that chunk, replayed on a retry
-    revision: int = 0  # bumped by every commit; commits are compare-and-set on it
+    last_digest: str | None = None  # digest of the last applied chunk
+    last_probabilities: np.ndarray | None = None  # (C,) after the last applied chunk
+    previous_state: tuple[np.ndarray, ...] | None = None  # the state the last applied chunk started from
+    revision: int = 0  # bumped by every commit; commits are compare-and-set on (incarnation, revision)
 
     def advanced(self, **changes) -> SessionRecord:
         return replace(self, **changes)
@@ -43,16 +51,28 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(24)  # 192 random bits
 
 
+def new_record(model: str, version: int, session_id: str | None = None, now: float | None = None,
+               **fields) -> SessionRecord:
+    """A session that starts now, as a new incarnation; `fields` may give it a state to start from."""
+    now = time.time() if now is None else now
+    return SessionRecord(session_id or new_session_id(), model, version, created_at=now, last_used=now,
+                         incarnation=secrets.token_hex(8), **fields)
+
+
 class SessionStore(Protocol):
     ttl_s: float
+    lock: KeyedLocks  # orders the steps of one session within this process
 
-    async def create(self, model: str, version: int, session_id: str | None = None) -> SessionRecord:
-        """A fresh session; with a session_id that exists, that session restarts from zero state."""
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        """Store a new session; a record whose id exists replaces that session (a restart keeps its slot)."""
         ...
 
     async def load(self, session_id: str) -> SessionRecord: ...
 
-    async def commit(self, record: SessionRecord, expected_revision: int) -> bool: ...
+    async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
+        """Write `record` if the stored session is still `expected` (same incarnation and revision); False
+        if it has moved on or was replaced, SessionNotFound if it is gone."""
+        ...
 
     async def delete(self, session_id: str) -> None: ...
 
@@ -63,8 +83,6 @@ class SessionStore(Protocol):
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
-
-    def lock(self, session_id: str) -> AsyncIterator[None]: ...
 
 
 class KeyedLocks:
@@ -104,21 +122,16 @@ class InMemorySessionStore:
     def _expired(self, record: SessionRecord, now: float) -> bool:
         return now - record.last_used >= self.ttl_s
 
-    async def create(self, model: str, version: int, session_id: str | None = None) -> SessionRecord:
-        previous = self._sessions.pop(session_id, None) if session_id else None
-        if previous is None and len(self._sessions) >= self.max_sessions:
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        replacing = self._sessions.pop(record.session_id, None) is not None
+        if not replacing and len(self._sessions) >= self.max_sessions:
             await self.sweep()
-        if previous is None and len(self._sessions) >= self.max_sessions:
+        if not replacing and len(self._sessions) >= self.max_sessions:
             raise TooManySessions(
                 f"the server holds its maximum of {self.max_sessions} sessions; delete finished sessions "
                 "or retry after idle ones expire",
                 headers={"Retry-After": str(max(1, round(self.ttl_s / 10)))},
             )
-        now = self.clock()
-        # a restart bumps the revision, so a step still running on the old state cannot commit over it
-        revision = previous.revision + 1 if previous else 0
-        record = SessionRecord(session_id or new_session_id(), model, version, created_at=now, last_used=now,
-                               revision=revision)
         self._sessions[record.session_id] = record
         return record
 
@@ -132,13 +145,14 @@ class InMemorySessionStore:
             raise SessionNotFound(f"session {session_id!r} expired after {self.ttl_s:g} s idle")
         return record
 
-    async def commit(self, record: SessionRecord, expected_revision: int) -> bool:
+    async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
         stored = self._sessions.get(record.session_id)
         if stored is None:
-            raise SessionNotFound(f"session {record.session_id!r} was deleted while a step ran")
-        if stored.revision != expected_revision:
+            raise SessionNotFound(f"session {record.session_id!r} was deleted while this chunk ran; "
+                                  "the chunk was not applied")
+        if (stored.incarnation, stored.revision) != (expected.incarnation, expected.revision):
             return False
-        self._sessions[record.session_id] = replace(record, revision=expected_revision + 1)
+        self._sessions[record.session_id] = replace(record, revision=expected.revision + 1)
         self._sessions.move_to_end(record.session_id)
         return True
 

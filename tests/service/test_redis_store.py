@@ -7,6 +7,7 @@ import pytest
 
 from service.errors import SessionNotFound, StoreUnavailable, TooManySessions
 from service.redis_store import RedisSessionStore
+from service.sessions import new_record
 
 
 def run(coro):
@@ -16,21 +17,21 @@ def run(coro):
 def test_round_trip_of_a_record_with_state_and_response(redis_server):
     async def main():
         store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
-        record = await store.create("m", 3)
+        record = await store.create(new_record("m", 3))
         state = (np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32))
-        response = {"session_id": record.session_id, "steps": 4,
-                    "prediction": {"label": "a", "class_id": 0, "probabilities": np.array([0.25, 0.75], np.float32)}}
-        advanced = record.advanced(steps=4, state=state, last_seq=1, last_digest="abc", last_response=response)
-        assert await store.commit(advanced, record.revision)
+        previous = (np.full((2, 3), 0.5, np.float32), np.zeros((2, 3), np.float32))
+        advanced = record.advanced(steps=4, state=state, last_seq=1, last_digest="abc", previous_state=previous,
+                                   last_probabilities=np.array([0.25, 0.75], np.float32))
+        assert await store.commit(advanced, record)
         loaded = await store.load(record.session_id)
         await store.close()
-        return loaded, state
+        return loaded, advanced
 
-    loaded, state = run(main())
+    loaded, sent = run(main())
     assert (loaded.model, loaded.version, loaded.steps, loaded.revision) == ("m", 3, 4, 1)
-    assert (loaded.last_seq, loaded.last_digest) == (1, "abc")
-    assert loaded.last_response["prediction"]["probabilities"] == [0.25, 0.75]
-    for ours, theirs in zip(loaded.state, state, strict=True):
+    assert (loaded.incarnation, loaded.last_seq, loaded.last_digest) == (sent.incarnation, 1, "abc")
+    assert loaded.last_probabilities.tolist() == [0.25, 0.75]
+    for ours, theirs in zip(loaded.state + loaded.previous_state, sent.state + sent.previous_state, strict=True):
         assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
 
 
@@ -38,13 +39,13 @@ def test_commit_is_compare_and_set_across_store_instances(redis_server):
     async def main():
         a = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
         b = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)  # another replica
-        record = await a.create("m", 1)
-        first = await a.commit(record.advanced(steps=1), record.revision)
-        second = await b.commit(record.advanced(steps=5), record.revision)  # read the same revision
+        record = await a.create(new_record("m", 1))
+        first = await a.commit(record.advanced(steps=1), record)
+        second = await b.commit(record.advanced(steps=5), record)  # read the same revision
         stored = await b.load(record.session_id)
         await b.delete(record.session_id)
         with pytest.raises(SessionNotFound):
-            await a.commit(stored.advanced(steps=9), stored.revision)
+            await a.commit(stored.advanced(steps=9), stored)
         await a.close()
         await b.close()
         return first, second, stored
@@ -58,15 +59,15 @@ def test_max_sessions_and_ttl_expiry(redis_server):
     async def main():
         expired = []
         store = RedisSessionStore(redis_server.url, ttl_s=1, max_sessions=2, on_expired=expired.append)
-        ids = [(await store.create("m", 1)).session_id for _ in range(2)]
+        ids = [(await store.create(new_record("m", 1))).session_id for _ in range(2)]
         with pytest.raises(TooManySessions):
-            await store.create("m", 1)
+            await store.create(new_record("m", 1))
         await asyncio.sleep(2.2)
         with pytest.raises(SessionNotFound):
             await store.load(ids[0])
         assert await store.sweep() == 2
         assert await store.count() == 0
-        await store.create("m", 1)  # room again
+        await store.create(new_record("m", 1))  # room again
         await store.close()
         return expired
 
@@ -78,7 +79,7 @@ def test_unreachable_redis_is_store_unavailable_not_a_crash():
         store = RedisSessionStore("redis://127.0.0.1:1/0", ttl_s=60, max_sessions=10, timeout_s=0.5)
         assert not await store.ping()
         with pytest.raises(StoreUnavailable) as error:
-            await store.create("m", 1)
+            await store.create(new_record("m", 1))
         await store.close()
         return error.value
 
@@ -98,19 +99,19 @@ def test_create_with_an_id_restarts_that_session(kind, request):
 
     async def main():
         store = make_store()
-        first = await store.create("m", 1, "oip:m:n:7")
+        first = await store.create(new_record("m", 1, "oip:m:n:7"))
         state = (np.ones((2, 3), np.float32),)
-        assert await store.commit(first.advanced(steps=5, state=state), first.revision)
+        assert await store.commit(first.advanced(steps=5, state=state), first)
         stale = await store.load("oip:m:n:7")  # a step that read the old sequence, then lost the race
-        restarted = await store.create("m", 1, "oip:m:n:7")  # the store is full, but a restart keeps its slot
+        restarted = await store.create(new_record("m", 1, "oip:m:n:7"))  # full store, but a restart keeps its slot
         loaded = await store.load("oip:m:n:7")
         with pytest.raises(TooManySessions):
-            await store.create("m", 1)
-        assert not await store.commit(stale.advanced(steps=9, state=state), stale.revision)
+            await store.create(new_record("m", 1))
+        assert not await store.commit(stale.advanced(steps=9, state=state), stale)
         await store.close()
         return restarted, loaded, stale
 
     restarted, loaded, stale = run(main())
     assert restarted.session_id == loaded.session_id == "oip:m:n:7"
-    assert (loaded.steps, loaded.state, loaded.revision) == (0, None, restarted.revision)
-    assert restarted.revision > stale.revision
+    assert (loaded.steps, loaded.state, loaded.incarnation) == (0, None, restarted.incarnation)
+    assert restarted.incarnation != stale.incarnation

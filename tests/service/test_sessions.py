@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.errors import SessionNotFound, TooManySessions
-from service.sessions import InMemorySessionStore, KeyedLocks
+from service.sessions import InMemorySessionStore, KeyedLocks, new_record
 
 
 class Clock:
@@ -23,10 +23,14 @@ def make_store(**kwargs):
     return store, clock, expired
 
 
+async def create(store, clock):
+    return await store.create(new_record("m", 1, now=clock.now))
+
+
 def test_ids_are_unguessable_and_unique():
     async def main():
-        store, _, _ = make_store()
-        return [(await store.create("m", 1)).session_id for _ in range(3)]
+        store, clock, _ = make_store()
+        return [(await create(store, clock)).session_id for _ in range(3)]
 
     ids = asyncio.run(main())
     assert len(set(ids)) == 3 and all(len(i) >= 32 for i in ids)  # 24 random bytes, base64url
@@ -35,9 +39,9 @@ def test_ids_are_unguessable_and_unique():
 def test_idle_sessions_expire_after_the_ttl_and_are_swept():
     async def main():
         store, clock, expired = make_store()
-        a = await store.create("m", 1)
+        a = await create(store, clock)
         clock.now += 5
-        b = await store.create("m", 1)
+        b = await create(store, clock)
         clock.now += 6  # a is 11 s idle, b 6 s
         assert await store.sweep() == 1
         with pytest.raises(SessionNotFound):
@@ -54,9 +58,9 @@ def test_idle_sessions_expire_after_the_ttl_and_are_swept():
 def test_a_committed_step_keeps_a_session_alive():
     async def main():
         store, clock, _ = make_store()
-        record = await store.create("m", 1)
+        record = await create(store, clock)
         clock.now += 9
-        assert await store.commit(record.advanced(last_used=clock.now, steps=1), record.revision)
+        assert await store.commit(record.advanced(last_used=clock.now, steps=1), record)
         clock.now += 9
         return await store.load(record.session_id)
 
@@ -65,10 +69,10 @@ def test_a_committed_step_keeps_a_session_alive():
 
 def test_full_store_answers_too_many_sessions_and_never_evicts():
     async def main():
-        store, _, _ = make_store()
-        kept = [await store.create("m", 1) for _ in range(3)]
+        store, clock, _ = make_store()
+        kept = [await create(store, clock) for _ in range(3)]
         with pytest.raises(TooManySessions) as refused:
-            await store.create("m", 1)
+            await create(store, clock)
         for record in kept:
             await store.load(record.session_id)
         return refused.value
@@ -78,11 +82,11 @@ def test_full_store_answers_too_many_sessions_and_never_evicts():
 
 def test_commit_is_compare_and_set_on_the_revision():
     async def main():
-        store, _, _ = make_store()
-        record = await store.create("m", 1)
+        store, clock, _ = make_store()
+        record = await create(store, clock)
         state = (np.ones((2, 4), np.float32),)
-        assert await store.commit(record.advanced(steps=3, state=state), record.revision)
-        assert not await store.commit(record.advanced(steps=5), record.revision), "a stale write was accepted"
+        assert await store.commit(record.advanced(steps=3, state=state), record)
+        assert not await store.commit(record.advanced(steps=5), record), "a stale write was accepted"
         return await store.load(record.session_id)
 
     stored = asyncio.run(main())
