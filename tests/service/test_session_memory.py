@@ -1,0 +1,98 @@
+"""What an idle session costs is bounded by its model, never by what a request asked for: a 4,096-frame
+step with per-frame predictions leaves the same few kilobytes as a one-frame step."""
+
+import asyncio
+import dataclasses
+import gc
+import sys
+import tracemalloc
+
+import httpx
+import numpy as np
+import redis
+
+from service.engine import Engine
+from service.metrics import Metrics
+from service.sessions import InMemorySessionStore, SessionRecord
+from service.settings import Settings
+
+MODEL = "japanese-vowels"
+OVERHEAD = 2048  # Python objects around the arrays: the record, its strings and tuples, the store's slot
+
+
+def bound(engine: Engine) -> int:
+    """Two copies of the recurrent state (after and before the last chunk) and one row of probabilities."""
+    model = engine.model(MODEL)
+    state = sum(4 * L * H for L, H in (spec["shape"] for spec in model.entry.state_specs))
+    return 2 * state + 4 * len(model.entry.labels) + OVERHEAD
+
+
+def record_bytes(record: SessionRecord) -> int:
+    """The record and everything it references; an array that is a view counts its whole base."""
+    total = sys.getsizeof(record)
+    for field in dataclasses.fields(record):
+        value = getattr(record, field.name)
+        arrays = value if isinstance(value, tuple) else (value,)
+        for item in arrays:
+            if isinstance(item, np.ndarray):
+                total += sys.getsizeof(item) + (item.base.nbytes if item.base is not None else 0)
+            else:
+                total += sys.getsizeof(item)
+        if isinstance(value, tuple):
+            total += sys.getsizeof(value)
+    return total
+
+
+def test_an_idle_session_in_memory_holds_a_bounded_number_of_bytes():
+    frames = np.random.default_rng(0).normal(size=(4096, 12)).astype(np.float32)
+
+    async def main():
+        store = InMemorySessionStore(ttl_s=600, max_sessions=1000)
+        engine = Engine(Settings(), store, Metrics())
+        await engine.start()
+        model = engine.model(MODEL)
+        await engine.classify(model, [frames])  # whatever a first big batch allocates once
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        ids = [(await engine.create_session(model, f"v1:{i}")).session_id for i in range(5)]
+        for session_id in ids:
+            await engine.step(session_id, lambda _: frames[:1], 0, False)
+            await engine.step(session_id, lambda _: frames, 1, True)  # the largest step there is
+        await engine.classify(model, [frames[:1]])  # the server keeps its last batch's outputs until the next
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        held = max([record_bytes(await store.load(session_id)) for session_id in ids])
+        await engine.stop()
+        return grown / len(ids), held, bound(engine)
+
+    grown, held, limit = asyncio.run(main())
+    print(f"idle session in process: {held} bytes in its record, {grown:.0f} bytes traced (bound {limit})")
+    assert held <= limit, f"an idle session's record holds {held} bytes, over its bound of {limit}"
+    assert grown <= limit, f"each idle session left {grown:.0f} bytes allocated, over its bound of {limit}"
+
+
+def test_an_idle_session_in_redis_holds_a_bounded_number_of_bytes(start_server, redis_server):
+    server = start_server(env={"LSTM_SERVE_REDIS_URL": redis_server.url})
+    frames = np.random.default_rng(1).normal(size=(4096, 12)).tolist()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        big, small = (c.post("/v1/sessions", json={}).json()["session_id"] for _ in range(2))
+        for sid in (big, small):
+            c.post(f"/v1/sessions/{sid}/steps", json={"inputs": frames[:1], "seq": 0})
+        step = c.post(f"/v1/sessions/{big}/steps", json={"inputs": frames, "seq": 1, "return_steps": True})
+        assert step.status_code == 200 and len(step.json()["step_predictions"]) == 4096
+        c.post(f"/v1/sessions/{small}/steps", json={"inputs": frames[:1], "seq": 1})
+        retried = c.post(f"/v1/sessions/{big}/steps", json={"inputs": frames, "seq": 1, "return_steps": True})
+    client = redis.Redis.from_url(redis_server.url)
+    usage = {sid: client.memory_usage(f"lstm-serve:s:v1:{sid}", samples=0) for sid in (big, small)}
+    client.close()
+    print(f"idle session in Redis: {usage}")
+    # h and c (2 layers x 192 units), twice, in Redis's allocation classes, plus the other fields
+    state = 2 * 2 * 192 * 4
+    assert usage[big] <= 2 * state * 1.25 + 2048 and usage[big] == usage[small], usage
+    # what the retry needs survived: the same answer, per-frame predictions included
+    assert retried.json()["steps"] == 4097
+    assert retried.json()["prediction"] == step.json()["prediction"]
+    np.testing.assert_allclose([p["probabilities"] for p in retried.json()["step_predictions"]],
+                               [p["probabilities"] for p in step.json()["step_predictions"]], atol=1e-6)
