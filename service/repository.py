@@ -51,13 +51,18 @@ def load_entry(version_dir: Path) -> ModelEntry:
     return ModelEntry(name=config["name"], version=int(config["version"]), path=version_dir, config=config)
 
 
+def is_version(name: str) -> bool:
+    """A version folder's name: ASCII digits (str.isdigit() also takes '²', which int() refuses)."""
+    return name.isascii() and name.isdigit()
+
+
 def load_repository(root: Path) -> dict[str, ModelEntry]:
     """The newest version of every model under root, by name."""
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} does not exist")
     entries: dict[str, ModelEntry] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and is_version(p.name))
         if versions:
             entries[model_dir.name] = load_entry(versions[-1][1])
     if not entries:

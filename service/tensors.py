@@ -7,6 +7,8 @@ A request body is a JSON header, optionally followed by raw tensor bytes; the he
 
 from __future__ import annotations
 
+import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -15,13 +17,16 @@ import numpy as np
 
 from service.errors import BodyTooLarge, InvalidInput, MalformedRequest, UnsupportedEncoding
 from service.http import dumps, parse
-from service.schemas import InferenceRequest
+from service.schemas import InferenceRequest, InferInputTensor
 
 HEADER_LENGTH = "inference-header-content-length"
 # OIP datatype -> numpy little-endian dtype; BYTES are length-prefixed strings
 DTYPES = {"BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
           "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 NUMERIC_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}  # JSON numbers each datatype accepts
+BYTE_COUNT = re.compile(r"[0-9]{1,20}")
+MAX_DIMENSIONS = 16
+MAX_DIMENSION = 2**62
 
 
 @dataclass
@@ -54,11 +59,24 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     """The JSON header and the binary tail that follows it."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.isdigit() or int(header_length) > len(body):
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses, and int() takes '٣' and '1_0'
+    if not BYTE_COUNT.fullmatch(header_length) or int(header_length) > len(body):
         raise MalformedRequest(f"Inference-Header-Content-Length {header_length!r} is not a byte count "
                                f"within the {len(body)}-byte body")
     n = int(header_length)
     return body[:n], memoryview(body)[n:]
+
+
+def element_count(name: str, shape: list[int]) -> int:
+    """The number of elements a shape holds, in Python's exact integers: numpy's int64 product wraps
+    around (2**32 x 2**32 is 0), and a wrapped count would pass for the data actually sent."""
+    if len(shape) > MAX_DIMENSIONS:
+        raise InvalidInput(f"input {name!r} has {len(shape)} dimensions; a tensor has at most {MAX_DIMENSIONS}")
+    if any(n < 0 for n in shape):
+        raise InvalidInput(f"input {name!r} has shape {shape}; dimensions cannot be negative")
+    if any(n > MAX_DIMENSION for n in shape):
+        raise InvalidInput(f"input {name!r} has shape {shape}; no dimension can exceed {MAX_DIMENSION}")
+    return math.prod(shape)
 
 
 def read_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
@@ -72,46 +90,44 @@ def read_request(body: bytes, header_length: str | None) -> tuple[InferenceReque
         if tensor.datatype not in DTYPES:
             raise InvalidInput(f"input {tensor.name!r} has datatype {tensor.datatype!r}; numeric inputs take "
                                f"one of {', '.join(DTYPES)}")
-        if any(n < 0 for n in tensor.shape):
-            raise InvalidInput(f"input {tensor.name!r} has shape {tensor.shape}; dimensions cannot be negative")
+        count = element_count(tensor.name, tensor.shape)
         size = tensor.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
                 raise MalformedRequest(f"input {tensor.name!r}: binary_data_size {size!r} does not fit the "
                                        f"{len(tail) - offset} bytes of binary data left in the body")
-            tensors[tensor.name] = from_bytes(tensor.name, tensor.datatype, tensor.shape, tail[offset:offset + size])
+            tensors[tensor.name] = from_bytes(tensor, count, tail[offset:offset + size])
             offset += size
         elif tensor.data is None:
             raise InvalidInput(f"input {tensor.name!r} has neither data nor parameters.binary_data_size")
         else:
-            tensors[tensor.name] = from_json(tensor.name, tensor.datatype, tensor.shape, tensor.data)
+            tensors[tensor.name] = from_json(tensor, count, tensor.data)
     if offset != len(tail):
         raise MalformedRequest(f"the body has {len(tail) - offset} bytes of binary data that no input claims")
     return request, tensors
 
 
-def from_bytes(name: str, datatype: str, shape: list[int], raw: memoryview) -> np.ndarray:
-    dtype = np.dtype(DTYPES[datatype])
-    count = int(np.prod(shape))
+def from_bytes(tensor: InferInputTensor, count: int, raw: memoryview) -> np.ndarray:
+    dtype = np.dtype(DTYPES[tensor.datatype])
     if len(raw) != count * dtype.itemsize:
-        raise InvalidInput(f"input {name!r}: {len(raw)} bytes of binary data, but shape {shape} of {datatype} "
-                           f"takes {count * dtype.itemsize}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        raise InvalidInput(f"input {tensor.name!r}: {len(raw)} bytes of binary data, but shape {tensor.shape} of "
+                           f"{tensor.datatype} takes {count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).reshape(tensor.shape)
 
 
-def from_json(name: str, datatype: str, shape: list[int], data: list) -> np.ndarray:
+def from_json(tensor: InferInputTensor, count: int, data: list) -> np.ndarray:
     """Row-major data, flat or nested; JSON numbers only, of a kind the datatype can hold."""
+    name, datatype = tensor.name, tensor.datatype
     try:
         values = np.asarray(data)
     except ValueError:
         raise InvalidInput(f"input {name!r}: nested data is ragged; send it flat, in row-major order") from None
-    count = int(np.prod(shape))
     if values.size != count:
-        raise InvalidInput(f"input {name!r}: {values.size} values in data, but shape {shape} holds {count}")
+        raise InvalidInput(f"input {name!r}: {values.size} values in data, but shape {tensor.shape} holds {count}")
     if count and values.dtype.kind not in NUMERIC_KINDS[np.dtype(DTYPES[datatype]).kind]:
         raise InvalidInput(f"input {name!r}: data of datatype {datatype} must be JSON "
                            f"{'booleans' if datatype == 'BOOL' else 'numbers'}")
-    return values.astype(DTYPES[datatype]).reshape(shape)
+    return values.astype(DTYPES[datatype]).reshape(tensor.shape)
 
 
 def bytes_elements(array: np.ndarray) -> bytes:

@@ -76,4 +76,6 @@ def test_repository_serves_the_newest_version(tmp_path):
         config = (SHIPPED_ENTRY / "config.json").read_text().replace('"version": 1', f'"version": {version}')
         (entry / "config.json").write_text(config)
         (entry / "model.onnx").write_bytes((SHIPPED_ENTRY / "model.onnx").read_bytes())
+    for not_a_version in ("²", "٣", "v3", "1.5"):  # '²'.isdigit() is True, but int('²') fails
+        (tmp_path / "japanese-vowels" / not_a_version).mkdir()
     assert load_repository(tmp_path)["japanese-vowels"].version == 2
