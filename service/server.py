@@ -12,6 +12,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.settings import Settings
+from service.websocket_handshake import WebSocketHandshakeGuard
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] = ()) -> None:
         host=settings.host,
         port=settings.port,
         http="httptools",
-        ws="websockets-sansio",
+        ws=WebSocketHandshakeGuard,
         ws_max_size=2 * settings.max_body_bytes,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         access_log=settings.access_log,

@@ -1,0 +1,44 @@
+"""Every WebSocket handshake gets a prompt answer, even one the WebSocket library cannot parse."""
+
+import socket
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+KEY_HEADERS = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" \
+              "Sec-WebSocket-Version: 13\r\n"
+
+
+def handshake(url: str, path: str, extra_headers: str = "") -> tuple[bytes, float]:
+    """Send an upgrade request on a raw socket: the first bytes of the answer and the time it took. Returns
+    only once the server has closed the socket (one it leaves open times out here)."""
+    address = urlparse(url)
+    with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+        started = time.perf_counter()
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n{KEY_HEADERS}{extra_headers}\r\n".encode())
+        answer = sock.recv(65536)
+        took = time.perf_counter() - started
+        while sock.recv(65536):
+            pass
+        return answer, took
+
+
+@pytest.mark.parametrize(("path", "headers", "status"), [
+    ("/v1/sessions/" + "a" * 9000 + "/stream", "", b"414"),
+    ("/v1/sessions/" + "a" * 70000 + "/stream", "", b"414"),
+    ("/v1/sessions/abc/stream", "X-Filler: " + "b" * 9000 + "\r\n", b"431"),
+    ("/v1/sessions/abc/stream", "".join(f"X-{i}: {i}\r\n" for i in range(200)), b"431"),
+])
+def test_an_unparsable_handshake_is_answered_and_closed(server, path, headers, status):
+    answer, took = handshake(server.url, path, headers)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+    assert took < 1.0
+
+
+def test_a_handshake_it_can_parse_still_upgrades(server, client):
+    sid = client.post("/v1/sessions", json={}).json()["session_id"]
+    address = urlparse(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+        sock.sendall(f"GET /v1/sessions/{sid}/stream HTTP/1.1\r\nHost: test\r\n{KEY_HEADERS}\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101 Switching Protocols")
