@@ -42,11 +42,13 @@ async def healthz() -> JSON:
     return JSON({"status": "alive"})
 
 
-async def check_ready(state) -> None:
-    """Ready: every model loaded and warm, not draining, and the session store reachable."""
+async def check_ready(state, with_store: bool = True) -> None:
+    """Ready: every model loaded and warm, not draining, and (with_store) the session store reachable."""
+    if getattr(state, "draining", False):
+        raise NotReady("draining: the server is shutting down and finishes the requests it receives meanwhile")
     if not getattr(state, "ready", False):
         raise NotReady("models are loading or the server is shutting down")
-    if not await state.engine.store.ping():
+    if with_store and not await state.engine.store.ping():
         raise NotReady("the session store is unreachable")
 
 

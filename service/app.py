@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from types import FrameType
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +39,29 @@ def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
                                 on_expired=metrics.sessions_expired.inc)
 
 
+def drain_on_sigterm(state, delay_s: float) -> Callable[[], None]:
+    """SIGTERM marks the server as draining (readiness answers 503) and hands the signal to uvicorn only
+    after `delay_s`: meanwhile it keeps accepting and serving, so a load balancer's readiness probe
+    takes it out of rotation before its socket closes. A second SIGTERM shuts down at once. Returns
+    what undoes this. Only where a server (uvicorn) handles SIGTERM: the handler wraps the server's."""
+    server_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(server_handler) or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if state.draining or delay_s <= 0:
+            server_handler(signum, frame)
+            return
+        state.draining = True
+        log.warning("SIGTERM: draining for %g s (/readyz answers 503, requests are still served), then "
+                    "shutting down", delay_s)
+        loop.call_soon_threadsafe(loop.call_later, delay_s, server_handler, signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, server_handler)
+
+
 async def sweep_forever(store: SessionStore, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
@@ -56,7 +82,8 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = make_store(settings, metrics)
         engine = Engine(settings, store, metrics)
-        app.state.engine, app.state.ready = engine, False
+        app.state.engine, app.state.ready, app.state.draining = engine, False, False
+        undo_drain = drain_on_sigterm(app.state, settings.drain_delay_s)
         await engine.start()  # load every model, create onnxruntime sessions, warm up
         sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s))
         gc.collect()
@@ -68,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
             yield
         finally:  # reverse order: stop answering ready, stop sweeping, finish queued work, close the store
             app.state.ready = False
+            undo_drain()
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
             await engine.stop()
@@ -77,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
                   description="Sequence classification and stateful streaming sessions for recurrent models.",
                   # /metrics is our telemetry; FastAPI's OpenTelemetry hooks cost ~6% per request
                   telemetry={"tracing": False, "metrics": False, "logs": False})
-    app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
+    app.state.settings, app.state.metrics, app.state.ready, app.state.draining = settings, metrics, False, False
     app.include_router(router)
     openapi.install(app)
 

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from service.api import check_ready
 from service.engine import Engine, LoadedModel
-from service.errors import InvalidInput, ModelNotFound, NotFound, NotReady, ServiceError, SessionNotFound
+from service.errors import InvalidInput, ModelNotFound, NotFound, ServiceError, SessionNotFound
 from service.frontdoor import HotRoute
 from service.http import JSON
 from service.runner import Output
@@ -270,8 +270,7 @@ async def model_metadata(request: Request) -> JSON:
 
 async def model_ready(request: Request) -> Response:
     resolve(request.app.state.engine, request.path_params)
-    if not getattr(request.app.state, "ready", False):
-        raise NotReady("models are loading or the server is shutting down")
+    await check_ready(request.app.state, with_store=False)
     return Response(status_code=200)
 
 

@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     workers: int = Field(1, ge=1, description="server processes; more than 1 needs redis_url")
-    shutdown_timeout_s: float = Field(30.0, ge=0, description="time in-flight requests get to finish on SIGTERM")
+    drain_delay_s: float = Field(3.0, ge=0, le=600, description="on SIGTERM, seconds /readyz answers 503 while the "
+                                 "server keeps serving, so load balancers stop routing here before it stops accepting")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="after the drain delay, time in-flight requests get "
+                                      "to finish")
     access_log: bool = Field(False, description="log every request")
 
     @model_validator(mode="after")

@@ -32,7 +32,9 @@ class ServerProcess:
         self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), *flags],
-            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            # no drain delay unless a test asks for one: every server the suite stops would wait it out
+            cwd=ROOT, env={**os.environ, "LSTM_SERVE_DRAIN_DELAY_S": "0", **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 60) -> ServerProcess:

@@ -81,6 +81,28 @@ def test_sigterm_finishes_in_flight_work_then_exits(start_server):
         httpx.get(f"{server.url}/healthz", timeout=1)
 
 
+def test_sigterm_drains_readiness_first_then_stops_accepting(start_server):
+    """For the drain delay after SIGTERM the server says 503 on /readyz and /v2/health/ready while it
+    accepts new connections and serves them; then it stops accepting and exits."""
+    server = start_server("--drain-delay-s", "2", "--shutdown-timeout-s", "5")
+    frames = {"sequences": [[[0.1] * 12] * 5]}
+    server.proc.send_signal(signal.SIGTERM)
+    signalled, seen = time.perf_counter(), []
+    while time.perf_counter() - signalled < 10:
+        try:
+            with httpx.Client(base_url=server.url, timeout=2) as c:  # a new connection every round
+                seen.append((time.perf_counter() - signalled, c.get("/readyz").status_code,
+                             c.get("/v2/health/ready").status_code, c.post("/v1/classify", json=frames).status_code))
+        except httpx.TransportError:
+            break  # refused: the listening socket is closed
+        time.sleep(0.1)
+    refused_after = time.perf_counter() - signalled
+    assert seen and all(ready == v2_ready == 503 and classify == 200 for _, ready, v2_ready, classify in seen), seen
+    assert seen[-1][0] >= 1.7 and 1.9 <= refused_after <= 4, (seen[-1], refused_after)
+    assert server.proc.wait(10) in (0, -signal.SIGTERM)
+    assert "draining for 2 s" in server.proc.stdout.read().decode()
+
+
 def run_serve(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "0", *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
