@@ -269,3 +269,23 @@ def test_sequences_live_in_the_shared_store(start_server, redis_server, client, 
     with httpx.Client(base_url=replicas[1].url) as other:
         response = infer_raw(other, {"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_id": "shared-1"}})
         assert response.status_code == 400  # ended on replica A: gone for replica B too
+
+
+def test_oip_sequences_are_not_reachable_through_v1(client, test_sequences):
+    """Another client guessing the internal id of an OIP sequence gets a 404 everywhere on /v1, and the
+    sequence's owner carries on as if nothing happened."""
+    frames = test_sequences[0]
+    infer = f"/v2/models/{MODEL}/infer"
+    first = {"inputs": [x_tensor([1, 3, 12], data=frames[:3].ravel().tolist())],
+             "parameters": {"sequence_id": 42, "sequence_start": True}}
+    assert infer_raw(client, first).status_code == 200
+    for guess in ("oip:japanese-vowels:n:42", "oip%3Ajapanese-vowels%3An%3A42", "v1:oip:japanese-vowels:n:42"):
+        assert client.get(f"/v1/sessions/{guess}").status_code == 404
+        step = client.post(f"/v1/sessions/{guess}/steps", json={"inputs": [[0.0] * 12]})
+        assert step.status_code == 404 and step.json()["error"]["code"] == "session_not_found"
+        assert client.delete(f"/v1/sessions/{guess}").status_code == 404
+    rest = {"inputs": [x_tensor([1, len(frames) - 3, 12], data=frames[3:].ravel().tolist())],
+            "parameters": {"sequence_id": 42, "sequence_end": True}}
+    finished = infer_raw(client, rest).json()
+    assert finished["parameters"]["sequence_steps"] == len(frames)
+    np.testing.assert_allclose(finished["outputs"][0]["data"], v1_probabilities(client, [frames])[0], atol=ATOL)
