@@ -10,6 +10,7 @@ expiry is a Redis TTL on the hash; a sorted set of last-use times counts live se
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.errors import SessionNotFound, StoreUnavailable, TooManySessions
 from service.sessions import KeyedLocks, SessionRecord
 
+log = logging.getLogger("lstm_serve")
 PREFIX = "lstm-serve:"
 INDEX = PREFIX + "sessions"  # sorted set: session id -> last use (unix seconds)
 
@@ -56,16 +58,34 @@ def session_key(session_id: str) -> str:
     return f"{PREFIX}s:{session_id}"
 
 
+class OutageLog:
+    """Logs what went wrong with Redis, at most once per `every_s` while it lasts, with a count."""
+
+    def __init__(self, where: str, every_s: float = 5.0) -> None:
+        self.where, self.every_s, self.last, self.suppressed = where, every_s, 0.0, 0
+
+    def error(self, error: Exception) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.suppressed += 1
+            return
+        more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
+        log.error("session store (Redis at %s) unreachable: %s%s", self.where, error, more)
+        self.last, self.suppressed = now, 0
+
+
 def reachable(method: Callable) -> Callable:
-    """Redis down or slow becomes a 503 that says so, never a 500."""
+    """Redis down or slow becomes a 503 that says so, never a 500. Its address and the driver's words go
+    to the server log; the client learns only that the session store is unavailable."""
 
     @wraps(method)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self: RedisSessionStore, *args, **kwargs):
         try:
-            return await method(*args, **kwargs)
+            return await method(self, *args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            raise StoreUnavailable(f"the session store (Redis) is unreachable: {error}; "
-                                   "stateless /v1/classify still works", headers={"Retry-After": "1"}) from None
+            self.outages.error(error)
+            raise StoreUnavailable("the session store is unavailable; retry shortly (stateless /v1/classify "
+                                   "still works)", headers={"Retry-After": "1"}) from None
 
     return wrapper
 
@@ -137,6 +157,8 @@ class RedisSessionStore:
         self._create = self.client.register_script(CREATE)
         self._commit = self.client.register_script(COMMIT)
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
+        options = self.client.connection_pool.connection_kwargs  # the address, never the password
+        self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
 
     @reachable
     async def create(self, record: SessionRecord) -> SessionRecord:
@@ -194,7 +216,8 @@ class RedisSessionStore:
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            self.outages.error(error)
             return False
 
     async def close(self) -> None:

@@ -275,7 +275,6 @@ def test_oip_sequences_are_not_reachable_through_v1(client, test_sequences):
     """Another client guessing the internal id of an OIP sequence gets a 404 everywhere on /v1, and the
     sequence's owner carries on as if nothing happened."""
     frames = test_sequences[0]
-    infer = f"/v2/models/{MODEL}/infer"
     first = {"inputs": [x_tensor([1, 3, 12], data=frames[:3].ravel().tolist())],
              "parameters": {"sequence_id": 42, "sequence_start": True}}
     assert infer_raw(client, first).status_code == 200
