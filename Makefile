@@ -9,14 +9,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The package lstm_serve is assembled from service/, model/, export/ and models/ (pyproject.toml). A strict
+# editable install links each file into build/: type checkers and import-linter see a plain package.
+# A file added or removed changes its folder, and the install runs again.
+PACKAGE_DIRS := $(shell find $(CURDIR)/service $(CURDIR)/model $(CURDIR)/export $(CURDIR)/models -type d -not -name __pycache__)
+EDITABLE := --config-settings editable_mode=strict
+
 # the serving runtime only: onnxruntime, FastAPI, uvicorn; no torch
-$(VENV)/.runtime: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+$(VENV)/.runtime: pyproject.toml $(PACKAGE_DIRS) | $(BIN)/python
+	$(BIN)/pip install -q $(EDITABLE) -e .
 	touch $@
 
 # everything: runtime + training (torch==2.13.0, aeon) + test tools
-$(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,dev]'
+$(VENV)/.dev: pyproject.toml $(PACKAGE_DIRS) | $(BIN)/python
+	$(BIN)/pip install -q $(EDITABLE) -e '.[train,dev]'
 	touch $@ $(VENV)/.runtime
 
 serve: $(VENV)/.runtime

@@ -23,8 +23,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from model.model import ModelConfig, SequenceClassifier
-from model.train import load_checkpoint
+from lstm_serve.model.model import ModelConfig, SequenceClassifier
+from lstm_serve.model.train import load_checkpoint
 
 OPSET = 17
 RECURRENT_OPS = {"lstm": "LSTM", "peephole": "LSTM", "coupled": "LSTM", "gru": "GRU"}

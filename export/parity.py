@@ -9,9 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import sha256
-from model.data import load_dataset, pad_batch
-from model.train import load_checkpoint
+from lstm_serve.export.onnx_export import sha256
+from lstm_serve.model.data import load_dataset, pad_batch
+from lstm_serve.model.train import load_checkpoint
 
 
 def ort_session(path: str | Path) -> ort.InferenceSession:

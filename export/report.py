@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.model import CELLS, ModelConfig
-from model.train import DATASET_RECIPES
+from lstm_serve.model.model import CELLS, ModelConfig
+from lstm_serve.model.train import DATASET_RECIPES
 
 # Published test accuracies on the same train/test splits, quoted (not re-run here).
 PUBLISHED = {
@@ -62,8 +62,8 @@ class ReportConfig:
 # -- accuracy, size, latency --------------------------------------------------------------------
 def train_one(job: tuple[str, str, int, int, int]) -> dict:
     """One single-network training run; the first seed is also exported (size and latency later)."""
-    from export.onnx_export import export_checkpoint
-    from model.train import config_for, train
+    from lstm_serve.export.onnx_export import export_checkpoint
+    from lstm_serve.model.train import config_for, train
 
     dataset, cell, seed, hidden, epochs = job
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +82,7 @@ def step_latency_us(onnx_bytes: bytes, batch: int, runs: int) -> float:
     """Median time of one streaming step (T=1, state in and out) at a batch size, one thread."""
     import onnxruntime as ort
 
-    from service.runner import session_options
+    from lstm_serve.core.runner import session_options
 
     session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
     feeds = {}
@@ -144,7 +144,7 @@ def gradient_by_step(net: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> n
 
 def gradient_flow(dataset: str = "basic-motions", hidden: int = 32, train_steps: int = 400, seed: int = 0) -> dict:
     """Train a plain RNN and an LSTM on the same sequences; measure the gradient reaching each step."""
-    from model.data import load_dataset
+    from lstm_serve.model.data import load_dataset
 
     data = load_dataset(dataset)
     train_x = torch.from_numpy(np.stack(data.train.sequences))  # BasicMotions: all length 100

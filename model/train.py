@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.data import Dataset, Split, load_dataset, pad_batch, stratified_split
-from model.model import ModelConfig, SequenceClassifier, combine_members
+from lstm_serve.model.data import Dataset, Split, load_dataset, pad_batch, stratified_split
+from lstm_serve.model.model import ModelConfig, SequenceClassifier, combine_members
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "japanese-vowels"  # a name from model.data.DATASETS
+    dataset: str = "japanese-vowels"  # a name from lstm_serve.model.data.DATASETS
     out_dir: str = "runs/japanese-vowels"  # where checkpoint, metrics and plot go
     seed: int = 0  # seeds data split, init, shuffling and augmentation
     epochs: int = 100  # passes over the training part (per ensemble member)

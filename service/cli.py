@@ -47,7 +47,7 @@ def apply_flags(instance, args: argparse.Namespace, prefix: str = ""):
 
 def train_config(argv: Sequence[str]):
     """Flags over the data set's recipe: `--dataset basic-motions` alone gives its batch size and epochs."""
-    from model.train import TrainConfig, config_for
+    from lstm_serve.model.train import TrainConfig, config_for
 
     dataset = argparse.ArgumentParser(add_help=False)
     dataset.add_argument("--dataset", default=TrainConfig().dataset)
@@ -59,7 +59,7 @@ def train_config(argv: Sequence[str]):
 
 def cmd_train(argv: Sequence[str]) -> None:
     needs_torch("train")
-    from model.train import train
+    from lstm_serve.model.train import train
 
     cfg = train_config(argv)
     metrics = train(cfg)
@@ -69,7 +69,7 @@ def cmd_train(argv: Sequence[str]) -> None:
 
 def cmd_export(argv: Sequence[str]) -> None:
     needs_torch("export")
-    from export.onnx_export import export_checkpoint
+    from lstm_serve.export.onnx_export import export_checkpoint
 
     parser = argparse.ArgumentParser("lstm-serve export", description="Checkpoint -> models/<name>/<version>/.")
     parser.add_argument("--checkpoint", default="runs/japanese-vowels/checkpoint.pt")
@@ -82,7 +82,7 @@ def cmd_export(argv: Sequence[str]) -> None:
     entry = export_checkpoint(args.checkpoint, args.repository, args.name, args.version)
     print(f"wrote {entry}/model.onnx and config.json")
     if args.check:
-        from export.parity import check_entry
+        from lstm_serve.export.parity import check_entry
 
         for line in check_entry(args.checkpoint, entry):
             print(line)
@@ -90,7 +90,7 @@ def cmd_export(argv: Sequence[str]) -> None:
 
 def cmd_report(argv: Sequence[str]) -> None:
     needs_torch("report")
-    from export.report import ReportConfig, report
+    from lstm_serve.export.report import ReportConfig, report
 
     parser = argparse.ArgumentParser("lstm-serve report", description="Every cell on every data set, measured.")
     defaults = ReportConfig()
@@ -104,13 +104,13 @@ def cmd_report(argv: Sequence[str]) -> None:
 
 
 def cmd_serve(argv: Sequence[str]) -> None:
-    from service.server import main
+    from lstm_serve.http.server import main
 
     main(argv)
 
 
 def cmd_bench(argv: Sequence[str]) -> None:
-    from service.bench.run import main
+    from lstm_serve.bench.run import main
 
     main(list(argv))
 

@@ -17,8 +17,8 @@ def shipped_entry() -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A few epochs of a small two-member ensemble: the real training path, fast."""
-    from model.model import ModelConfig
-    from model.train import TrainConfig, train
+    from lstm_serve.model.model import ModelConfig
+    from lstm_serve.model.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny-run")
     cfg = TrainConfig(out_dir=str(out), epochs=3, ensemble=2, progress=False, model=ModelConfig(hidden_size=8))
@@ -30,8 +30,8 @@ def tiny_run(tmp_path_factory) -> Path:
 def cell_runs(tmp_path_factory) -> Path:
     """One small model per cell, trained for two epochs on BasicMotions through the real entry point:
     `<cell>/checkpoint.pt` for lstm, peephole, coupled and gru."""
-    from model.model import CELLS, ModelConfig
-    from model.train import TrainConfig, train
+    from lstm_serve.model.model import CELLS, ModelConfig
+    from lstm_serve.model.train import TrainConfig, train
 
     runs = tmp_path_factory.mktemp("cell-runs")
     for cell in CELLS:
@@ -43,8 +43,8 @@ def cell_runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cell_repository(cell_runs, tmp_path_factory) -> Path:
     """Those models exported: a model repository of entries `lstm`, `peephole`, `coupled`, `gru`."""
-    from export.onnx_export import export_checkpoint
-    from model.model import CELLS
+    from lstm_serve.export.onnx_export import export_checkpoint
+    from lstm_serve.model.model import CELLS
 
     repository = tmp_path_factory.mktemp("cell-repository")
     for cell in CELLS:

@@ -2,7 +2,7 @@
 
 import re
 
-from service.settings import Settings
+from lstm_serve.settings import Settings
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()

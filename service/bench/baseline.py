@@ -4,7 +4,7 @@ Plain FastAPI + onnxruntime: pydantic models, one `session.run` per request, an 
 h/c for sessions, default onnxruntime session options. Served by `lstm-serve bench` with the same
 uvicorn settings as lstm-serve, on the same model file:
 
-    LSTM_SERVE_BASELINE_MODEL=models/japanese-vowels/1 uvicorn service.bench.baseline:app
+    LSTM_SERVE_BASELINE_MODEL=models/japanese-vowels/1 uvicorn lstm_serve.bench.baseline:app
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from urllib.parse import urlparse
 import numpy as np
 import orjson
 
-from service.bench import report
-from service.bench.clients import HttpConnection
-from service.bench.workloads import (
+from lstm_serve.bench import report
+from lstm_serve.bench.clients import HttpConnection
+from lstm_serve.bench.workloads import (
     classify_client,
     run_point,
     stream_http_client,
@@ -214,8 +214,8 @@ def onnxruntime_limit(model_dir: str, sequences: list[np.ndarray], batch_size: i
                       seconds: float = 1.5) -> float:
     """Items per second onnxruntime does in-process at this batch size (one intra-op thread, as served).
     frames=None: whole test sequences (classify); frames=1: one step from a carried state (stream)."""
-    from service.repository import load_entry
-    from service.runner import Item, OnnxRunner
+    from lstm_serve.core.repository import load_entry
+    from lstm_serve.core.runner import Item, OnnxRunner
 
     runner = OnnxRunner(load_entry(ROOT / model_dir), "cpu", 1)
     rng = np.random.default_rng(0)
@@ -264,18 +264,18 @@ async def wrk_check(server: Server, bodies: list[bytes], connections: int, cfg: 
 
 def load_test_sequences() -> list[np.ndarray]:
     try:
-        from model.data import load_dataset
+        from lstm_serve.model.data import load_dataset
     except ImportError:
         sys.exit("lstm-serve bench reads the JapaneseVowels test split from aeon: pip install 'lstm-serve[train]'")
     return load_dataset("japanese-vowels").test.sequences
 
 
 async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
-    ours = Server("lstm-serve", cfg.url, [sys.executable, "-m", "service.cli", "serve"])
+    ours = Server("lstm-serve", cfg.url, [sys.executable, "-m", "lstm_serve.cli", "serve"])
     uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--ws", "websockets-sansio", "--no-access-log",
                      "--log-level", "warning"]
     baseline = Server("baseline", cfg.baseline_url,
-                      [sys.executable, "-m", "uvicorn", "service.bench.baseline:app", *uvicorn_flags],
+                      [sys.executable, "-m", "uvicorn", "lstm_serve.bench.baseline:app", *uvicorn_flags],
                       env={"LSTM_SERVE_BASELINE_MODEL": str(ROOT / cfg.model_dir)})
     bodies = [orjson.dumps({"sequences": [s.tolist()]}) for s in sequences]
     results: dict = {"points": [], "replay": []}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from service.bench.clients import HttpConnection, WebSocketConnection
+from lstm_serve.bench.clients import HttpConnection, WebSocketConnection
 
 
 @dataclass

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
     out = tmp_path / "bench"
     subprocess.run(
-        [sys.executable, "-m", "service.cli", "bench", "--classify-levels", "1,4", "--stream-levels", "2",
+        [sys.executable, "-m", "lstm_serve.cli", "bench", "--classify-levels", "1,4", "--stream-levels", "2",
          "--warmup-s", "0.2", "--duration-s", "0.5", "--replay-lengths", "1,20", "--replay-repeats", "3",
          "--out-dir", str(out)],
         cwd=ROOT, check=True, timeout=300, capture_output=True,

@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.onnx_export import export_checkpoint, sha256
-from export.parity import last_step_probabilities, run_graph, torch_probabilities
+from lstm_serve.export.onnx_export import export_checkpoint, sha256
+from lstm_serve.export.parity import last_step_probabilities, run_graph, torch_probabilities
 
 
 @pytest.fixture(scope="module")

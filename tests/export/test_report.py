@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from export.report import PlainOrGated, ReportConfig, gradient_by_step, report
+from lstm_serve.export.report import PlainOrGated, ReportConfig, gradient_by_step, report
 
 
 def test_gradient_by_step_measures_each_frame():

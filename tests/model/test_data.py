@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from model.data import load_dataset, pad_batch, stratified_split
+from lstm_serve.model.data import load_dataset, pad_batch, stratified_split
 
 
 def test_japanese_vowels_official_split_from_package_data():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.model import CELLS, GatedLSTM, ModelConfig, ReferenceGRU, SequenceClassifier, combine_members
+from lstm_serve.model.model import CELLS, GatedLSTM, ModelConfig, ReferenceGRU, SequenceClassifier, combine_members
 
 
 def random_classifier(seed: int, **overrides) -> SequenceClassifier:

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import torch
 
-from model.train import load_checkpoint, random_crop
+from lstm_serve.model.train import load_checkpoint, random_crop
 
 
 def test_training_writes_checkpoint_metrics_and_plot(tiny_run):
@@ -34,8 +34,8 @@ def test_random_crop_keeps_a_contiguous_window_of_at_least_the_fraction():
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
-    from model.model import ModelConfig
-    from model.train import TrainConfig, train
+    from lstm_serve.model.model import ModelConfig
+    from lstm_serve.model.train import TrainConfig, train
 
     weights = []
     for run in ("a", "b"):
@@ -52,7 +52,7 @@ def test_a_data_sets_recipe_is_the_default_and_flags_still_win():
     from dataclasses import asdict
     from pathlib import Path
 
-    from service.cli import train_config
+    from lstm_serve.cli import train_config
 
     shipped = json.loads((Path(__file__).parents[2] / "models/basic-motions/training/metrics.json").read_text())
     recipe = asdict(train_config(["--dataset", "basic-motions"]))

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from model.data import load_dataset
+from lstm_serve.model.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), *flags],
+            [sys.executable, "-m", "lstm_serve.cli", "serve", "--port", str(self.port), *flags],
             # no drain delay unless a test asks for one: every server the suite stops would wait it out
             cwd=ROOT, env={**os.environ, "LSTM_SERVE_DRAIN_DELAY_S": "0", **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

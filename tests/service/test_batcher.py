@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from service.batcher import Batcher
-from service.errors import Overloaded
+from lstm_serve.core.batcher import Batcher
+from lstm_serve.errors import Overloaded
 
 
 class Recorder:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.data import load_dataset
-from model.model import CELLS
+from lstm_serve.model.data import load_dataset
+from lstm_serve.model.model import CELLS
 
 ATOL = 1e-5
 

@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.app import create_app
-from service.settings import Settings
+from lstm_serve.http.app import create_app
+from lstm_serve.settings import Settings
 from tests.service.conftest import ROOT
 
 
@@ -104,7 +104,7 @@ def test_sigterm_drains_readiness_first_then_stops_accepting(start_server):
 
 
 def run_serve(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "0", *flags], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "lstm_serve.cli", "serve", "--port", "0", *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -157,6 +157,6 @@ def test_readyz_is_503_until_the_lifespan_has_warmed_up():
 
 
 def test_the_serving_runtime_never_imports_torch():
-    code = ("import sys, service.app, service.cli, service.server; "
+    code = ("import sys, lstm_serve.http.app, lstm_serve.cli, lstm_serve.http.server; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

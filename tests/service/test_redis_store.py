@@ -5,9 +5,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.errors import SessionNotFound, StoreUnavailable, TooManySessions
-from service.redis_store import RedisSessionStore
-from service.sessions import new_record
+from lstm_serve.errors import SessionNotFound, StoreUnavailable, TooManySessions
+from lstm_serve.state.redis import RedisSessionStore
+from lstm_serve.state.sessions import new_record
 
 
 def run(coro):
@@ -90,7 +90,7 @@ def test_unreachable_redis_is_store_unavailable_not_a_crash():
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_create_with_an_id_restarts_that_session(kind, request):
     """What an Open Inference Protocol sequence_start relies on, the same in both stores."""
-    from service.sessions import InMemorySessionStore
+    from lstm_serve.state.sessions import InMemorySessionStore
 
     def make_store():
         if kind == "memory":

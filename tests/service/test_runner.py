@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.repository import RepositoryError, load_repository
-from service.runner import Item, OnnxRunner
+from lstm_serve.core.repository import RepositoryError, load_repository
+from lstm_serve.core.runner import Item, OnnxRunner
 from tests.conftest import SHIPPED_ENTRY
 
 

@@ -22,15 +22,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.batcher import Batcher
-from service.engine import Engine, LoadedModel
-from service.errors import SessionNotFound, SessionRestarted
-from service.metrics import Metrics
-from service.redis_store import RedisSessionStore
-from service.repository import ModelEntry
-from service.runner import Item, Output
-from service.sessions import InMemorySessionStore, new_record
-from service.settings import Settings
+from lstm_serve.core.batcher import Batcher
+from lstm_serve.core.engine import Engine, LoadedModel
+from lstm_serve.errors import SessionNotFound, SessionRestarted
+from lstm_serve.core.metrics import Metrics
+from lstm_serve.state.redis import RedisSessionStore
+from lstm_serve.core.repository import ModelEntry
+from lstm_serve.core.runner import Item, Output
+from lstm_serve.state.sessions import InMemorySessionStore, new_record
+from lstm_serve.settings import Settings
 
 CAPACITY = 64  # frames a history can hold
 

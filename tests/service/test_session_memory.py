@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import redis
 
-from service.engine import Engine
-from service.metrics import Metrics
-from service.sessions import InMemorySessionStore, SessionRecord
-from service.settings import Settings
+from lstm_serve.core.engine import Engine
+from lstm_serve.core.metrics import Metrics
+from lstm_serve.state.sessions import InMemorySessionStore, SessionRecord
+from lstm_serve.settings import Settings
 
 MODEL = "japanese-vowels"
 OVERHEAD = 2048  # Python objects around the arrays: the record, its strings and tuples, the store's slot

@@ -5,8 +5,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.errors import SessionNotFound, TooManySessions
-from service.sessions import InMemorySessionStore, KeyedLocks, new_record
+from lstm_serve.errors import SessionNotFound, TooManySessions
+from lstm_serve.state.sessions import InMemorySessionStore, KeyedLocks, new_record
 
 
 class Clock:

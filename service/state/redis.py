@@ -21,8 +21,8 @@ import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import SessionNotFound, StoreUnavailable, TooManySessions
-from service.sessions import KeyedLocks, SessionRecord
+from lstm_serve.errors import SessionNotFound, StoreUnavailable, TooManySessions
+from lstm_serve.state.sessions import KeyedLocks, SessionRecord
 
 log = logging.getLogger("lstm_serve")
 PREFIX = "lstm-serve:"

@@ -15,23 +15,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from service import openapi
-from service.api import HOT_ROUTES, router
-from service.engine import Engine
-from service.errors import InvalidInput, ServiceError
-from service.frontdoor import FrontDoor, rejected
-from service.http import JSON, error_response, internal_error
-from service.metrics import Metrics
-from service.oip import OIP_ROUTES
-from service.sessions import InMemorySessionStore, SessionStore
-from service.settings import Settings
+from lstm_serve.http import openapi
+from lstm_serve.protocols.v1 import HOT_ROUTES, router
+from lstm_serve.core.engine import Engine
+from lstm_serve.errors import InvalidInput, ServiceError
+from lstm_serve.http.frontdoor import FrontDoor, rejected
+from lstm_serve.protocols.http import JSON, error_response, internal_error
+from lstm_serve.core.metrics import Metrics
+from lstm_serve.protocols.oip import OIP_ROUTES
+from lstm_serve.state.sessions import InMemorySessionStore, SessionStore
+from lstm_serve.settings import Settings
 
 log = logging.getLogger("lstm_serve")
 
 
 def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
     if settings.redis_url:
-        from service.redis_store import RedisSessionStore
+        from lstm_serve.state.redis import RedisSessionStore
 
         return RedisSessionStore(settings.redis_url, settings.session_ttl_s, settings.max_sessions,
                                  on_expired=metrics.sessions_expired.inc)

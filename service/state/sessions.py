@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.errors import SessionNotFound, TooManySessions
+from lstm_serve.errors import SessionNotFound, TooManySessions
 
 
 @dataclass(frozen=True)

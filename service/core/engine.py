@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batcher import Batcher
-from service.errors import InvalidInput, ModelNotFound, SequenceConflict, SessionRestarted
-from service.metrics import Metrics
-from service.repository import ModelEntry, load_repository
-from service.runner import Item, OnnxRunner, Output
-from service.sessions import SessionRecord, SessionStore, new_record
-from service.settings import Settings
+from lstm_serve.core.batcher import Batcher
+from lstm_serve.errors import InvalidInput, ModelNotFound, SequenceConflict, SessionRestarted
+from lstm_serve.core.metrics import Metrics
+from lstm_serve.core.repository import ModelEntry, load_repository
+from lstm_serve.core.runner import Item, OnnxRunner, Output
+from lstm_serve.state.sessions import SessionRecord, SessionStore, new_record
+from lstm_serve.settings import Settings
 
 log = logging.getLogger("lstm_serve")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from service.repository import ModelEntry
+from lstm_serve.core.repository import ModelEntry
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 

@@ -9,11 +9,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import Response
 
-from service.engine import Engine, LoadedModel, StepResult
-from service.errors import InvalidInput, NotReady, ServiceError, SessionNotFound
-from service.frontdoor import HotRoute
-from service.http import JSON, dumps, parse
-from service.schemas import (
+from lstm_serve.core.engine import Engine, LoadedModel, StepResult
+from lstm_serve.errors import InvalidInput, NotReady, ServiceError, SessionNotFound
+from lstm_serve.http.frontdoor import HotRoute
+from lstm_serve.protocols.http import JSON, dumps, parse
+from lstm_serve.protocols.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     ErrorResponse,
@@ -24,7 +24,7 @@ from service.schemas import (
     StepRequest,
     StepResponse,
 )
-from service.sessions import SessionRecord, new_session_id
+from lstm_serve.state.sessions import SessionRecord, new_session_id
 
 
 async def get_engine(request: Request) -> Engine:

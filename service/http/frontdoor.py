@@ -21,9 +21,9 @@ from starlette.routing import compile_path
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from service.errors import BodyTooLarge, MethodNotAllowed, Overloaded, ServiceError, TooManySessions
-from service.http import error_response
-from service.metrics import Metrics
+from lstm_serve.errors import BodyTooLarge, MethodNotAllowed, Overloaded, ServiceError, TooManySessions
+from lstm_serve.protocols.http import error_response
+from lstm_serve.core.metrics import Metrics
 
 log = logging.getLogger("lstm_serve")
 REJECTIONS = (Overloaded, TooManySessions, BodyTooLarge)

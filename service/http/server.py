@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import uvicorn
 from pydantic import ValidationError
 
-from service.settings import Settings
-from service.websocket_handshake import WebSocketHandshakeGuard
+from lstm_serve.settings import Settings
+from lstm_serve.http.websocket_handshake import WebSocketHandshakeGuard
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:
@@ -36,7 +36,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
 def main(argv: Sequence[str] = ()) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from service.app import create_app
+    from lstm_serve.http.app import create_app
 
     options = dict(
         host=settings.host,
@@ -51,6 +51,6 @@ def main(argv: Sequence[str] = ()) -> None:
     if settings.workers > 1:  # each worker process builds its app from the same LSTM_SERVE_* settings
         for name, value in settings.model_dump(exclude_unset=True).items():
             os.environ[f"LSTM_SERVE_{name.upper()}"] = str(value)
-        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **options)
+        uvicorn.run("lstm_serve.http.app:app_from_env", factory=True, workers=settings.workers, **options)
     else:
         uvicorn.run(create_app(settings), **options)

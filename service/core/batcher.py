@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from service.errors import Overloaded
+from lstm_serve.errors import Overloaded
 
 In = TypeVar("In")
 Out = TypeVar("Out")

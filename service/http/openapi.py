@@ -8,9 +8,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from service.api import HOT_ROUTE_DOCS
-from service.oip import OIP_ROUTE_DOCS
-from service.schemas import ErrorResponse, OipError
+from lstm_serve.protocols.v1 import HOT_ROUTE_DOCS
+from lstm_serve.protocols.oip import OIP_ROUTE_DOCS
+from lstm_serve.protocols.schemas import ErrorResponse, OipError
 
 REF = "#/components/schemas/{model}"
 

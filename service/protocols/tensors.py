@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import BodyTooLarge, InvalidInput, MalformedRequest, UnsupportedEncoding
-from service.http import dumps, parse
-from service.schemas import InferenceRequest, InferInputTensor
+from lstm_serve.errors import BodyTooLarge, InvalidInput, MalformedRequest, UnsupportedEncoding
+from lstm_serve.protocols.http import dumps, parse
+from lstm_serve.protocols.schemas import InferenceRequest, InferInputTensor
 
 HEADER_LENGTH = "inference-header-content-length"
 # OIP datatype -> numpy little-endian dtype; BYTES are length-prefixed strings

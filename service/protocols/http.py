@@ -8,7 +8,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from service.errors import InvalidInput, MalformedRequest, ServiceError
+from lstm_serve.errors import InvalidInput, MalformedRequest, ServiceError
 
 M = TypeVar("M", bound=BaseModel)
 

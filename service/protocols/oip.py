@@ -16,14 +16,14 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.api import check_ready
-from service.engine import Engine, LoadedModel
-from service.errors import InvalidInput, ModelNotFound, NotFound, ServiceError, SessionNotFound
-from service.frontdoor import HotRoute
-from service.http import JSON
-from service.runner import Output
-from service.schemas import InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata
-from service.tensors import DTYPES, HEADER_LENGTH, OutputTensor, decompress, read_request, write_response
+from lstm_serve.protocols.v1 import check_ready
+from lstm_serve.core.engine import Engine, LoadedModel
+from lstm_serve.errors import InvalidInput, ModelNotFound, NotFound, ServiceError, SessionNotFound
+from lstm_serve.http.frontdoor import HotRoute
+from lstm_serve.protocols.http import JSON
+from lstm_serve.core.runner import Output
+from lstm_serve.protocols.schemas import InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata
+from lstm_serve.protocols.tensors import DTYPES, HEADER_LENGTH, OutputTensor, decompress, read_request, write_response
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "sequence"]
 PLATFORM = "onnxruntime_onnx"
