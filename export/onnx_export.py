@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
-from torch import nn
-
 from lstm_serve.model.model import ModelConfig, SequenceClassifier
 from lstm_serve.model.train import load_checkpoint
+from onnx import helper, numpy_helper
+from torch import nn
 
 OPSET = 17
 RECURRENT_OPS = {"lstm": "LSTM", "peephole": "LSTM", "coupled": "LSTM", "gru": "GRU"}
@@ -108,11 +107,23 @@ def export_onnx(model: SequenceClassifier, path: Path, opset: int = OPSET) -> No
     inputs, outputs = tensor_names(model)
     B, T = 3, 5  # >= 2, or the exporter bakes them in as static dims
     example = (torch.randn(B, T, cfg.input_dim), *twin.zero_state(B), torch.tensor([5, 4, 2]))
-    axes = {"x": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch", 1: "time"},
-            **{name: {1: "batch"} for name in inputs[1:-1] + outputs[1:]}}
+    axes = {
+        "x": {0: "batch", 1: "time"},
+        "lengths": {0: "batch"},
+        "logits": {0: "batch", 1: "time"},
+        **{name: {1: "batch"} for name in inputs[1:-1] + outputs[1:]},
+    }
     with torch.no_grad():
-        torch.onnx.export(OnnxSignature(twin), example, str(path), dynamo=False, opset_version=opset,
-                          input_names=inputs, output_names=outputs, dynamic_axes=axes)
+        torch.onnx.export(
+            OnnxSignature(twin),
+            example,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+        )
     model.eval(), twin.eval()  # torch 2.13's exporter leaves the module in training mode: dropout on
     graph = onnx.load(str(path))
     if patches:
@@ -131,8 +142,12 @@ def check_contract(graph: onnx.ModelProto, model: SequenceClassifier) -> None:
     cfg, H = model.config, model.state_size
     inputs, outputs = tensor_names(model)
     state = [cfg.num_layers, "batch", H]
-    expected = {"x": ["batch", "time", cfg.input_dim], "lengths": ["batch"],
-                "logits": ["batch", "time", cfg.num_classes], **{name: state for name in inputs[1:-1] + outputs[1:]}}
+    expected = {
+        "x": ["batch", "time", cfg.input_dim],
+        "lengths": ["batch"],
+        "logits": ["batch", "time", cfg.num_classes],
+        **{name: state for name in inputs[1:-1] + outputs[1:]},
+    }
     found = {v.name: tensor_shape(v) for v in [*graph.graph.input, *graph.graph.output]}
     assert found == expected, f"exported graph breaks the contract: {found} != {expected}"
     ops = {n.op_type for n in graph.graph.node}
@@ -154,7 +169,7 @@ def check_against_model(path: Path, model: SequenceClassifier, atol: float = 1e-
     feeds = dict(zip(inputs, [x.numpy(), *(s.numpy() for s in state), lengths.numpy()], strict=True))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     results = session.run(outputs, feeds)
-    valid = (np.arange(T)[None, :, None] < lengths.numpy()[:, None, None])  # logits past a length are padding
+    valid = np.arange(T)[None, :, None] < lengths.numpy()[:, None, None]  # logits past a length are padding
     for name, ours, theirs in zip(outputs, results, [logits, *final], strict=True):
         theirs = theirs.numpy()
         if name == "logits":

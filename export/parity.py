@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-
 from lstm_serve.export.onnx_export import sha256
 from lstm_serve.model.data import load_dataset, pad_batch
 from lstm_serve.model.train import load_checkpoint
@@ -18,8 +17,12 @@ def ort_session(path: str | Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def run_graph(session: ort.InferenceSession, x: np.ndarray, lengths: np.ndarray | None = None,
-              state: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, ...]:
+def run_graph(
+    session: ort.InferenceSession,
+    x: np.ndarray,
+    lengths: np.ndarray | None = None,
+    state: tuple[np.ndarray, ...] | None = None,
+) -> tuple[np.ndarray, ...]:
     """x (B, T, D) -> logits (B, T, C) and the state after it (hn[, cn], each (L, B, H)); zero state and
     full lengths by default. The state tensors are whatever the graph declares besides x and lengths."""
     B, T, _ = x.shape
@@ -28,8 +31,11 @@ def run_graph(session: ort.InferenceSession, x: np.ndarray, lengths: np.ndarray 
         state = tuple(np.zeros((i.shape[0], B, i.shape[2]), np.float32) for i in state_inputs)
     if lengths is None:
         lengths = np.full(B, T, np.int64)
-    feeds = {"x": x.astype(np.float32), "lengths": lengths.astype(np.int64),
-             **{i.name: s for i, s in zip(state_inputs, state, strict=True)}}
+    feeds = {
+        "x": x.astype(np.float32),
+        "lengths": lengths.astype(np.int64),
+        **{i.name: s for i, s in zip(state_inputs, state, strict=True)},
+    }
     return tuple(session.run(None, feeds))
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from lstm_serve.model.model import CELLS, ModelConfig
 from lstm_serve.model.train import DATASET_RECIPES
+from torch import nn
 
 # Published test accuracies on the same train/test splits, quoted (not re-run here).
 PUBLISHED = {
@@ -39,10 +38,10 @@ PUBLISHED = {
 }
 REFERENCES = {
     "bagnall2018": "A. Bagnall, H. A. Dau, J. Lines, M. Flynn, J. Large, A. Bostrom, P. Southam, E. Keogh. "
-                   "*The UEA multivariate time series classification archive, 2018.* arXiv:1811.00075, "
-                   "benchmark table (1-NN classifiers).",
+    "*The UEA multivariate time series classification archive, 2018.* arXiv:1811.00075, "
+    "benchmark table (1-NN classifiers).",
     "kudo1999": "M. Kudo, J. Toyama, M. Shimbo. *Multidimensional curve classification using passing-through "
-                "regions.* Pattern Recognition Letters 20(11-13):1103-1111, 1999.",
+    "regions.* Pattern Recognition Letters 20(11-13):1103-1111, 1999.",
 }
 
 
@@ -67,21 +66,34 @@ def train_one(job: tuple[str, str, int, int, int]) -> dict:
 
     dataset, cell, seed, hidden, epochs = job
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config_for(dataset, out_dir=tmp, seed=seed, ensemble=1, progress=False,
-                         model=ModelConfig(hidden_size=hidden, cell=cell), **({"epochs": epochs} if epochs else {}))
+        cfg = config_for(
+            dataset,
+            out_dir=tmp,
+            seed=seed,
+            ensemble=1,
+            progress=False,
+            model=ModelConfig(hidden_size=hidden, cell=cell),
+            **({"epochs": epochs} if epochs else {}),
+        )
         metrics = train(cfg)
         entry = export_checkpoint(Path(tmp) / "checkpoint.pt", Path(tmp) / "repo", f"{dataset}-{cell}", 1)
         onnx_bytes = (entry / "model.onnx").read_bytes()
         config = json.loads((entry / "config.json").read_text())
-    return {"dataset": dataset, "cell": cell, "seed": seed, "test_accuracy": metrics["test_accuracy"],
-            "parameters": config["parameters"], "onnx_bytes": len(onnx_bytes), "train_seconds": metrics["wall_time_s"],
-            "onnx": onnx_bytes if seed == 0 else None}
+    return {
+        "dataset": dataset,
+        "cell": cell,
+        "seed": seed,
+        "test_accuracy": metrics["test_accuracy"],
+        "parameters": config["parameters"],
+        "onnx_bytes": len(onnx_bytes),
+        "train_seconds": metrics["wall_time_s"],
+        "onnx": onnx_bytes if seed == 0 else None,
+    }
 
 
 def step_latency_us(onnx_bytes: bytes, batch: int, runs: int) -> float:
     """Median time of one streaming step (T=1, state in and out) at a batch size, one thread."""
     import onnxruntime as ort
-
     from lstm_serve.core.runner import session_options
 
     session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
@@ -110,15 +122,22 @@ def summarise(runs: list[dict], cfg: ReportConfig) -> list[dict]:
             mine = [r for r in runs if r["dataset"] == dataset and r["cell"] == cell]
             accuracy = np.array([r["test_accuracy"] for r in mine])
             first = next(r for r in mine if r["seed"] == 0)
-            rows.append({
-                "dataset": dataset, "cell": cell, "accuracy_mean": float(accuracy.mean()),
-                "accuracy_std": float(accuracy.std(ddof=1)) if len(accuracy) > 1 else 0.0,
-                "accuracy_min": float(accuracy.min()), "accuracy_max": float(accuracy.max()),
-                "accuracies": accuracy.tolist(), "parameters": first["parameters"], "onnx_bytes": first["onnx_bytes"],
-                "train_seconds": float(np.mean([r["train_seconds"] for r in mine])),
-                "step_us_batch1": step_latency_us(first["onnx"], 1, cfg.latency_runs),
-                "step_us_batch64": step_latency_us(first["onnx"], 64, cfg.latency_runs),
-            })
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "cell": cell,
+                    "accuracy_mean": float(accuracy.mean()),
+                    "accuracy_std": float(accuracy.std(ddof=1)) if len(accuracy) > 1 else 0.0,
+                    "accuracy_min": float(accuracy.min()),
+                    "accuracy_max": float(accuracy.max()),
+                    "accuracies": accuracy.tolist(),
+                    "parameters": first["parameters"],
+                    "onnx_bytes": first["onnx_bytes"],
+                    "train_seconds": float(np.mean([r["train_seconds"] for r in mine])),
+                    "step_us_batch1": step_latency_us(first["onnx"], 1, cfg.latency_runs),
+                    "step_us_batch64": step_latency_us(first["onnx"], 64, cfg.latency_runs),
+                }
+            )
     return rows
 
 
@@ -168,8 +187,11 @@ def gradient_flow(dataset: str = "basic-motions", hidden: int = 32, train_steps:
         net.zero_grad()
         with torch.no_grad():
             accuracy = float((net(test_x).argmax(1) == test_y).float().mean())
-        results[kind] = {"at_init": at_init.tolist(), "trained": gradient_by_step(net, test_x, test_y).tolist(),
-                         "test_accuracy": accuracy}
+        results[kind] = {
+            "at_init": at_init.tolist(),
+            "trained": gradient_by_step(net, test_x, test_y).tolist(),
+            "test_accuracy": accuracy,
+        }
     return {"dataset": dataset, "steps": train_x.shape[1], "hidden": hidden, "train_steps": train_steps, **results}
 
 
@@ -186,8 +208,14 @@ def plot_cells(rows: list[dict], cfg: ReportConfig, path: Path) -> None:
     for k, dataset in enumerate(cfg.datasets):
         mine = [r for r in rows if r["dataset"] == dataset]
         offset = (k - (len(cfg.datasets) - 1) / 2) * width
-        axes[0].bar(x + offset, [r["accuracy_mean"] for r in mine], width, yerr=[r["accuracy_std"] for r in mine],
-                    capsize=3, label=dataset)
+        axes[0].bar(
+            x + offset,
+            [r["accuracy_mean"] for r in mine],
+            width,
+            yerr=[r["accuracy_std"] for r in mine],
+            capsize=3,
+            label=dataset,
+        )
         for key, ax in (("step_us_batch1", axes[1]), ("step_us_batch64", axes[2])):
             ax.bar(x + offset, [r[key] for r in mine], width, label=dataset)
     axes[0].set_ylim(0.8, 1.0)
@@ -219,8 +247,10 @@ def plot_gradient_flow(flow: dict, path: Path) -> None:
         ax.invert_xaxis()
         ax.legend()
     axes[0].set_ylabel("mean ||dL/dx_t||")
-    fig.suptitle(f"{flow['dataset']} test sequences of {flow['steps']} frames (one layer, hidden {flow['hidden']}, "
-                 f"{flow['train_steps']} Adam steps)")
+    fig.suptitle(
+        f"{flow['dataset']} test sequences of {flow['steps']} frames (one layer, hidden {flow['hidden']}, "
+        f"{flow['train_steps']} Adam steps)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -241,19 +271,24 @@ def markdown(rows: list[dict], flow: dict, cfg: ReportConfig, wall_s: float) -> 
         "",
     ]
     for dataset in cfg.datasets:
-        lines += [f"## {dataset}", "",
-                  "| cell | test accuracy (mean ± sd) | min–max | parameters | ONNX size | step, batch 1 | "
-                  "step, batch 64 | per sequence at 64 | train time |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {dataset}",
+            "",
+            "| cell | test accuracy (mean ± sd) | min–max | parameters | ONNX size | step, batch 1 | "
+            "step, batch 64 | per sequence at 64 | train time |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in (r for r in rows if r["dataset"] == dataset):
             lines.append(
                 f"| {r['cell']} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {r['accuracy_min']:.4f}–"
                 f"{r['accuracy_max']:.4f} | {r['parameters']:,} | {r['onnx_bytes'] / 1024:.0f} KiB | "
                 f"{r['step_us_batch1']:.0f} µs | {r['step_us_batch64']:.0f} µs | {r['step_us_batch64'] / 64:.1f} µs | "
-                f"{r['train_seconds']:.0f} s |")
+                f"{r['train_seconds']:.0f} s |"
+            )
         lines += ["", "Published results on the same split (quoted, not re-run here):", ""]
         lines += [f"- {name}: {accuracy:.3f} [{ref}]" for name, accuracy, ref in PUBLISHED[dataset]]
         lines.append("")
+
     def reach(gradients: list[float]) -> str:
         ratio = gradients[0] / gradients[-1]
         return f"{ratio:.2g}" if ratio else "0 (underflows float32)"
@@ -269,8 +304,10 @@ def markdown(rows: list[dict], flow: dict, cfg: ReportConfig, wall_s: float) -> 
         "",
         "| | test accuracy | gradient at the first frame / at the last, initialised | … trained |",
         "|---|---|---|---|",
-        *(f"| {name} | {flow[k]['test_accuracy']:.3f} | {reach(flow[k]['at_init'])} | {reach(flow[k]['trained'])} |"
-          for k, name in (("rnn", "plain RNN"), ("lstm", "LSTM"))),
+        *(
+            f"| {name} | {flow[k]['test_accuracy']:.3f} | {reach(flow[k]['at_init'])} | {reach(flow[k]['trained'])} |"
+            for k, name in (("rnn", "plain RNN"), ("lstm", "LSTM"))
+        ),
         "",
         "In the plain RNN every step multiplies the gradient by W_hh and tanh', so what reaches early frames "
         "shrinks geometrically with distance; in the LSTM it can also flow back along the cell state, multiplied "
@@ -295,8 +332,12 @@ def report(cfg: ReportConfig) -> Path:
     flow = gradient_flow(train_steps=cfg.gradient_steps)
     plot_cells(rows, cfg, out / "report.png")
     plot_gradient_flow(flow, out / "gradient-flow.png")
-    results = {"config": asdict(cfg), "cells": rows, "gradient_flow": flow,
-               "runs": [{k: v for k, v in r.items() if k != "onnx"} for r in runs]}
+    results = {
+        "config": asdict(cfg),
+        "cells": rows,
+        "gradient_flow": flow,
+        "runs": [{k: v for k, v in r.items() if k != "onnx"} for r in runs],
+    }
     (out / "report.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "REPORT.md").write_text(markdown(rows, flow, cfg, time.time() - started))
     return out / "REPORT.md"

@@ -55,8 +55,9 @@ class GatedLSTM(nn.Module):
     but exact; the export maps each variant onto ONNX's LSTM op, which has both variants built in.
     """
 
-    def __init__(self, input_dim: int, hidden_size: int, num_layers: int, variant: str = "lstm",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, input_dim: int, hidden_size: int, num_layers: int, variant: str = "lstm", dropout: float = 0.0
+    ) -> None:
         super().__init__()
         assert variant in ("lstm", "peephole", "coupled"), f"unknown LSTM variant {variant!r}"
         self.hidden_size, self.num_layers, self.variant, self.dropout = hidden_size, num_layers, variant, dropout
@@ -64,15 +65,20 @@ class GatedLSTM(nn.Module):
         bound = hidden_size**-0.5  # nn.LSTM's initialisation
         for layer in range(num_layers):
             d = input_dim if layer == 0 else hidden_size
-            shapes = {"weight_ih": (gates * hidden_size, d), "weight_hh": (gates * hidden_size, hidden_size),
-                      "bias_ih": (gates * hidden_size,), "bias_hh": (gates * hidden_size,)}
+            shapes = {
+                "weight_ih": (gates * hidden_size, d),
+                "weight_hh": (gates * hidden_size, hidden_size),
+                "bias_ih": (gates * hidden_size,),
+                "bias_hh": (gates * hidden_size,),
+            }
             if variant == "peephole":
                 shapes["weight_peephole"] = (3, hidden_size)
             for name, shape in shapes.items():
                 self.register_parameter(f"{name}_l{layer}", nn.Parameter(torch.empty(shape).uniform_(-bound, bound)))
 
-    def layer(self, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
-              lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layer(
+        self, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer over the whole sequence: x (B, T, D), h and c (B, H) -> outputs (B, T, H), h, c.
         Past a row's length its state stays as it was and its output is zero (as with packed sequences)."""
         w_hh = getattr(self, f"weight_hh_l{layer}")
@@ -104,8 +110,9 @@ class GatedLSTM(nn.Module):
                 outputs.append(h)
         return torch.stack(outputs, dim=1), h, c
 
-    def forward(self, x: torch.Tensor, state: State | None = None,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, state: State | None = None, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State]:
         """x (B, T, D) -> outputs of the last layer (B, T, H) and the final (h, c), each (L, B, H)."""
         if state is None:
             zeros = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from lstm_serve.model.data import Dataset, Split, load_dataset, pad_batch, stratified_split
 from lstm_serve.model.model import ModelConfig, SequenceClassifier, combine_members
+from tqdm import tqdm
 
 
 @dataclass
@@ -95,8 +94,9 @@ def evaluate(model: SequenceClassifier, split: Split, indices: np.ndarray) -> tu
     return sum(losses) / len(indices), float((predicted == split.labels[indices]).mean()), predicted
 
 
-def train_member(cfg: TrainConfig, data: Dataset, fit_idx: np.ndarray, val_idx: np.ndarray, seed: int,
-                 label: str) -> tuple[SequenceClassifier, dict, int]:
+def train_member(
+    cfg: TrainConfig, data: Dataset, fit_idx: np.ndarray, val_idx: np.ndarray, seed: int, label: str
+) -> tuple[SequenceClassifier, dict, int]:
     """Train one network; return its best weights (by validation), its history and the best epoch."""
     set_seed(seed)
     model = SequenceClassifier(cfg.model)
@@ -193,8 +193,13 @@ def save(cfg: TrainConfig, data: Dataset, model: SequenceClassifier, metrics: di
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {"model_config": model.config.to_dict(), "state_dict": model.state_dict(), "labels": data.label_names,
-         "dataset": cfg.dataset, "metrics": {k: v for k, v in metrics.items() if k != "history"}},
+        {
+            "model_config": model.config.to_dict(),
+            "state_dict": model.state_dict(),
+            "labels": data.label_names,
+            "dataset": cfg.dataset,
+            "metrics": {k: v for k, v in metrics.items() if k != "history"},
+        },
         out / "checkpoint.pt",
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -31,8 +31,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, instance, prefix: str =
                 flag, dest=f"{prefix}{field.name}", action=argparse.BooleanOptionalAction, default=value
             )
         else:
-            parser.add_argument(flag, dest=f"{prefix}{field.name}", type=type(value), default=value,
-                                help=f"(default: {value})")
+            parser.add_argument(
+                flag, dest=f"{prefix}{field.name}", type=type(value), default=value, help=f"(default: {value})"
+            )
 
 
 def apply_flags(instance, args: argparse.Namespace, prefix: str = ""):
@@ -63,8 +64,10 @@ def cmd_train(argv: Sequence[str]) -> None:
 
     cfg = train_config(argv)
     metrics = train(cfg)
-    print(f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['split']['test']} sequences, "
-          f"{metrics['wall_time_s']} s; wrote {cfg.out_dir}/checkpoint.pt, metrics.json, training.png")
+    print(
+        f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['split']['test']} sequences, "
+        f"{metrics['wall_time_s']} s; wrote {cfg.out_dir}/checkpoint.pt, metrics.json, training.png"
+    )
 
 
 def cmd_export(argv: Sequence[str]) -> None:
@@ -76,8 +79,12 @@ def cmd_export(argv: Sequence[str]) -> None:
     parser.add_argument("--repository", default="models", help="model repository folder")
     parser.add_argument("--name", default="japanese-vowels")
     parser.add_argument("--version", type=int, default=1)
-    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the parity checks on the exported graph")
+    parser.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the parity checks on the exported graph",
+    )
     args = parser.parse_args(argv)
     entry = export_checkpoint(args.checkpoint, args.repository, args.name, args.version)
     print(f"wrote {entry}/model.onnx and config.json")

@@ -15,8 +15,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="ignore")
 
     model_repository: Path = Field(DEFAULT_REPOSITORY, description="folder of <name>/<version>/ model entries")
-    default_model: str = Field("japanese-vowels", description="model used when a request names none; if not set "
-                               "and the repository lacks it, the repository's first model by name")
+    default_model: str = Field(
+        "japanese-vowels",
+        description="model used when a request names none; if not set "
+        "and the repository lacks it, the repository's first model by name",
+    )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime execution: auto = CUDA if onnxruntime-gpu sees a GPU, else CPU"
     )
@@ -36,10 +39,16 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     workers: int = Field(1, ge=1, description="server processes; more than 1 needs redis_url")
-    drain_delay_s: float = Field(3.0, ge=0, le=600, description="on SIGTERM, seconds /readyz answers 503 while the "
-                                 "server keeps serving, so load balancers stop routing here before it stops accepting")
-    shutdown_timeout_s: float = Field(30.0, ge=0, description="after the drain delay, time in-flight requests get "
-                                      "to finish")
+    drain_delay_s: float = Field(
+        3.0,
+        ge=0,
+        le=600,
+        description="on SIGTERM, seconds /readyz answers 503 while the "
+        "server keeps serving, so load balancers stop routing here before it stops accepting",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="after the drain delay, time in-flight requests get to finish"
+    )
     access_log: bool = Field(False, description="log every request")
 
     @model_validator(mode="after")

@@ -35,8 +35,16 @@ def cell_runs(tmp_path_factory) -> Path:
 
     runs = tmp_path_factory.mktemp("cell-runs")
     for cell in CELLS:
-        train(TrainConfig(dataset="basic-motions", out_dir=str(runs / cell), epochs=2, ensemble=1, progress=False,
-                          model=ModelConfig(hidden_size=8, cell=cell)))
+        train(
+            TrainConfig(
+                dataset="basic-motions",
+                out_dir=str(runs / cell),
+                epochs=2,
+                ensemble=1,
+                progress=False,
+                model=ModelConfig(hidden_size=8, cell=cell),
+            )
+        )
     return runs
 
 

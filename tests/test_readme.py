@@ -3,6 +3,7 @@
 import re
 
 from lstm_serve.settings import Settings
+
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()

@@ -23,7 +23,6 @@ from urllib.parse import urlparse
 
 import numpy as np
 import orjson
-
 from lstm_serve.bench import report
 from lstm_serve.bench.clients import HttpConnection
 from lstm_serve.bench.workloads import (
@@ -67,8 +66,13 @@ class Server:
         if url is None:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            self.proc = subprocess.Popen([*command, "--port", str(port)], cwd=ROOT, env={**os.environ, **(env or {})},
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [*command, "--port", str(port)],
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         parsed = urlparse(url)
         self.url, self.host, self.port = url, parsed.hostname, parsed.port
 
@@ -116,8 +120,12 @@ async def scrape(server: Server) -> dict[str, float]:
         server.has_metrics = False
         return values
     for line in body.decode().splitlines():
-        for key in ("lstm_serve_batch_size_sum", "lstm_serve_batch_size_count",
-                    "lstm_serve_queue_wait_seconds_sum", "lstm_serve_queue_wait_seconds_count"):
+        for key in (
+            "lstm_serve_batch_size_sum",
+            "lstm_serve_batch_size_count",
+            "lstm_serve_queue_wait_seconds_sum",
+            "lstm_serve_queue_wait_seconds_count",
+        ):
             if line.startswith(key + "{"):
                 values[key] = values.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return values
@@ -130,8 +138,10 @@ def server_side(before: dict, after: dict) -> dict:
     items = after["lstm_serve_batch_size_sum"] - before["lstm_serve_batch_size_sum"]
     waits = after["lstm_serve_queue_wait_seconds_count"] - before["lstm_serve_queue_wait_seconds_count"]
     wait_s = after["lstm_serve_queue_wait_seconds_sum"] - before["lstm_serve_queue_wait_seconds_sum"]
-    return {"mean_batch_size": items / batches if batches else None,
-            "mean_queue_wait_ms": 1000 * wait_s / waits if waits else None}
+    return {
+        "mean_batch_size": items / batches if batches else None,
+        "mean_queue_wait_ms": 1000 * wait_s / waits if waits else None,
+    }
 
 
 async def measure(server: Server, workload: str, client, concurrency: int, cfg: BenchConfig) -> dict:
@@ -161,10 +171,13 @@ async def measure(server: Server, workload: str, client, concurrency: int, cfg: 
     own = (times_after.user + times_after.system) - (times_before.user + times_before.system)
     result["loadgen_cpu_pct"] = round(100 * own / (t1 - t0), 1)
     result["server_cpu_pct"] = round(100 * (cpu_after - cpu_before) / (t1 - t0), 1) if cpu_after is not None else None
-    print(f"  {server.name:9s} {workload:12s} c={concurrency:<4d} {result['throughput']:8.0f}/s "
-          f"p50 {result['p50_ms']:6.2f} p99 {result['p99_ms']:7.2f} ms  err {result['errors']}  "
-          f"batch {result.get('mean_batch_size') or 0:5.1f}  cpu srv {result['server_cpu_pct']}% "
-          f"gen {result['loadgen_cpu_pct']}%", flush=True)
+    print(
+        f"  {server.name:9s} {workload:12s} c={concurrency:<4d} {result['throughput']:8.0f}/s "
+        f"p50 {result['p50_ms']:6.2f} p99 {result['p99_ms']:7.2f} ms  err {result['errors']}  "
+        f"batch {result.get('mean_batch_size') or 0:5.1f}  cpu srv {result['server_cpu_pct']}% "
+        f"gen {result['loadgen_cpu_pct']}%",
+        flush=True,
+    )
     return result
 
 
@@ -198,10 +211,19 @@ async def replay(server: Server, sequences: list[np.ndarray], cfg: BenchConfig) 
             assert status == 200, status
         for sid in sessions:
             await conn.request("DELETE", f"/v1/sessions/{sid}")
-        rows.append({"t": t, "body_bytes": len(body), "stateless_p50_ms": 1000 * float(np.median(stateless)),
-                     "stateful_step_p50_ms": 1000 * float(np.median(stateful))})
-        print(f"  replay t={t:<5d} stateless {rows[-1]['stateless_p50_ms']:7.2f} ms ({len(body)} B)  "
-              f"session step {rows[-1]['stateful_step_p50_ms']:6.2f} ms", flush=True)
+        rows.append(
+            {
+                "t": t,
+                "body_bytes": len(body),
+                "stateless_p50_ms": 1000 * float(np.median(stateless)),
+                "stateful_step_p50_ms": 1000 * float(np.median(stateful)),
+            }
+        )
+        print(
+            f"  replay t={t:<5d} stateless {rows[-1]['stateless_p50_ms']:7.2f} ms ({len(body)} B)  "
+            f"session step {rows[-1]['stateful_step_p50_ms']:6.2f} ms",
+            flush=True,
+        )
     await conn.close()
     return rows
 
@@ -210,8 +232,9 @@ def frames_body(frames: np.ndarray) -> bytes:
     return orjson.dumps({"inputs": frames.tolist()})
 
 
-def onnxruntime_limit(model_dir: str, sequences: list[np.ndarray], batch_size: int, frames: int | None,
-                      seconds: float = 1.5) -> float:
+def onnxruntime_limit(
+    model_dir: str, sequences: list[np.ndarray], batch_size: int, frames: int | None, seconds: float = 1.5
+) -> float:
     """Items per second onnxruntime does in-process at this batch size (one intra-op thread, as served).
     frames=None: whole test sequences (classify); frames=1: one step from a carried state (stream)."""
     from lstm_serve.core.repository import load_entry
@@ -223,8 +246,12 @@ def onnxruntime_limit(model_dir: str, sequences: list[np.ndarray], batch_size: i
     batches = []
     for _ in range(16):
         picks = rng.integers(0, len(sequences), batch_size)
-        batches.append([Item(sequences[i] if frames is None else sequences[i][:frames], None if frames is None
-                             else state) for i in picks])
+        batches.append(
+            [
+                Item(sequences[i] if frames is None else sequences[i][:frames], None if frames is None else state)
+                for i in picks
+            ]
+        )
     runner.run(batches[0])
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -243,11 +270,21 @@ async def wrk_check(server: Server, bodies: list[bytes], connections: int, cfg: 
         return None  # optional: the check runs where wrk is installed (apt-get install wrk)
     body = sorted(bodies, key=len)[len(bodies) // 2]  # a median-length sequence
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                     f"wrk.body = [==[{body.decode()}]==]\n")
+        script.write(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = [==[{body.decode()}]==]\n"
+        )
     proc = await asyncio.create_subprocess_exec(
-        "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(cfg.duration_s))}s", "--latency", "-s", script.name,
-        f"{server.url}/v1/classify", stdout=asyncio.subprocess.PIPE)
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(cfg.duration_s))}s",
+        "--latency",
+        "-s",
+        script.name,
+        f"{server.url}/v1/classify",
+        stdout=asyncio.subprocess.PIPE,
+    )
     out = (await proc.communicate())[0].decode()
     os.unlink(script.name)
     rps = next((float(line.split()[1]) for line in out.splitlines() if line.startswith("Requests/sec")), None)
@@ -256,10 +293,10 @@ async def wrk_check(server: Server, bodies: list[bytes], connections: int, cfg: 
         return None
     p99 = next((line.split()[1] for line in out.splitlines() if line.strip().startswith("99%")), None)
     errors = next((int(line.split()[-1]) for line in out.splitlines() if "Non-2xx" in line), 0)
-    print(f"  {server.name:9s} wrk classify  c={connections:<4d} {rps or 0:8.0f}/s p99 {p99} errors {errors}",
-          flush=True)
-    return {"server": server.name, "connections": connections, "requests_per_s": rps, "p99": p99,
-            "errors": errors}
+    print(
+        f"  {server.name:9s} wrk classify  c={connections:<4d} {rps or 0:8.0f}/s p99 {p99} errors {errors}", flush=True
+    )
+    return {"server": server.name, "connections": connections, "requests_per_s": rps, "p99": p99, "errors": errors}
 
 
 def load_test_sequences() -> list[np.ndarray]:
@@ -272,11 +309,23 @@ def load_test_sequences() -> list[np.ndarray]:
 
 async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
     ours = Server("lstm-serve", cfg.url, [sys.executable, "-m", "lstm_serve.cli", "serve"])
-    uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--ws", "websockets-sansio", "--no-access-log",
-                     "--log-level", "warning"]
-    baseline = Server("baseline", cfg.baseline_url,
-                      [sys.executable, "-m", "uvicorn", "lstm_serve.bench.baseline:app", *uvicorn_flags],
-                      env={"LSTM_SERVE_BASELINE_MODEL": str(ROOT / cfg.model_dir)})
+    uvicorn_flags = [
+        "--http",
+        "httptools",
+        "--loop",
+        "uvloop",
+        "--ws",
+        "websockets-sansio",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    baseline = Server(
+        "baseline",
+        cfg.baseline_url,
+        [sys.executable, "-m", "uvicorn", "lstm_serve.bench.baseline:app", *uvicorn_flags],
+        env={"LSTM_SERVE_BASELINE_MODEL": str(ROOT / cfg.model_dir)},
+    )
     bodies = [orjson.dumps({"sequences": [s.tolist()]}) for s in sequences]
     results: dict = {"points": [], "replay": []}
     try:
@@ -328,12 +377,21 @@ def main(argv: list[str] | None = None) -> None:
     defaults = BenchConfig()
     parser.add_argument("--url", help="a running lstm-serve (default: start one on loopback)")
     parser.add_argument("--baseline-url", help="a running afternoon baseline (default: start one)")
-    parser.add_argument("--classify-levels", type=lambda v: [int(x) for x in v.split(",")],
-                        default=defaults.classify_levels, help="concurrent clients, comma-separated")
-    parser.add_argument("--stream-levels", type=lambda v: [int(x) for x in v.split(",")],
-                        default=defaults.stream_levels, help="concurrent sessions, comma-separated")
-    parser.add_argument("--replay-lengths", type=lambda v: [int(x) for x in v.split(",")],
-                        default=defaults.replay_lengths)
+    parser.add_argument(
+        "--classify-levels",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=defaults.classify_levels,
+        help="concurrent clients, comma-separated",
+    )
+    parser.add_argument(
+        "--stream-levels",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=defaults.stream_levels,
+        help="concurrent sessions, comma-separated",
+    )
+    parser.add_argument(
+        "--replay-lengths", type=lambda v: [int(x) for x in v.split(",")], default=defaults.replay_lengths
+    )
     parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
     parser.add_argument("--duration-s", type=float, default=defaults.duration_s, help="measured seconds per point")
     parser.add_argument("--replay-repeats", type=int, default=defaults.replay_repeats)

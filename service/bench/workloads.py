@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
-
 from lstm_serve.bench.clients import HttpConnection, WebSocketConnection
 
 
@@ -53,12 +52,21 @@ def summarise(workload: str, concurrency: int, samples: Samples, window: tuple[f
     started = np.array(samples.started)
     latency = np.array(samples.latency)[(started >= lo) & (started < hi)] * 1000
     pct = np.percentile(latency, [50, 90, 99]) if len(latency) else [float("nan")] * 3
-    return PointResult(workload, concurrency, hi - lo, len(latency), samples.errors, len(latency) / (hi - lo),
-                       *map(float, pct), samples.error_examples)
+    return PointResult(
+        workload,
+        concurrency,
+        hi - lo,
+        len(latency),
+        samples.errors,
+        len(latency) / (hi - lo),
+        *map(float, pct),
+        samples.error_examples,
+    )
 
 
-async def run_point(client: Callable[[Samples, float], Awaitable[None]], concurrency: int, warmup_s: float,
-                    duration_s: float) -> tuple[Samples, tuple[float, float]]:
+async def run_point(
+    client: Callable[[Samples, float], Awaitable[None]], concurrency: int, warmup_s: float, duration_s: float
+) -> tuple[Samples, tuple[float, float]]:
     samples = Samples()
     start = time.perf_counter()
     deadline = start + warmup_s + duration_s

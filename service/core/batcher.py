@@ -123,8 +123,9 @@ class Batcher(Generic[In, Out]):
         finally:
             self.batches_run += 1
             if self.observer is not None:
-                self.observer.batch_done(len(batch), [started - p.enqueued for p in batch],
-                                         time.perf_counter() - started)
+                self.observer.batch_done(
+                    len(batch), [started - p.enqueued for p in batch], time.perf_counter() - started
+                )
         for p, result in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(result)

@@ -14,14 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
 from lstm_serve.core.batcher import Batcher
-from lstm_serve.errors import InvalidInput, ModelNotFound, SequenceConflict, SessionRestarted
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.core.repository import ModelEntry, load_repository
 from lstm_serve.core.runner import Item, OnnxRunner, Output
-from lstm_serve.state.sessions import SessionRecord, SessionStore, new_record
+from lstm_serve.errors import InvalidInput, ModelNotFound, SequenceConflict, SessionRestarted
 from lstm_serve.settings import Settings
+from lstm_serve.state.sessions import SessionRecord, SessionStore, new_record
 
 log = logging.getLogger("lstm_serve")
 
@@ -95,8 +94,14 @@ class Engine:
             self.default_model = next(iter(entries))
         for name, entry in entries.items():
             runner = OnnxRunner(entry, s.providers, s.intra_op_threads)
-            batcher = Batcher(runner.run, s.max_batch_size, s.max_queue_delay_ms / 1000, s.max_queue_length,
-                              observer=self.metrics.observer(name), name=f"{name}-batcher")
+            batcher = Batcher(
+                runner.run,
+                s.max_batch_size,
+                s.max_queue_delay_ms / 1000,
+                s.max_queue_length,
+                observer=self.metrics.observer(name),
+                name=f"{name}-batcher",
+            )
             self.models[name] = LoadedModel(entry, runner, batcher)
             log.info("loaded %s v%d on %s", name, entry.version, runner.provider)
         await asyncio.to_thread(self.warm_up)
@@ -134,8 +139,9 @@ class Engine:
         if frames is None or frames.ndim != 2 or frames.shape[1] != D:
             for t, frame in enumerate(raw):
                 if len(frame) != D:
-                    raise InvalidInput(f"{where}: frame {t} has {len(frame)} features; model {model.name!r} "
-                                       f"takes {D} per frame")
+                    raise InvalidInput(
+                        f"{where}: frame {t} has {len(frame)} features; model {model.name!r} takes {D} per frame"
+                    )
             raise InvalidInput(f"{where} must be a list of frames of {D} numbers")
         return self.check_finite(frames, where)
 
@@ -143,8 +149,10 @@ class Engine:
         """Little-endian float32 (T x D) -> (T, D) float32."""
         D, limit = model.entry.input_dim, self.settings.max_sequence_length
         if len(payload) == 0 or len(payload) % (4 * D):
-            raise InvalidInput(f"{where}: {len(payload)} bytes is not a whole number of frames of "
-                               f"{D} little-endian float32 ({4 * D} bytes each)")
+            raise InvalidInput(
+                f"{where}: {len(payload)} bytes is not a whole number of frames of "
+                f"{D} little-endian float32 ({4 * D} bytes each)"
+            )
         frames = np.frombuffer(payload, dtype="<f4").reshape(-1, D).astype(np.float32)
         if len(frames) > limit:
             raise InvalidInput(f"{where} has {len(frames)} frames, over max_sequence_length={limit}")
@@ -179,8 +187,10 @@ class Engine:
     def session_model(self, record: SessionRecord) -> LoadedModel:
         model = self.model(record.model)
         if model.version != record.version:
-            raise ModelNotFound(f"session {record.session_id!r} was started on {record.model} v{record.version}, "
-                                f"which this server no longer serves (it has v{model.version})")
+            raise ModelNotFound(
+                f"session {record.session_id!r} was started on {record.model} v{record.version}, "
+                f"which this server no longer serves (it has v{model.version})"
+            )
         return model
 
     async def restart(self, model: LoadedModel, session_id: str, frames: np.ndarray) -> StepResult:
@@ -188,14 +198,22 @@ class Engine:
         that id (a step still running on the old one fails instead of landing on this one)."""
         async with self.store.lock(session_id):
             (out,) = await self.infer(model, [frames])
-            record = new_record(model.name, model.version, session_id, steps=len(frames), state=tuple(out.state),
-                                last_seq=0, last_digest=chunk_digest(frames),
-                                last_probabilities=out.probabilities[-1].copy())
+            record = new_record(
+                model.name,
+                model.version,
+                session_id,
+                steps=len(frames),
+                state=tuple(out.state),
+                last_seq=0,
+                last_digest=chunk_digest(frames),
+                last_probabilities=out.probabilities[-1].copy(),
+            )
             await self.store.create(record)
         return StepResult(model, record.steps, out.probabilities[-1], out, replayed=False)
 
-    async def step(self, session_id: str, to_frames: Callable[[LoadedModel], np.ndarray], seq: int | None,
-                   per_frame: bool) -> StepResult:
+    async def step(
+        self, session_id: str, to_frames: Callable[[LoadedModel], np.ndarray], seq: int | None, per_frame: bool
+    ) -> StepResult:
         """Apply one chunk to a session exactly once, in order; answer a retried chunk without applying it
         again. `to_frames` validates the chunk against the session's model, known once the session is
         loaded (one load per step: with Redis each load is a round trip)."""
@@ -214,9 +232,13 @@ class Engine:
                     )
                 out = await model.batcher.submit(Item(frames, list(record.state) if record.state else None))
                 updated = record.advanced(
-                    steps=record.steps + len(frames), state=tuple(out.state), last_seq=record.steps,
-                    last_digest=digest, last_probabilities=out.probabilities[-1].copy(),
-                    previous_state=record.state, last_used=time.time(),
+                    steps=record.steps + len(frames),
+                    state=tuple(out.state),
+                    last_seq=record.steps,
+                    last_digest=digest,
+                    last_probabilities=out.probabilities[-1].copy(),
+                    previous_state=record.state,
+                    last_used=time.time(),
                 )
                 if await self.store.commit(updated, record):
                     return StepResult(model, updated.steps, out.probabilities[-1], out, replayed=False)
@@ -225,12 +247,14 @@ class Engine:
                 # and created again) under the same id is another session: this chunk was not meant for it.
                 current = await self.store.load(session_id)
                 if current.incarnation != record.incarnation:
-                    raise SessionRestarted(f"session {session_id!r} was restarted while this chunk ran; "
-                                           "the chunk was not applied")
+                    raise SessionRestarted(
+                        f"session {session_id!r} was restarted while this chunk ran; the chunk was not applied"
+                    )
                 record = current
 
-    async def replay(self, model: LoadedModel, record: SessionRecord, frames: np.ndarray,
-                     per_frame: bool) -> StepResult:
+    async def replay(
+        self, model: LoadedModel, record: SessionRecord, frames: np.ndarray, per_frame: bool
+    ) -> StepResult:
         """The answer to a retry of the last chunk, from what the session keeps: the probabilities after the
         chunk as they were sent, and its per-frame outputs recomputed from the state before it."""
         out = None

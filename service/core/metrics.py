@@ -14,24 +14,39 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lstm_serve_requests", "HTTP requests and WebSocket messages",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("lstm_serve_request_duration_seconds", "Time to answer a request",
-                                 ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("lstm_serve_batch_size", "Items per onnxruntime call",
-                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
-        self.queue_wait = Histogram("lstm_serve_queue_wait_seconds", "Time an item waited for its batch",
-                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("lstm_serve_inference_seconds", "onnxruntime time per batch",
-                                   ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "lstm_serve_requests", "HTTP requests and WebSocket messages", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "lstm_serve_request_duration_seconds",
+            "Time to answer a request",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "lstm_serve_batch_size", "Items per onnxruntime call", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "lstm_serve_queue_wait_seconds",
+            "Time an item waited for its batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "lstm_serve_inference_seconds", "onnxruntime time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.active_sessions = Gauge("lstm_serve_active_sessions", "Live streaming sessions", registry=r)
-        self.sessions_expired = Counter("lstm_serve_sessions_expired", "Sessions removed after their TTL",
-                                        registry=r)
-        self.sessions_evicted = Counter("lstm_serve_sessions_evicted",
-                                        "Sessions removed to make room (never: a full server answers 429)",
-                                        registry=r)
-        self.rejected = Counter("lstm_serve_rejected_requests", "Requests refused to protect the server",
-                                ["reason"], registry=r)
+        self.sessions_expired = Counter("lstm_serve_sessions_expired", "Sessions removed after their TTL", registry=r)
+        self.sessions_evicted = Counter(
+            "lstm_serve_sessions_evicted",
+            "Sessions removed to make room (never: a full server answers 429)",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "lstm_serve_rejected_requests", "Requests refused to protect the server", ["reason"], registry=r
+        )
         self.queue_length = Gauge("lstm_serve_queue_length", "Items waiting for a batch", ["model"], registry=r)
 
     def observer(self, model: str) -> BatchMetrics:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
-
 from lstm_serve.core.repository import ModelEntry
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -102,8 +101,11 @@ class OnnxRunner:
             raise RuntimeError(f"onnxruntime returned {logits.shape[0]} rows for {B} items")
         probabilities = softmax(logits)  # here, in the worker thread, not on the event loop
         return [
-            Output(logits=logits[row, : lengths[row]], probabilities=probabilities[row, : lengths[row]],
-                   state=[np.ascontiguousarray(s[:, row]) for s in states])
+            Output(
+                logits=logits[row, : lengths[row]],
+                probabilities=probabilities[row, : lengths[row]],
+                state=[np.ascontiguousarray(s[:, row]) for s in states],
+            )
             for row in range(B)
         ]
 

@@ -13,18 +13,17 @@ from types import FrameType
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException
-
-from lstm_serve.http import openapi
-from lstm_serve.protocols.v1 import HOT_ROUTES, router
 from lstm_serve.core.engine import Engine
+from lstm_serve.core.metrics import Metrics
 from lstm_serve.errors import InvalidInput, ServiceError
+from lstm_serve.http import openapi
 from lstm_serve.http.frontdoor import FrontDoor, rejected
 from lstm_serve.protocols.http import JSON, error_response, internal_error
-from lstm_serve.core.metrics import Metrics
 from lstm_serve.protocols.oip import OIP_ROUTES
-from lstm_serve.state.sessions import InMemorySessionStore, SessionStore
+from lstm_serve.protocols.v1 import HOT_ROUTES, router
 from lstm_serve.settings import Settings
+from lstm_serve.state.sessions import InMemorySessionStore, SessionStore
+from starlette.exceptions import HTTPException
 
 log = logging.getLogger("lstm_serve")
 
@@ -33,10 +32,10 @@ def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
     if settings.redis_url:
         from lstm_serve.state.redis import RedisSessionStore
 
-        return RedisSessionStore(settings.redis_url, settings.session_ttl_s, settings.max_sessions,
-                                 on_expired=metrics.sessions_expired.inc)
-    return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions,
-                                on_expired=metrics.sessions_expired.inc)
+        return RedisSessionStore(
+            settings.redis_url, settings.session_ttl_s, settings.max_sessions, on_expired=metrics.sessions_expired.inc
+        )
+    return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions, on_expired=metrics.sessions_expired.inc)
 
 
 def drain_on_sigterm(state, delay_s: float) -> Callable[[], None]:
@@ -54,8 +53,9 @@ def drain_on_sigterm(state, delay_s: float) -> Callable[[], None]:
             server_handler(signum, frame)
             return
         state.draining = True
-        log.warning("SIGTERM: draining for %g s (/readyz answers 503, requests are still served), then "
-                    "shutting down", delay_s)
+        log.warning(
+            "SIGTERM: draining for %g s (/readyz answers 503, requests are still served), then shutting down", delay_s
+        )
         loop.call_soon_threadsafe(loop.call_later, delay_s, server_handler, signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -89,8 +89,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
         gc.collect()
         gc.freeze()  # start-up objects (models, modules) are never garbage: keep them out of every GC pass
         app.state.ready = True
-        log.info("ready: %s", ", ".join(f"{m.name} v{m.version} ({m.runner.provider})"
-                                         for m in engine.models.values()))
+        log.info("ready: %s", ", ".join(f"{m.name} v{m.version} ({m.runner.provider})" for m in engine.models.values()))
         try:
             yield
         finally:  # reverse order: stop answering ready, stop sweeping, finish queued work, close the store
@@ -101,10 +100,15 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
             await engine.stop()
             await store.close()
 
-    app = FastAPI(title="lstm-serve", version="0.1.0", lifespan=lifespan, default_response_class=JSON,
-                  description="Sequence classification and stateful streaming sessions for recurrent models.",
-                  # /metrics is our telemetry; FastAPI's OpenTelemetry hooks cost ~6% per request
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+    app = FastAPI(
+        title="lstm-serve",
+        version="0.1.0",
+        lifespan=lifespan,
+        default_response_class=JSON,
+        description="Sequence classification and stateful streaming sessions for recurrent models.",
+        # /metrics is our telemetry; FastAPI's OpenTelemetry hooks cost ~6% per request
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.settings, app.state.metrics, app.state.ready, app.state.draining = settings, metrics, False, False
     app.include_router(router)
     openapi.install(app)
@@ -123,8 +127,11 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSON:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSON({"error": {"code": code, "message": str(error.detail)}}, status_code=error.status_code,
-                    headers=getattr(error, "headers", None))
+        return JSON(
+            {"error": {"code": code, "message": str(error.detail)}},
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSON:

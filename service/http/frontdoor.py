@@ -15,15 +15,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI
+from lstm_serve.core.metrics import Metrics
+from lstm_serve.errors import BodyTooLarge, MethodNotAllowed, Overloaded, ServiceError, TooManySessions
+from lstm_serve.protocols.http import error_response
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import compile_path
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
-
-from lstm_serve.errors import BodyTooLarge, MethodNotAllowed, Overloaded, ServiceError, TooManySessions
-from lstm_serve.protocols.http import error_response
-from lstm_serve.core.metrics import Metrics
 
 log = logging.getLogger("lstm_serve")
 REJECTIONS = (Overloaded, TooManySessions, BodyTooLarge)

@@ -6,11 +6,10 @@ import re
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
-
-from lstm_serve.protocols.v1 import HOT_ROUTE_DOCS
 from lstm_serve.protocols.oip import OIP_ROUTE_DOCS
 from lstm_serve.protocols.schemas import ErrorResponse, OipError
+from lstm_serve.protocols.v1 import HOT_ROUTE_DOCS
+from pydantic import BaseModel
 
 REF = "#/components/schemas/{model}"
 
@@ -24,15 +23,17 @@ def schema_ref(model: type[BaseModel], components: dict) -> dict:
 
 def operation(summary, request, response, status, path, components) -> dict:
     oip = path.startswith("/v2")
-    op: dict = {"summary": summary, "tags": ["open inference protocol" if oip else path.split("/")[2]],
-                "responses": {}}
+    op: dict = {"summary": summary, "tags": ["open inference protocol" if oip else path.split("/")[2]], "responses": {}}
     params = re.findall(r"{(\w+)}", path)
     if params:
-        op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                            for name in params]
+        op["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in params
+        ]
     if request is not None:
-        op["requestBody"] = {"required": request.__name__ != "SessionCreateRequest",
-                             "content": {"application/json": {"schema": schema_ref(request, components)}}}
+        op["requestBody"] = {
+            "required": request.__name__ != "SessionCreateRequest",
+            "content": {"application/json": {"schema": schema_ref(request, components)}},
+        }
     ok = {"description": "OK"}
     if response is not None:
         ok["content"] = {"application/json": {"schema": schema_ref(response, components)}}
@@ -47,8 +48,7 @@ def operation(summary, request, response, status, path, components) -> dict:
 def install(app: FastAPI) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for route, summary, request, response, status in HOT_ROUTE_DOCS + OIP_ROUTE_DOCS:
                 entry = operation(summary, request, response, status, route.path, components)

@@ -9,10 +9,9 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
-from pydantic import ValidationError
-
-from lstm_serve.settings import Settings
 from lstm_serve.http.websocket_handshake import WebSocketHandshakeGuard
+from lstm_serve.settings import Settings
+from pydantic import ValidationError
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:
@@ -21,8 +20,13 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         flag = "--" + name.replace("_", "-")
         env = f"LSTM_SERVE_{name.upper()}"
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{field.description} [{env}]")
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{field.description} [{env}]",
+            )
         else:
             parser.add_argument(flag, dest=name, default=None, help=f"{field.description} [{env}]")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

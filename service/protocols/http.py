@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import orjson
+from lstm_serve.errors import InvalidInput, MalformedRequest, ServiceError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
-
-from lstm_serve.errors import InvalidInput, MalformedRequest, ServiceError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -47,5 +46,4 @@ def parse(model: type[M], payload: bytes | str, where: str = "body") -> M:
 
 
 def internal_error() -> JSON:
-    return JSON({"error": {"code": "internal_error", "message": "internal error; see the server log"}},
-                status_code=500)
+    return JSON({"error": {"code": "internal_error", "message": "internal error; see the server log"}}, status_code=500)

@@ -13,17 +13,16 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
-from starlette.requests import Request
-from starlette.responses import Response
-
-from lstm_serve.protocols.v1 import check_ready
 from lstm_serve.core.engine import Engine, LoadedModel
+from lstm_serve.core.runner import Output
 from lstm_serve.errors import InvalidInput, ModelNotFound, NotFound, ServiceError, SessionNotFound
 from lstm_serve.http.frontdoor import HotRoute
 from lstm_serve.protocols.http import JSON
-from lstm_serve.core.runner import Output
 from lstm_serve.protocols.schemas import InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata
 from lstm_serve.protocols.tensors import DTYPES, HEADER_LENGTH, OutputTensor, decompress, read_request, write_response
+from lstm_serve.protocols.v1 import check_ready
+from starlette.requests import Request
+from starlette.responses import Response
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "sequence"]
 PLATFORM = "onnxruntime_onnx"
@@ -37,8 +36,9 @@ class SequenceNotStarted(ServiceError):
 
 
 def render_error(error: ServiceError) -> JSON:
-    return JSON({"error": error.message}, status_code=400 if error.status == 422 else error.status,
-                headers=error.headers)
+    return JSON(
+        {"error": error.message}, status_code=400 if error.status == 422 else error.status, headers=error.headers
+    )
 
 
 def server_version() -> str:
@@ -60,10 +60,14 @@ def metadata(model: LoadedModel) -> dict:
         "name": model.name,
         "versions": [str(model.version)],
         "platform": PLATFORM,
-        "inputs": [{"name": x, "datatype": "FP32", "shape": [-1, -1, D]},
-                   {"name": lengths, "datatype": "INT64", "shape": [-1]}],
-        "outputs": [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, C]},
-                    {"name": LOGITS, "datatype": "FP32", "shape": [-1, -1, C]}],
+        "inputs": [
+            {"name": x, "datatype": "FP32", "shape": [-1, -1, D]},
+            {"name": lengths, "datatype": "INT64", "shape": [-1]},
+        ],
+        "outputs": [
+            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, C]},
+            {"name": LOGITS, "datatype": "FP32", "shape": [-1, -1, C]},
+        ],
     }
 
 
@@ -77,17 +81,30 @@ def configuration(model: LoadedModel, engine: Engine) -> dict:
         "backend": "onnxruntime",
         "version_policy": {"specific": {"versions": [str(model.version)]}},
         "max_batch_size": engine.settings.max_batch_size,
-        "input": [{"name": x, "data_type": "TYPE_FP32", "dims": [-1, D]},
-                  {"name": lengths, "data_type": "TYPE_INT64", "dims": [1], "optional": True}],
-        "output": [{"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [C]},
-                   {"name": LOGITS, "data_type": "TYPE_FP32", "dims": [-1, C]}],
+        "input": [
+            {"name": x, "data_type": "TYPE_FP32", "dims": [-1, D]},
+            {"name": lengths, "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+        ],
+        "output": [
+            {"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [C]},
+            {"name": LOGITS, "data_type": "TYPE_FP32", "dims": [-1, C]},
+        ],
         "sequence_batching": {
             "max_sequence_idle_microseconds": int(engine.settings.session_ttl_s * 1e6),
-            "state": [{"input_name": spec["input"], "output_name": spec["output"], "data_type": "TYPE_FP32",
-                       "dims": list(spec["shape"])} for spec in model.entry.state_specs],
+            "state": [
+                {
+                    "input_name": spec["input"],
+                    "output_name": spec["output"],
+                    "data_type": "TYPE_FP32",
+                    "dims": list(spec["shape"]),
+                }
+                for spec in model.entry.state_specs
+            ],
         },
-        "parameters": {"labels": {"string_value": ",".join(model.entry.labels)},
-                       "cell": {"string_value": model.entry.config.get("cell", "lstm")}},
+        "parameters": {
+            "labels": {"string_value": ",".join(model.entry.labels)},
+            "cell": {"string_value": model.entry.config.get("cell", "lstm")},
+        },
     }
 
 
@@ -95,8 +112,9 @@ def resolve(engine: Engine, params: dict) -> LoadedModel:
     model = engine.model(params["model_name"])
     wanted = params.get("model_version")
     if wanted is not None and wanted != str(model.version):
-        raise ModelNotFound(f"model {model.name!r} has no version {wanted!r}; this server serves version "
-                            f"{model.version}")
+        raise ModelNotFound(
+            f"model {model.name!r} has no version {wanted!r}; this server serves version {model.version}"
+        )
     return model
 
 
@@ -122,8 +140,9 @@ def model_sequences(engine: Engine, model: LoadedModel, tensors: dict[str, np.nd
         raise InvalidInput(f"input {x_name!r} has shape {list(x.shape)}, but {takes} (B, T >= 1)")
     batch, steps, _ = x.shape
     if batch > settings.max_sequences_per_request:
-        raise InvalidInput(f"{batch} sequences in one request, over max_sequences_per_request="
-                           f"{settings.max_sequences_per_request}")
+        raise InvalidInput(
+            f"{batch} sequences in one request, over max_sequences_per_request={settings.max_sequences_per_request}"
+        )
     if steps > settings.max_sequence_length:
         raise InvalidInput(f"{steps} time steps, over max_sequence_length={settings.max_sequence_length}")
     lengths = np.full(batch, steps)
@@ -153,8 +172,10 @@ def wanted_outputs(request: InferenceRequest, model: LoadedModel) -> list[Wanted
     wanted, C = [], len(model.entry.labels)
     for out in request.outputs:
         if out.name not in (PROBABILITIES, LOGITS):
-            raise InvalidInput(f"unexpected inference output {out.name!r} for model {model.name!r}; it has "
-                               f"{PROBABILITIES!r} and {LOGITS!r}")
+            raise InvalidInput(
+                f"unexpected inference output {out.name!r} for model {model.name!r}; it has "
+                f"{PROBABILITIES!r} and {LOGITS!r}"
+            )
         binary = out.parameters.get("binary_data", binary_default)
         classes = out.parameters.get("classification", 0)
         if not isinstance(binary, bool):
@@ -196,8 +217,9 @@ class Sequence:
         return cls(sequence_id, start, end)
 
 
-async def run_sequence(engine: Engine, model: LoadedModel, sequence: Sequence,
-                       frames: np.ndarray) -> tuple[Output, int]:
+async def run_sequence(
+    engine: Engine, model: LoadedModel, sequence: Sequence, frames: np.ndarray
+) -> tuple[Output, int]:
     """One request of a sequence: start = fresh state, otherwise continue it; end = free it afterwards."""
     session_id = sequence.session_id(model)
     if sequence.start and sequence.end:  # the whole sequence in one request: nothing to keep
@@ -243,8 +265,9 @@ def output_tensors(model: LoadedModel, outs: list[Output], wanted: list[WantedOu
             for row, out in enumerate(outs):
                 array[row, : len(out.logits)] = out.logits
         if want.classes:
-            tensors.append(OutputTensor(want.name, "BYTES", top_classes(array, want.classes, model.entry.labels),
-                                        want.binary))
+            tensors.append(
+                OutputTensor(want.name, "BYTES", top_classes(array, want.classes, model.entry.labels), want.binary)
+            )
         else:
             tensors.append(OutputTensor(want.name, "FP32", array, want.binary))
     return tensors
@@ -301,8 +324,9 @@ async def infer(request: Request) -> Response:
     content, header_length = write_response(head, output_tensors(model, outs, wanted))
     if header_length is None:
         return Response(content, media_type="application/json")
-    return Response(content, media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(header_length)})
+    return Response(
+        content, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)}
+    )
 
 
 async def unknown_endpoint(request: Request) -> Response:
@@ -332,8 +356,10 @@ OIP_ROUTE_DOCS = [
     (OIP_ROUTES[0], "Server metadata (Open Inference Protocol)", None, ServerMetadata, 200),
     (OIP_ROUTES[1], "Server live", None, None, 200),
     (OIP_ROUTES[2], "Server ready", None, None, 200),
-    *((r, "Inference; sequences via parameters.sequence_id/start/end", InferenceRequest, InferenceResponse, 200)
-      for r in OIP_ROUTES[3:5]),
+    *(
+        (r, "Inference; sequences via parameters.sequence_id/start/end", InferenceRequest, InferenceResponse, 200)
+        for r in OIP_ROUTES[3:5]
+    ),
     *((r, "Model metadata", None, ModelMetadata, 200) for r in OIP_ROUTES[5:7]),
     *((r, "Model ready", None, None, 200) for r in OIP_ROUTES[7:9]),
     *((r, "Model configuration (Triton)", None, None, 200) for r in OIP_ROUTES[9:11]),

@@ -97,8 +97,9 @@ class InferInputTensor(Request):
 
 class InferOutputRequest(Request):
     name: str
-    parameters: dict[str, Any] = Field(default_factory=dict,
-                                       description="binary_data (bool), classification (top-k as BYTES)")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="binary_data (bool), classification (top-k as BYTES)"
+    )
 
 
 class InferenceRequest(Request):

@@ -14,15 +14,26 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-
 from lstm_serve.errors import BodyTooLarge, InvalidInput, MalformedRequest, UnsupportedEncoding
 from lstm_serve.protocols.http import dumps, parse
 from lstm_serve.protocols.schemas import InferenceRequest, InferInputTensor
 
 HEADER_LENGTH = "inference-header-content-length"
 # OIP datatype -> numpy little-endian dtype; BYTES are length-prefixed strings
-DTYPES = {"BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
-          "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+DTYPES = {
+    "BOOL": "|b1",
+    "UINT8": "|u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "|i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
 NUMERIC_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}  # JSON numbers each datatype accepts
 BYTE_COUNT = re.compile(r"[0-9]{1,20}")
 MAX_DIMENSIONS = 16
@@ -61,8 +72,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
         return body, memoryview(b"")
     # ASCII digits only: str.isdigit() also takes '²', which int() refuses, and int() takes '٣' and '1_0'
     if not BYTE_COUNT.fullmatch(header_length) or int(header_length) > len(body):
-        raise MalformedRequest(f"Inference-Header-Content-Length {header_length!r} is not a byte count "
-                               f"within the {len(body)}-byte body")
+        raise MalformedRequest(
+            f"Inference-Header-Content-Length {header_length!r} is not a byte count within the {len(body)}-byte body"
+        )
     n = int(header_length)
     return body[:n], memoryview(body)[n:]
 
@@ -88,15 +100,19 @@ def read_request(body: bytes, header_length: str | None) -> tuple[InferenceReque
         if tensor.name in tensors:
             raise InvalidInput(f"input {tensor.name!r} is given twice")
         if tensor.datatype not in DTYPES:
-            raise InvalidInput(f"input {tensor.name!r} has datatype {tensor.datatype!r}; numeric inputs take "
-                               f"one of {', '.join(DTYPES)}")
+            raise InvalidInput(
+                f"input {tensor.name!r} has datatype {tensor.datatype!r}; numeric inputs take "
+                f"one of {', '.join(DTYPES)}"
+            )
         count = element_count(tensor.name, tensor.shape)
         size = tensor.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
-                raise MalformedRequest(f"input {tensor.name!r}: binary_data_size {size!r} does not fit the "
-                                       f"{len(tail) - offset} bytes of binary data left in the body")
-            tensors[tensor.name] = from_bytes(tensor, count, tail[offset:offset + size])
+                raise MalformedRequest(
+                    f"input {tensor.name!r}: binary_data_size {size!r} does not fit the "
+                    f"{len(tail) - offset} bytes of binary data left in the body"
+                )
+            tensors[tensor.name] = from_bytes(tensor, count, tail[offset : offset + size])
             offset += size
         elif tensor.data is None:
             raise InvalidInput(f"input {tensor.name!r} has neither data nor parameters.binary_data_size")
@@ -110,8 +126,10 @@ def read_request(body: bytes, header_length: str | None) -> tuple[InferenceReque
 def from_bytes(tensor: InferInputTensor, count: int, raw: memoryview) -> np.ndarray:
     dtype = np.dtype(DTYPES[tensor.datatype])
     if len(raw) != count * dtype.itemsize:
-        raise InvalidInput(f"input {tensor.name!r}: {len(raw)} bytes of binary data, but shape {tensor.shape} of "
-                           f"{tensor.datatype} takes {count * dtype.itemsize}")
+        raise InvalidInput(
+            f"input {tensor.name!r}: {len(raw)} bytes of binary data, but shape {tensor.shape} of "
+            f"{tensor.datatype} takes {count * dtype.itemsize}"
+        )
     return np.frombuffer(raw, dtype=dtype).reshape(tensor.shape)
 
 
@@ -125,8 +143,10 @@ def from_json(tensor: InferInputTensor, count: int, data: list) -> np.ndarray:
     if values.size != count:
         raise InvalidInput(f"input {name!r}: {values.size} values in data, but shape {tensor.shape} holds {count}")
     if count and values.dtype.kind not in NUMERIC_KINDS[np.dtype(DTYPES[datatype]).kind]:
-        raise InvalidInput(f"input {name!r}: data of datatype {datatype} must be JSON "
-                           f"{'booleans' if datatype == 'BOOL' else 'numbers'}")
+        raise InvalidInput(
+            f"input {name!r}: data of datatype {datatype} must be JSON "
+            f"{'booleans' if datatype == 'BOOL' else 'numbers'}"
+        )
     return values.astype(DTYPES[datatype]).reshape(tensor.shape)
 
 

@@ -7,8 +7,6 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
-from starlette.responses import Response
-
 from lstm_serve.core.engine import Engine, LoadedModel, StepResult
 from lstm_serve.errors import InvalidInput, NotReady, ServiceError, SessionNotFound
 from lstm_serve.http.frontdoor import HotRoute
@@ -25,6 +23,7 @@ from lstm_serve.protocols.schemas import (
     StepResponse,
 )
 from lstm_serve.state.sessions import SessionRecord, new_session_id
+from starlette.responses import Response
 
 
 async def get_engine(request: Request) -> Engine:

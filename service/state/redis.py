@@ -18,11 +18,10 @@ from functools import wraps
 
 import numpy as np
 import redis.asyncio as redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from lstm_serve.errors import SessionNotFound, StoreUnavailable, TooManySessions
 from lstm_serve.state.sessions import KeyedLocks, SessionRecord
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("lstm_serve")
 PREFIX = "lstm-serve:"
@@ -84,8 +83,10 @@ def reachable(method: Callable) -> Callable:
             return await method(self, *args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             self.outages.error(error)
-            raise StoreUnavailable("the session store is unavailable; retry shortly (stateless /v1/classify "
-                                   "still works)", headers={"Retry-After": "1"}) from None
+            raise StoreUnavailable(
+                "the session store is unavailable; retry shortly (stateless /v1/classify still works)",
+                headers={"Retry-After": "1"},
+            ) from None
 
     return wrapper
 
@@ -114,9 +115,13 @@ def decode_arrays(blob: bytes) -> tuple[np.ndarray, ...] | None:
 def encode(record: SessionRecord) -> dict[str, bytes | str]:
     last = record.last_probabilities
     return {
-        "model": record.model, "version": str(record.version), "incarnation": record.incarnation,
-        "created_at": repr(record.created_at), "last_used": repr(record.last_used),
-        "steps": str(record.steps), "state": encode_arrays(record.state),
+        "model": record.model,
+        "version": str(record.version),
+        "incarnation": record.incarnation,
+        "created_at": repr(record.created_at),
+        "last_used": repr(record.last_used),
+        "steps": str(record.steps),
+        "state": encode_arrays(record.state),
         "last_seq": "" if record.last_seq is None else str(record.last_seq),
         "last_digest": record.last_digest or "",
         "last_probabilities": encode_arrays(None if last is None else (last,)),
@@ -149,11 +154,18 @@ def flatten(fields: dict) -> list:
 
 
 class RedisSessionStore:
-    def __init__(self, url: str, ttl_s: float, max_sessions: int,
-                 on_expired: Callable[[int], None] = lambda n: None, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        ttl_s: float,
+        max_sessions: int,
+        on_expired: Callable[[int], None] = lambda n: None,
+        timeout_s: float = 2.0,
+    ) -> None:
         self.ttl_s, self.max_sessions, self.on_expired = ttl_s, max_sessions, on_expired
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           health_check_interval=10)
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10
+        )
         self._create = self.client.register_script(CREATE)
         self._commit = self.client.register_script(COMMIT)
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
@@ -163,9 +175,10 @@ class RedisSessionStore:
     @reachable
     async def create(self, record: SessionRecord) -> SessionRecord:
         fields = {**encode(record), "revision": str(record.revision)}
-        stored = await self._create(keys=[session_key(record.session_id), INDEX],
-                                    args=[record.last_used, self.ttl_s, self.max_sessions, record.session_id,
-                                          *flatten(fields)])
+        stored = await self._create(
+            keys=[session_key(record.session_id), INDEX],
+            args=[record.last_used, self.ttl_s, self.max_sessions, record.session_id, *flatten(fields)],
+        )
         if stored < 0:
             raise TooManySessions(
                 f"the store holds its maximum of {self.max_sessions} sessions; delete finished sessions "
@@ -186,12 +199,19 @@ class RedisSessionStore:
         fields = {**encode(record), "revision": str(expected.revision + 1)}
         result = await self._commit(
             keys=[session_key(record.session_id), INDEX],
-            args=[expected.incarnation, str(expected.revision), record.last_used, self.ttl_s, record.session_id,
-                  *flatten(fields)],
+            args=[
+                expected.incarnation,
+                str(expected.revision),
+                record.last_used,
+                self.ttl_s,
+                record.session_id,
+                *flatten(fields),
+            ],
         )
         if result == -1:
-            raise SessionNotFound(f"session {record.session_id!r} was deleted or expired while this chunk ran; "
-                                  "the chunk was not applied")
+            raise SessionNotFound(
+                f"session {record.session_id!r} was deleted or expired while this chunk ran; the chunk was not applied"
+            )
         return result == 1
 
     @reachable

@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
-
 from lstm_serve.errors import SessionNotFound, TooManySessions
 
 
@@ -51,12 +50,20 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(24)  # 192 random bits
 
 
-def new_record(model: str, version: int, session_id: str | None = None, now: float | None = None,
-               **fields) -> SessionRecord:
+def new_record(
+    model: str, version: int, session_id: str | None = None, now: float | None = None, **fields
+) -> SessionRecord:
     """A session that starts now, as a new incarnation; `fields` may give it a state to start from."""
     now = time.time() if now is None else now
-    return SessionRecord(session_id or new_session_id(), model, version, created_at=now, last_used=now,
-                         incarnation=secrets.token_hex(8), **fields)
+    return SessionRecord(
+        session_id or new_session_id(),
+        model,
+        version,
+        created_at=now,
+        last_used=now,
+        incarnation=secrets.token_hex(8),
+        **fields,
+    )
 
 
 class SessionStore(Protocol):
@@ -112,8 +119,13 @@ class KeyedLocks:
 class InMemorySessionStore:
     """Sessions in this process, oldest-used first, so expiry pops from the front."""
 
-    def __init__(self, ttl_s: float, max_sessions: int, on_expired: Callable[[int], None] = lambda n: None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ttl_s: float,
+        max_sessions: int,
+        on_expired: Callable[[int], None] = lambda n: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.ttl_s, self.max_sessions = ttl_s, max_sessions
         self.on_expired, self.clock = on_expired, clock
         self._sessions: OrderedDict[str, SessionRecord] = OrderedDict()
@@ -148,8 +160,9 @@ class InMemorySessionStore:
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
         stored = self._sessions.get(record.session_id)
         if stored is None:
-            raise SessionNotFound(f"session {record.session_id!r} was deleted while this chunk ran; "
-                                  "the chunk was not applied")
+            raise SessionNotFound(
+                f"session {record.session_id!r} was deleted while this chunk ran; the chunk was not applied"
+            )
         if (stored.incarnation, stored.revision) != (expected.incarnation, expected.revision):
             return False
         self._sessions[record.session_id] = replace(record, revision=expected.revision + 1)

@@ -11,16 +11,41 @@ from tests.conftest import ROOT
 def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
     out = tmp_path / "bench"
     subprocess.run(
-        [sys.executable, "-m", "lstm_serve.cli", "bench", "--classify-levels", "1,4", "--stream-levels", "2",
-         "--warmup-s", "0.2", "--duration-s", "0.5", "--replay-lengths", "1,20", "--replay-repeats", "3",
-         "--out-dir", str(out)],
-        cwd=ROOT, check=True, timeout=300, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "lstm_serve.cli",
+            "bench",
+            "--classify-levels",
+            "1,4",
+            "--stream-levels",
+            "2",
+            "--warmup-s",
+            "0.2",
+            "--duration-s",
+            "0.5",
+            "--replay-lengths",
+            "1,20",
+            "--replay-repeats",
+            "3",
+            "--out-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+        capture_output=True,
     )
     results = json.loads((out / "results.json").read_text())
     points = {(p["server"], p["workload"], p["concurrency"]) for p in results["points"]}
     for server in ("lstm-serve", "baseline"):
-        assert {(server, "classify", 1), (server, "classify", 4), (server, "stream-http", 2),
-                (server, "stream-ws", 2), (server, "stream-ws-steady", 2)} <= points
+        assert {
+            (server, "classify", 1),
+            (server, "classify", 4),
+            (server, "stream-http", 2),
+            (server, "stream-ws", 2),
+            (server, "stream-ws-steady", 2),
+        } <= points
     for p in results["points"]:
         assert p["errors"] == 0, p["error_examples"]
         assert p["requests"] > 0 and p["p50_ms"] <= p["p99_ms"]

@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-
 from lstm_serve.settings import Settings
+
 from tests.conftest import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -96,6 +96,7 @@ def test_the_compose_topology_runs_without_containers(start_server, redis_server
         reply = httpx.post(f"{(a, b)[t % 2].url}/v1/sessions/{sid}/steps", json={"inputs": [frame.tolist()]})
         assert reply.status_code == 200
     expected = httpx.post(f"{b.url}/v1/classify", json={"sequences": [frames.tolist()]}).json()
-    np.testing.assert_allclose(reply.json()["prediction"]["probabilities"],
-                               expected["predictions"][0]["probabilities"], atol=1e-5)
+    np.testing.assert_allclose(
+        reply.json()["prediction"]["probabilities"], expected["predictions"][0]["probabilities"], atol=1e-5
+    )
     assert httpx.get(f"{a.url}/v1/models").json()[0]["execution_provider"] == "CPUExecutionProvider"

@@ -9,11 +9,10 @@ import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import numpy_helper
-
 from lstm_serve.export.parity import check_entry, ort_session, run_graph
 from lstm_serve.model.data import load_dataset, pad_batch
 from lstm_serve.model.model import CELLS
+from onnx import numpy_helper
 
 ATOL = 1e-5
 
@@ -38,15 +37,23 @@ def test_state_list_says_what_the_state_is(cell_repository):
 
 
 def test_every_cell_is_a_native_onnx_op(cell_repository):
-    nodes = {cell: [n for n in onnx.load(str(cell_repository / cell / "1" / "model.onnx")).graph.node
-                    if n.op_type in ("LSTM", "GRU", "Loop", "Scan")] for cell in CELLS}
+    nodes = {
+        cell: [
+            n
+            for n in onnx.load(str(cell_repository / cell / "1" / "model.onnx")).graph.node
+            if n.op_type in ("LSTM", "GRU", "Loop", "Scan")
+        ]
+        for cell in CELLS
+    }
     assert [n.op_type for n in nodes["gru"]] == ["GRU", "GRU"]
     for cell in ("lstm", "peephole", "coupled"):
         assert [n.op_type for n in nodes[cell]] == ["LSTM", "LSTM"]
     assert all(len(n.input) == 8 and n.input[7] for n in nodes["peephole"])  # the P input
     assert all(len(n.input) < 8 or not n.input[7] for n in nodes["lstm"])
-    forget = {cell: [next((a.i for a in n.attribute if a.name == "input_forget"), 0) for n in nodes[cell]]
-              for cell in ("lstm", "coupled")}
+    forget = {
+        cell: [next((a.i for a in n.attribute if a.name == "input_forget"), 0) for n in nodes[cell]]
+        for cell in ("lstm", "coupled")
+    }
     assert forget == {"lstm": [0, 0], "coupled": [1, 1]}
 
 
@@ -73,8 +80,10 @@ def test_streaming_in_any_chunking_equals_one_call(sessions, test_split, cell, i
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cell=st.sampled_from(CELLS), rows=st.lists(st.tuples(st.integers(0, 39), st.integers(1, 100)),
-                                                  min_size=1, max_size=6))
+@given(
+    cell=st.sampled_from(CELLS),
+    rows=st.lists(st.tuples(st.integers(0, 39), st.integers(1, 100)), min_size=1, max_size=6),
+)
 def test_a_padded_batch_equals_each_sequence_alone(sessions, test_split, cell, rows):
     session = sessions[cell]
     sequences = [test_split.sequences[i][:n] for i, n in rows]

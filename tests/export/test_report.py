@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import torch
-
 from lstm_serve.export.report import PlainOrGated, ReportConfig, gradient_by_step, report
 
 
@@ -19,8 +18,17 @@ def test_gradient_by_step_measures_each_frame():
 
 
 def test_report_runs_and_writes_markdown_json_and_plots(tmp_path):
-    cfg = ReportConfig(out_dir=str(tmp_path), datasets=["basic-motions"], cells=["peephole", "gru"], seeds=2,
-                       hidden_size=8, epochs=2, gradient_steps=5, workers=1, latency_runs=5)
+    cfg = ReportConfig(
+        out_dir=str(tmp_path),
+        datasets=["basic-motions"],
+        cells=["peephole", "gru"],
+        seeds=2,
+        hidden_size=8,
+        epochs=2,
+        gradient_steps=5,
+        workers=1,
+        latency_runs=5,
+    )
     markdown = report(cfg).read_text()
     results = json.loads((tmp_path / "report.json").read_text())
     rows = {row["cell"]: row for row in results["cells"]}

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from lstm_serve.model.data import load_dataset, pad_batch, stratified_split
 
 

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import torch
-
 from lstm_serve.model.train import load_checkpoint, random_crop
 
 
@@ -39,8 +38,9 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
 
     weights = []
     for run in ("a", "b"):
-        cfg = TrainConfig(out_dir=str(tmp_path / run), epochs=2, ensemble=1, progress=False,
-                          model=ModelConfig(hidden_size=8))
+        cfg = TrainConfig(
+            out_dir=str(tmp_path / run), epochs=2, ensemble=1, progress=False, model=ModelConfig(hidden_size=8)
+        )
         metrics = train(cfg)
         weights.append((load_checkpoint(tmp_path / run / "checkpoint.pt")[0].state_dict(), metrics["test_accuracy"]))
     (first, acc_a), (second, acc_b) = weights
@@ -57,7 +57,8 @@ def test_a_data_sets_recipe_is_the_default_and_flags_still_win():
     shipped = json.loads((Path(__file__).parents[2] / "models/basic-motions/training/metrics.json").read_text())
     recipe = asdict(train_config(["--dataset", "basic-motions"]))
     ignored = {"out_dir", "progress", "model"}  # where it was written, a progress bar, dims filled in by train()
-    assert {k: v for k, v in recipe.items() if k not in ignored} == \
-        {k: v for k, v in shipped["train_config"].items() if k not in ignored}
+    assert {k: v for k, v in recipe.items() if k not in ignored} == {
+        k: v for k, v in shipped["train_config"].items() if k not in ignored
+    }
     assert train_config(["--dataset", "basic-motions", "--epochs", "5"]).epochs == 5
     assert train_config([]).batch_size == 32 and train_config([]).dataset == "japanese-vowels"

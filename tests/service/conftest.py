@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from lstm_serve.model.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,8 +32,10 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lstm_serve.cli", "serve", "--port", str(self.port), *flags],
             # no drain delay unless a test asks for one: every server the suite stops would wait it out
-            cwd=ROOT, env={**os.environ, "LSTM_SERVE_DRAIN_DELAY_S": "0", **(env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "LSTM_SERVE_DRAIN_DELAY_S": "0", **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 60) -> ServerProcess:
@@ -107,7 +108,8 @@ class RedisProcess:
     def start(self) -> RedisProcess:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 10
         while time.time() < deadline:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from lstm_serve.model.data import load_dataset
 from lstm_serve.model.model import CELLS
 
@@ -86,9 +85,11 @@ def test_a_gru_sequence_over_the_open_inference_protocol(cell_server, motions):
     chunks = np.split(sequence, [30, 31, 77])
     for i, chunk in enumerate(chunks):
         x = {"name": "x", "datatype": "FP32", "shape": [1, len(chunk), 6], "data": chunk.ravel().tolist()}
-        body = {"inputs": [x],
-                "parameters": {"sequence_id": 9, "sequence_start": i == 0, "sequence_end": i == len(chunks) - 1},
-                "outputs": [{"name": "probabilities"}]}
+        body = {
+            "inputs": [x],
+            "parameters": {"sequence_id": 9, "sequence_start": i == 0, "sequence_end": i == len(chunks) - 1},
+            "outputs": [{"name": "probabilities"}],
+        }
         response = cell_server.post("/v2/models/gru/infer", json=body)
         assert response.status_code == 200, response.text
     got = np.array(response.json()["outputs"][0]["data"])

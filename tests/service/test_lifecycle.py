@@ -10,9 +10,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from lstm_serve.http.app import create_app
 from lstm_serve.settings import Settings
+
 from tests.service.conftest import ROOT
 
 
@@ -91,8 +91,14 @@ def test_sigterm_drains_readiness_first_then_stops_accepting(start_server):
     while time.perf_counter() - signalled < 10:
         try:
             with httpx.Client(base_url=server.url, timeout=2) as c:  # a new connection every round
-                seen.append((time.perf_counter() - signalled, c.get("/readyz").status_code,
-                             c.get("/v2/health/ready").status_code, c.post("/v1/classify", json=frames).status_code))
+                seen.append(
+                    (
+                        time.perf_counter() - signalled,
+                        c.get("/readyz").status_code,
+                        c.get("/v2/health/ready").status_code,
+                        c.post("/v1/classify", json=frames).status_code,
+                    )
+                )
         except httpx.TransportError:
             break  # refused: the listening socket is closed
         time.sleep(0.1)
@@ -104,8 +110,13 @@ def test_sigterm_drains_readiness_first_then_stops_accepting(start_server):
 
 
 def run_serve(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lstm_serve.cli", "serve", "--port", "0", *flags], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "lstm_serve.cli", "serve", "--port", "0", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_several_workers_with_in_memory_sessions_are_refused_at_start():
@@ -157,6 +168,8 @@ def test_readyz_is_503_until_the_lifespan_has_warmed_up():
 
 
 def test_the_serving_runtime_never_imports_torch():
-    code = ("import sys, lstm_serve.http.app, lstm_serve.cli, lstm_serve.http.server; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys, lstm_serve.http.app, lstm_serve.cli, lstm_serve.http.server; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

@@ -43,9 +43,14 @@ def tensor(name: str, array: np.ndarray, datatype: str, binary: bool = True) -> 
 
 
 def infer_sequence_chunk(triton_client, chunk: np.ndarray, sequence_id, start: bool, end: bool) -> np.ndarray:
-    result = triton_client.infer(MODEL, [tensor("x", chunk[None], "FP32")], sequence_id=sequence_id,
-                                 sequence_start=start, sequence_end=end,
-                                 outputs=[triton.InferRequestedOutput("probabilities")])
+    result = triton_client.infer(
+        MODEL,
+        [tensor("x", chunk[None], "FP32")],
+        sequence_id=sequence_id,
+        sequence_start=start,
+        sequence_end=end,
+        outputs=[triton.InferRequestedOutput("probabilities")],
+    )
     return result.as_numpy("probabilities")[0]
 
 
@@ -64,8 +69,10 @@ def test_health_and_metadata(triton_client):
     assert {"name": "logits", "datatype": "FP32", "shape": [-1, -1, 9]} in meta["outputs"]
     config = triton_client.get_model_config(MODEL)
     state = config["sequence_batching"]["state"]
-    assert [(s["input_name"], s["output_name"], s["dims"]) for s in state] == [("h0", "hn", [2, 192]),
-                                                                                ("c0", "cn", [2, 192])]
+    assert [(s["input_name"], s["output_name"], s["dims"]) for s in state] == [
+        ("h0", "hn", [2, 192]),
+        ("c0", "cn", [2, 192]),
+    ]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -73,7 +80,8 @@ def test_infer_equals_v1_classify(triton_client, client, test_sequences, binary)
     sequences = test_sequences[:37]  # lengths 7..29: padded, with a lengths input
     x, lengths = padded(sequences)
     result = triton_client.infer(
-        MODEL, [tensor("x", x, "FP32", binary), tensor("lengths", lengths, "INT64", binary)],
+        MODEL,
+        [tensor("x", x, "FP32", binary), tensor("lengths", lengths, "INT64", binary)],
         outputs=[triton.InferRequestedOutput(name, binary_data=binary) for name in ("probabilities", "logits")],
         request_id="req-17",
     )
@@ -100,8 +108,11 @@ def test_all_outputs_when_none_requested_and_gzip(triton_client, client, test_se
 def test_classification_extension(triton_client, client, test_sequences):
     sequences = test_sequences[40:44]
     x, lengths = padded(sequences)
-    result = triton_client.infer(MODEL, [tensor("x", x, "FP32"), tensor("lengths", lengths, "INT64")],
-                                 outputs=[triton.InferRequestedOutput("probabilities", class_count=3)])
+    result = triton_client.infer(
+        MODEL,
+        [tensor("x", x, "FP32"), tensor("lengths", lengths, "INT64")],
+        outputs=[triton.InferRequestedOutput("probabilities", class_count=3)],
+    )
     top = result.as_numpy("probabilities")
     assert top.shape == (4, 3)
     expected = v1_probabilities(client, sequences)
@@ -118,8 +129,9 @@ def test_sequence_in_chunks_equals_whole(triton_client, client, test_sequences):
     chunks = np.split(sequence, [1, 4, 9])
     for i, chunk in enumerate(chunks):
         out = infer_sequence_chunk(triton_client, chunk, 1001, start=i == 0, end=i == len(chunks) - 1)
-        np.testing.assert_allclose(out, v1_probabilities(client, [sequence[: sum(map(len, chunks[: i + 1]))]])[0],
-                                   atol=ATOL)
+        np.testing.assert_allclose(
+            out, v1_probabilities(client, [sequence[: sum(map(len, chunks[: i + 1]))]])[0], atol=ATOL
+        )
     with pytest.raises(InferenceServerException, match="must specify sequence_start") as ended:
         infer_sequence_chunk(triton_client, chunks[0], 1001, start=False, end=False)  # end freed the state
     assert ended.value.status() == "400"
@@ -132,12 +144,14 @@ def test_interleaved_sequences_and_restart(triton_client, client, test_sequences
     for t in range(half):  # one frame at a time, alternating between the two sequences
         for sid, seq in zip(ids, (a, b), strict=True):
             infer_sequence_chunk(triton_client, seq[t : t + 1], sid, start=t == 0, end=False)
-    np.testing.assert_allclose(infer_sequence_chunk(triton_client, a[half:], ids[0], False, True),
-                               v1_probabilities(client, [a])[0], atol=ATOL)
+    np.testing.assert_allclose(
+        infer_sequence_chunk(triton_client, a[half:], ids[0], False, True), v1_probabilities(client, [a])[0], atol=ATOL
+    )
     # a start on a live sequence begins again from zero state
     infer_sequence_chunk(triton_client, b[:3], ids[1], start=True, end=False)
-    np.testing.assert_allclose(infer_sequence_chunk(triton_client, b[3:], ids[1], False, True),
-                               v1_probabilities(client, [b])[0], atol=ATOL)
+    np.testing.assert_allclose(
+        infer_sequence_chunk(triton_client, b[3:], ids[1], False, True), v1_probabilities(client, [b])[0], atol=ATOL
+    )
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -161,29 +175,48 @@ def x_tensor(shape, data=None, datatype="FP32", **extra):
     return {"name": "x", "shape": shape, "datatype": datatype, "data": data, **extra}
 
 
-@pytest.mark.parametrize(("body", "status", "message"), [
-    ({"inputs": [x_tensor([1, 2, 12], datatype="FP64")]}, 400, "datatype FP64"),
-    ({"inputs": [x_tensor([1, 2, 12], datatype="STRING")]}, 400, "datatype 'STRING'"),
-    ({"inputs": [x_tensor([1, 2, 11])]}, 400, "shape [1, 2, 11]"),
-    ({"inputs": [x_tensor([1, 2, 12], data=[0.5] * 23)]}, 400, "23 values in data"),
-    ({"inputs": [x_tensor([1, 2, 12], data=["a"] * 24)]}, 400, "must be JSON numbers"),
-    ({"inputs": [x_tensor([2, 12])]}, 400, "shape [2, 12]"),
-    ({"inputs": [{"name": "h0", "shape": [1], "datatype": "FP32", "data": [0]}]}, 400, "unexpected inference input"),
-    ({"inputs": [x_tensor([1, 2, 12]), {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [3]}]},
-     400, "lengths between 1 and T=2"),
-    ({"inputs": [x_tensor([1, 2, 12])], "outputs": [{"name": "hn"}]}, 400, "unexpected inference output"),
-    ({"inputs": [x_tensor([1, 2, 12])], "outputs": [{"name": "logits", "parameters": {"classification": 10}}]},
-     400, "classification"),
-    ({"inputs": [x_tensor([1, 2, 12], data=[1e39] * 24)]}, 400, "NaN or Inf"),
-    ({"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_id": 555}}, 400, "must specify sequence_start"),
-    ({"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_start": True}}, 400, "needs a sequence_id"),
-    ({"inputs": [x_tensor([2, 2, 12])], "parameters": {"sequence_id": 5, "sequence_start": True}}, 400,
-     "one sequence"),
-    ({"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_id": -1, "sequence_start": True}}, 400,
-     "unsigned 64-bit"),
-    ({"inputs": []}, 400, "inputs"),
-    ({"input": [x_tensor([1, 2, 12])]}, 400, "invalid inference request"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"inputs": [x_tensor([1, 2, 12], datatype="FP64")]}, 400, "datatype FP64"),
+        ({"inputs": [x_tensor([1, 2, 12], datatype="STRING")]}, 400, "datatype 'STRING'"),
+        ({"inputs": [x_tensor([1, 2, 11])]}, 400, "shape [1, 2, 11]"),
+        ({"inputs": [x_tensor([1, 2, 12], data=[0.5] * 23)]}, 400, "23 values in data"),
+        ({"inputs": [x_tensor([1, 2, 12], data=["a"] * 24)]}, 400, "must be JSON numbers"),
+        ({"inputs": [x_tensor([2, 12])]}, 400, "shape [2, 12]"),
+        (
+            {"inputs": [{"name": "h0", "shape": [1], "datatype": "FP32", "data": [0]}]},
+            400,
+            "unexpected inference input",
+        ),
+        (
+            {"inputs": [x_tensor([1, 2, 12]), {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [3]}]},
+            400,
+            "lengths between 1 and T=2",
+        ),
+        ({"inputs": [x_tensor([1, 2, 12])], "outputs": [{"name": "hn"}]}, 400, "unexpected inference output"),
+        (
+            {"inputs": [x_tensor([1, 2, 12])], "outputs": [{"name": "logits", "parameters": {"classification": 10}}]},
+            400,
+            "classification",
+        ),
+        ({"inputs": [x_tensor([1, 2, 12], data=[1e39] * 24)]}, 400, "NaN or Inf"),
+        ({"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_id": 555}}, 400, "must specify sequence_start"),
+        ({"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_start": True}}, 400, "needs a sequence_id"),
+        (
+            {"inputs": [x_tensor([2, 2, 12])], "parameters": {"sequence_id": 5, "sequence_start": True}},
+            400,
+            "one sequence",
+        ),
+        (
+            {"inputs": [x_tensor([1, 2, 12])], "parameters": {"sequence_id": -1, "sequence_start": True}},
+            400,
+            "unsigned 64-bit",
+        ),
+        ({"inputs": []}, 400, "inputs"),
+        ({"input": [x_tensor([1, 2, 12])]}, 400, "invalid inference request"),
+    ],
+)
 def test_bad_requests_get_the_spec_error(client, body, status, message):
     response = infer_raw(client, body)
     assert response.status_code == status
@@ -192,8 +225,11 @@ def test_bad_requests_get_the_spec_error(client, body, status, message):
 
 def test_unknown_model_version_endpoint_and_method(client):
     body = {"inputs": [x_tensor([1, 2, 12])]}
-    for path, status in [("/v2/models/nope/infer", 404), (f"/v2/models/{MODEL}/versions/9/infer", 404),
-                         (f"/v2/models/{MODEL}/versions/1/infer", 200)]:
+    for path, status in [
+        ("/v2/models/nope/infer", 404),
+        (f"/v2/models/{MODEL}/versions/9/infer", 404),
+        (f"/v2/models/{MODEL}/versions/1/infer", 200),
+    ]:
         response = infer_raw(client, body, path=path)
         assert response.status_code == status, path
     assert "no version '9'" in infer_raw(client, body, path=f"/v2/models/{MODEL}/versions/9/infer").json()["error"]
@@ -207,8 +243,9 @@ def test_unknown_model_version_endpoint_and_method(client):
 
 
 def test_binary_framing_errors(client):
-    header = json.dumps({"inputs": [{"name": "x", "shape": [1, 2, 12], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 96}}]}).encode()
+    header = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 2, 12], "datatype": "FP32", "parameters": {"binary_data_size": 96}}]}
+    ).encode()
     data = np.ones((1, 2, 12), "<f4").tobytes()
     ok = infer_raw(client, header + data, {"Inference-Header-Content-Length": str(len(header))})
     assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
@@ -224,8 +261,9 @@ def test_binary_framing_errors(client):
     nan = np.full((1, 2, 12), np.nan, "<f4").tobytes()
     response = infer_raw(client, header + nan, {"Inference-Header-Content-Length": str(len(header))})
     assert response.status_code == 400 and "NaN" in response.json()["error"]
-    response = infer_raw(client, gzip.compress(header + data)[:-8], {"Content-Encoding": "gzip",
-                                                                      "Inference-Header-Content-Length": "0"})
+    response = infer_raw(
+        client, gzip.compress(header + data)[:-8], {"Content-Encoding": "gzip", "Inference-Header-Content-Length": "0"}
+    )
     assert response.status_code == 400 and "decompressed" in response.json()["error"]
     bomb = gzip.compress(b" " * (8 * 1024 * 1024 + 1))  # small on the wire, over max_body_bytes inflated
     response = infer_raw(client, bomb, {"Content-Encoding": "gzip"})
@@ -236,8 +274,11 @@ def test_binary_framing_errors(client):
 
 
 def test_binary_output_framing(client):
-    body = {"inputs": [x_tensor([1, 3, 12])], "parameters": {"binary_data_output": True},
-            "outputs": [{"name": "probabilities"}, {"name": "logits", "parameters": {"binary_data": False}}]}
+    body = {
+        "inputs": [x_tensor([1, 3, 12])],
+        "parameters": {"binary_data_output": True},
+        "outputs": [{"name": "probabilities"}, {"name": "logits", "parameters": {"binary_data": False}}],
+    }
     response = infer_raw(client, body)
     assert response.headers["content-type"] == "application/octet-stream"
     length = int(response.headers["inference-header-content-length"])
@@ -275,16 +316,20 @@ def test_oip_sequences_are_not_reachable_through_v1(client, test_sequences):
     """Another client guessing the internal id of an OIP sequence gets a 404 everywhere on /v1, and the
     sequence's owner carries on as if nothing happened."""
     frames = test_sequences[0]
-    first = {"inputs": [x_tensor([1, 3, 12], data=frames[:3].ravel().tolist())],
-             "parameters": {"sequence_id": 42, "sequence_start": True}}
+    first = {
+        "inputs": [x_tensor([1, 3, 12], data=frames[:3].ravel().tolist())],
+        "parameters": {"sequence_id": 42, "sequence_start": True},
+    }
     assert infer_raw(client, first).status_code == 200
     for guess in ("oip:japanese-vowels:n:42", "oip%3Ajapanese-vowels%3An%3A42", "v1:oip:japanese-vowels:n:42"):
         assert client.get(f"/v1/sessions/{guess}").status_code == 404
         step = client.post(f"/v1/sessions/{guess}/steps", json={"inputs": [[0.0] * 12]})
         assert step.status_code == 404 and step.json()["error"]["code"] == "session_not_found"
         assert client.delete(f"/v1/sessions/{guess}").status_code == 404
-    rest = {"inputs": [x_tensor([1, len(frames) - 3, 12], data=frames[3:].ravel().tolist())],
-            "parameters": {"sequence_id": 42, "sequence_end": True}}
+    rest = {
+        "inputs": [x_tensor([1, len(frames) - 3, 12], data=frames[3:].ravel().tolist())],
+        "parameters": {"sequence_id": 42, "sequence_end": True},
+    }
     finished = infer_raw(client, rest).json()
     assert finished["parameters"]["sequence_steps"] == len(frames)
     np.testing.assert_allclose(finished["outputs"][0]["data"], v1_probabilities(client, [frames])[0], atol=ATOL)

@@ -4,7 +4,6 @@ import asyncio
 
 import numpy as np
 import pytest
-
 from lstm_serve.errors import SessionNotFound, StoreUnavailable, TooManySessions
 from lstm_serve.state.redis import RedisSessionStore
 from lstm_serve.state.sessions import new_record
@@ -20,8 +19,14 @@ def test_round_trip_of_a_record_with_state_and_response(redis_server):
         record = await store.create(new_record("m", 3))
         state = (np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32))
         previous = (np.full((2, 3), 0.5, np.float32), np.zeros((2, 3), np.float32))
-        advanced = record.advanced(steps=4, state=state, last_seq=1, last_digest="abc", previous_state=previous,
-                                   last_probabilities=np.array([0.25, 0.75], np.float32))
+        advanced = record.advanced(
+            steps=4,
+            state=state,
+            last_seq=1,
+            last_digest="abc",
+            previous_state=previous,
+            last_probabilities=np.array([0.25, 0.75], np.float32),
+        )
         assert await store.commit(advanced, record)
         loaded = await store.load(record.session_id)
         await store.close()

@@ -23,7 +23,8 @@ def classify(url: str, frames: np.ndarray) -> np.ndarray:
 
 
 def test_a_session_continued_alternately_on_two_replicas_ends_exactly_like_classify(
-        start_server, redis_server, test_sequences):
+    start_server, redis_server, test_sequences
+):
     a, b = replicas(start_server, redis_server)
     frames = test_sequences[3]
     sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
@@ -56,16 +57,16 @@ def test_concurrent_steps_on_both_replicas_are_each_applied_exactly_once(start_s
 
     async def main():
         async with httpx.AsyncClient(timeout=30) as c:
-            return await asyncio.gather(*(c.post(f"{(a, b)[k % 2].url}/v1/sessions/{sid}/steps",
-                                                 json={"inputs": [frame]}) for k in range(40)))
+            return await asyncio.gather(
+                *(c.post(f"{(a, b)[k % 2].url}/v1/sessions/{sid}/steps", json={"inputs": [frame]}) for k in range(40))
+            )
 
     responses = asyncio.run(main())
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     assert sorted(r.json()["steps"] for r in responses) == list(range(1, 41)), "a step was lost or doubled"
     final = httpx.get(f"{b.url}/v1/sessions/{sid}").json()
     assert final["steps"] == 40
-    np.testing.assert_allclose(final["prediction"]["probabilities"], classify(a.url, np.array([frame] * 40)),
-                               atol=ATOL)
+    np.testing.assert_allclose(final["prediction"]["probabilities"], classify(a.url, np.array([frame] * 40)), atol=ATOL)
 
 
 def test_redis_down_gives_clean_503s_classify_keeps_working_and_service_resumes(start_server):
@@ -74,17 +75,21 @@ def test_redis_down_gives_clean_503s_classify_keeps_working_and_service_resumes(
         (a,) = replicas(start_server, redis_server, 1)
         sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
         redis_server.stop()
-        for call in (lambda: httpx.post(f"{a.url}/v1/sessions", json={}),
-                     lambda: httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}),
-                     lambda: httpx.get(f"{a.url}/v1/sessions/{sid}")):
+        for call in (
+            lambda: httpx.post(f"{a.url}/v1/sessions", json={}),
+            lambda: httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}),
+            lambda: httpx.get(f"{a.url}/v1/sessions/{sid}"),
+        ):
             response = call()
             assert response.status_code == 503, response.text
             error = response.json()["error"]
             assert error["code"] == "session_store_unavailable" and "session store" in error["message"]
             # where the store lives is the operator's business: logged on the server, never told to clients
             assert str(redis_server.port) not in response.text and "127.0.0.1" not in response.text
-        sequence = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 12], "data": [0.0] * 12}],
-                    "parameters": {"sequence_id": 9, "sequence_start": True}}
+        sequence = {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 12], "data": [0.0] * 12}],
+            "parameters": {"sequence_id": 9, "sequence_start": True},
+        }
         oip = httpx.post(f"{a.url}/v2/models/japanese-vowels/infer", json=sequence)
         assert oip.status_code == 503 and str(redis_server.port) not in oip.text, oip.text
         assert httpx.get(f"{a.url}/readyz").status_code == 503
@@ -108,8 +113,10 @@ def test_idle_sessions_expire_in_redis_too(start_server, redis_server):
     idle = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
     busy = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
     for k in range(6):
-        assert httpx.post(f"{(a, b)[k % 2].url}/v1/sessions/{busy}/steps",
-                          json={"inputs": [[0.0] * 12]}).status_code == 200
+        assert (
+            httpx.post(f"{(a, b)[k % 2].url}/v1/sessions/{busy}/steps", json={"inputs": [[0.0] * 12]}).status_code
+            == 200
+        )
         time.sleep(0.3)
     assert httpx.get(f"{b.url}/v1/sessions/{idle}").status_code == 404
     assert httpx.get(f"{a.url}/v1/sessions/{busy}").json()["steps"] == 6
@@ -119,7 +126,9 @@ def test_several_workers_are_allowed_with_redis_and_share_sessions(start_server,
     (server,) = replicas(start_server, redis_server, 1, "--workers", "2")
     sid = httpx.post(f"{server.url}/v1/sessions", json={}).json()["session_id"]
     with httpx.Client(base_url=server.url) as c:  # new connections land on either worker
-        steps = [httpx.post(f"{server.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.1] * 12]}).json()["steps"]
-                 for _ in range(10)]
+        steps = [
+            httpx.post(f"{server.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.1] * 12]}).json()["steps"]
+            for _ in range(10)
+        ]
         assert c.get(f"/v1/sessions/{sid}").json()["steps"] == 10
     assert steps == list(range(1, 11))

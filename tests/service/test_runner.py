@@ -5,9 +5,9 @@ import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from lstm_serve.core.repository import RepositoryError, load_repository
 from lstm_serve.core.runner import Item, OnnxRunner
+
 from tests.conftest import SHIPPED_ENTRY
 
 
@@ -25,8 +25,10 @@ def frames(rng, n):
 def test_a_mixed_batch_equals_running_each_item_alone(runner, lengths, seed):
     rng = np.random.default_rng(seed)
     width = runner.state_specs[0]["shape"]
-    items = [Item(frames(rng, n), None if k % 2 else [rng.normal(size=(2, width[1])).astype(np.float32)] * 2)
-             for k, n in enumerate(lengths)]
+    items = [
+        Item(frames(rng, n), None if k % 2 else [rng.normal(size=(2, width[1])).astype(np.float32)] * 2)
+        for k, n in enumerate(lengths)
+    ]
     batched = runner.run(items)
     for item, out in zip(items, batched, strict=True):
         (alone,) = runner.run([item])

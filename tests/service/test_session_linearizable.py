@@ -21,16 +21,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from lstm_serve.core.batcher import Batcher
 from lstm_serve.core.engine import Engine, LoadedModel
-from lstm_serve.errors import SessionNotFound, SessionRestarted
 from lstm_serve.core.metrics import Metrics
-from lstm_serve.state.redis import RedisSessionStore
 from lstm_serve.core.repository import ModelEntry
 from lstm_serve.core.runner import Item, Output
-from lstm_serve.state.sessions import InMemorySessionStore, new_record
+from lstm_serve.errors import SessionNotFound, SessionRestarted
 from lstm_serve.settings import Settings
+from lstm_serve.state.redis import RedisSessionStore
+from lstm_serve.state.sessions import InMemorySessionStore, new_record
 
 CAPACITY = 64  # frames a history can hold
 
@@ -57,8 +56,11 @@ class HistoryRunner:
 
 def fake_engine(store, seed: int) -> Engine:
     engine = Engine(Settings(), store, Metrics())
-    config = {"labels": [str(i) for i in range(CAPACITY + 1)], "input_dim": 1,
-              "state": [{"input": "h0", "output": "hn", "shape": [1, CAPACITY + 1]}]}
+    config = {
+        "labels": [str(i) for i in range(CAPACITY + 1)],
+        "input_dim": 1,
+        "state": [{"input": "h0", "output": "hn", "shape": [1, CAPACITY + 1]}],
+    }
     runner = HistoryRunner(seed)
     batcher = Batcher(runner.run, max_batch_size=8)
     engine.models["fake"] = LoadedModel(ModelEntry("fake", 1, Path("."), config), runner, batcher)  # type: ignore[arg-type]
@@ -131,15 +133,22 @@ def explains(order: list[Op]) -> bool:
 def linearizable(ops: list[Op]) -> bool:
     for order in itertools.permutations(ops):
         # real time: an operation that ended before another started comes first
-        if all(not (b.ended < a.started) for i, a in enumerate(order) for b in order[i + 1:]) and explains(list(order)):
+        if all(not (b.ended < a.started) for i, a in enumerate(order) for b in order[i + 1 :]) and explains(
+            list(order)
+        ):
             return True
     return False
 
 
 operations = st.lists(
-    st.tuples(st.sampled_from(["step", "step", "restart", "delete"]), st.integers(1, 3), st.integers(0, 1),
-              st.floats(0, 0.006)),
-    min_size=2, max_size=6,
+    st.tuples(
+        st.sampled_from(["step", "step", "restart", "delete"]),
+        st.integers(1, 3),
+        st.integers(0, 1),
+        st.floats(0, 0.006),
+    ),
+    min_size=2,
+    max_size=6,
 )
 
 
@@ -147,8 +156,9 @@ async def run_interleaving(engines: list[Engine], spec: list) -> list[Op]:
     key = f"test:{uuid.uuid4().hex}"
     await engines[0].create_session(engines[0].model("fake"), key)
     tags = itertools.count(1)
-    ops = [Op(kind, tuple(next(tags) for _ in range(n)), replica % len(engines), delay)
-           for kind, n, replica, delay in spec]
+    ops = [
+        Op(kind, tuple(next(tags) for _ in range(n)), replica % len(engines), delay) for kind, n, replica, delay in spec
+    ]
     await asyncio.gather(*(perform(engines[op.replica], key, op) for op in ops))
     return ops
 
@@ -167,7 +177,8 @@ def check(make_stores, spec: list, seed: int) -> None:
 
     ops = asyncio.run(main())
     assert linearizable(ops), "no sequential order explains: " + "; ".join(
-        f"{op.kind}{list(op.tags)}@{op.replica} -> {op.outcome} {list(op.result)}" for op in ops)
+        f"{op.kind}{list(op.tags)}@{op.replica} -> {op.outcome} {list(op.result)}" for op in ops
+    )
 
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

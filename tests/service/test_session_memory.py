@@ -10,11 +10,10 @@ import tracemalloc
 import httpx
 import numpy as np
 import redis
-
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.metrics import Metrics
-from lstm_serve.state.sessions import InMemorySessionStore, SessionRecord
 from lstm_serve.settings import Settings
+from lstm_serve.state.sessions import InMemorySessionStore, SessionRecord
 
 MODEL = "japanese-vowels"
 OVERHEAD = 2048  # Python objects around the arrays: the record, its strings and tuples, the store's slot
@@ -94,5 +93,8 @@ def test_an_idle_session_in_redis_holds_a_bounded_number_of_bytes(start_server, 
     # what the retry needs survived: the same answer, per-frame predictions included
     assert retried.json()["steps"] == 4097
     assert retried.json()["prediction"] == step.json()["prediction"]
-    np.testing.assert_allclose([p["probabilities"] for p in retried.json()["step_predictions"]],
-                               [p["probabilities"] for p in step.json()["step_predictions"]], atol=1e-6)
+    np.testing.assert_allclose(
+        [p["probabilities"] for p in retried.json()["step_predictions"]],
+        [p["probabilities"] for p in step.json()["step_predictions"]],
+        atol=1e-6,
+    )

@@ -13,16 +13,29 @@ ATOL = 1e-5
 
 
 def oip_body(frames: np.ndarray, sequence_id: int, start: bool = False, end: bool = False) -> dict:
-    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, *frames.shape], "data": frames.ravel().tolist()}],
-            "outputs": [{"name": "probabilities"}],
-            "parameters": {"sequence_id": sequence_id, "sequence_start": start, "sequence_end": end}}
+    return {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, *frames.shape], "data": frames.ravel().tolist()}],
+        "outputs": [{"name": "probabilities"}],
+        "parameters": {"sequence_id": sequence_id, "sequence_start": start, "sequence_end": end},
+    }
 
 
 def oip_binary(frames: np.ndarray, sequence_id: int) -> tuple[bytes, dict]:
     """A continue request with binary tensor data: parsed in microseconds, so it is running 30 ms later."""
-    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, *frames.shape],
-                                     "parameters": {"binary_data_size": frames.nbytes}}],
-                         "outputs": [{"name": "probabilities"}], "parameters": {"sequence_id": sequence_id}}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [1, *frames.shape],
+                    "parameters": {"binary_data_size": frames.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities"}],
+            "parameters": {"sequence_id": sequence_id},
+        }
+    ).encode()
     return header + frames.astype("<f4").tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -91,8 +104,9 @@ def test_a_restart_on_another_replica_fails_the_step_in_flight(start_server, red
         async with httpx.AsyncClient(timeout=60) as c:
             await c.post(f"{a.url}/v2/models/{MODEL}/infer", json=oip_body(short[:2], 77, start=True))
             content, headers = oip_binary(long_chunk, 77)
-            in_flight = asyncio.create_task(c.post(f"{a.url}/v2/models/{MODEL}/infer", content=content,
-                                                   headers=headers))
+            in_flight = asyncio.create_task(
+                c.post(f"{a.url}/v2/models/{MODEL}/infer", content=content, headers=headers)
+            )
             await asyncio.sleep(0.03)
             restart = await c.post(f"{b.url}/v2/models/{MODEL}/infer", json=oip_body(short, 77, start=True))
             return restart, await in_flight

@@ -42,8 +42,11 @@ def test_session_lifecycle_fields(client):
     assert step["step_predictions"][-1] == step["prediction"]
     assert client.get(f"/v1/sessions/{sid}").json()["prediction"] == step["prediction"]
     assert client.delete(f"/v1/sessions/{sid}").status_code == 204
-    for call in (client.get(f"/v1/sessions/{sid}"), client.delete(f"/v1/sessions/{sid}"),
-                 client.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]})):
+    for call in (
+        client.get(f"/v1/sessions/{sid}"),
+        client.delete(f"/v1/sessions/{sid}"),
+        client.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}),
+    ):
         assert call.status_code == 404 and call.json()["error"]["code"] == "session_not_found"
 
 
@@ -98,16 +101,16 @@ def test_concurrent_steps_on_one_session_are_each_applied_exactly_once(server, c
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            return await asyncio.gather(*(c.post(f"/v1/sessions/{sid}/steps", json={"inputs": frame})
-                                          for _ in range(40)))
+            return await asyncio.gather(
+                *(c.post(f"/v1/sessions/{sid}/steps", json={"inputs": frame}) for _ in range(40))
+            )
 
     responses = asyncio.run(main())
     assert all(r.status_code == 200 for r in responses)
     assert sorted(r.json()["steps"] for r in responses) == list(range(1, 41)), "a step was lost or doubled"
     final = client.get(f"/v1/sessions/{sid}").json()
     assert final["steps"] == 40
-    np.testing.assert_allclose(final["prediction"]["probabilities"], classify(client, np.array(frame * 40)),
-                               atol=ATOL)
+    np.testing.assert_allclose(final["prediction"]["probabilities"], classify(client, np.array(frame * 40)), atol=ATOL)
 
 
 def test_seq_applies_once_replays_a_retry_and_refuses_the_rest(server, client):

@@ -6,8 +6,10 @@ from urllib.parse import urlparse
 
 import pytest
 
-KEY_HEADERS = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" \
-              "Sec-WebSocket-Version: 13\r\n"
+KEY_HEADERS = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\n"
+)
 
 
 def handshake(url: str, path: str, extra_headers: str = "") -> tuple[bytes, float]:
@@ -24,12 +26,15 @@ def handshake(url: str, path: str, extra_headers: str = "") -> tuple[bytes, floa
         return answer, took
 
 
-@pytest.mark.parametrize(("path", "headers", "status"), [
-    ("/v1/sessions/" + "a" * 9000 + "/stream", "", b"414"),
-    ("/v1/sessions/" + "a" * 70000 + "/stream", "", b"414"),
-    ("/v1/sessions/abc/stream", "X-Filler: " + "b" * 9000 + "\r\n", b"431"),
-    ("/v1/sessions/abc/stream", "".join(f"X-{i}: {i}\r\n" for i in range(200)), b"431"),
-])
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/v1/sessions/" + "a" * 9000 + "/stream", "", b"414"),
+        ("/v1/sessions/" + "a" * 70000 + "/stream", "", b"414"),
+        ("/v1/sessions/abc/stream", "X-Filler: " + "b" * 9000 + "\r\n", b"431"),
+        ("/v1/sessions/abc/stream", "".join(f"X-{i}: {i}\r\n" for i in range(200)), b"431"),
+    ],
+)
 def test_an_unparsable_handshake_is_answered_and_closed(server, path, headers, status):
     answer, took = handshake(server.url, path, headers)
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
