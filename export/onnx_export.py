@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from lstm_serve.model.model import ModelConfig, SequenceClassifier
-from lstm_serve.model.train import load_checkpoint
 from onnx import helper, numpy_helper
 from torch import nn
+
+from lstm_serve.model.data import load_dataset
+from lstm_serve.model.model import ModelConfig, SequenceClassifier
+from lstm_serve.model.train import load_checkpoint
 
 OPSET = 17
 RECURRENT_OPS = {"lstm": "LSTM", "peephole": "LSTM", "coupled": "LSTM", "gru": "GRU"}
@@ -178,8 +181,25 @@ def check_against_model(path: Path, model: SequenceClassifier, atol: float = 1e-
         assert diff <= atol, f"{name}: onnxruntime and PyTorch differ by {diff:.2e} (> {atol})"
 
 
+NUMBER_LIST = re.compile(r"\[\s+(-?[\d.e+-]+(?:,\s+-?[\d.e+-]+)*)\s+\]")
+
+
+def config_text(config: dict) -> str:
+    """config.json, indented, with every list of numbers (a shape, a frame) on one line."""
+    text = json.dumps(config, indent=2)
+    return NUMBER_LIST.sub(lambda m: "[" + ", ".join(n.strip() for n in m.group(1).split(",")) + "]", text) + "\n"
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def example_sequence(dataset: str) -> dict:
+    """The first test sequence of the data set with its true label: what a caller can send to try the model.
+    Each number is written as the shortest decimal that reads back as the same float32."""
+    data = load_dataset(dataset)
+    frames = [[float(str(np.float32(value))) for value in frame] for frame in data.test.sequences[0]]
+    return {"label": data.label_names[int(data.test.labels[0])], "frames": frames}
 
 
 def model_config(model: SequenceClassifier, checkpoint: dict, name: str, version: int, onnx_path: Path) -> dict:
@@ -217,6 +237,7 @@ def model_config(model: SequenceClassifier, checkpoint: dict, name: str, version
             "test_sequences": metrics["split"]["test"],
             "per_class_accuracy": metrics["per_class_accuracy"],
         },
+        "example": example_sequence(checkpoint["dataset"]),
         "parameters": model.num_parameters(),
         "opset": OPSET,
         "exported_with": f"torch {torch.__version__}",
@@ -234,5 +255,5 @@ def export_checkpoint(checkpoint_path: str | Path, repository: str | Path, name:
         export_onnx(model, staged)
         staged.replace(entry / "model.onnx")
     config = model_config(model, checkpoint, name, version, entry / "model.onnx")
-    (entry / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (entry / "config.json").write_text(config_text(config))
     return entry

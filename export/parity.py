@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+
 from lstm_serve.export.onnx_export import sha256
 from lstm_serve.model.data import load_dataset, pad_batch
 from lstm_serve.model.train import load_checkpoint

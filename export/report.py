@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from lstm_serve.model.model import CELLS, ModelConfig
 from lstm_serve.model.train import DATASET_RECIPES
-from torch import nn
 
 # Published test accuracies on the same train/test splits, quoted (not re-run here).
 PUBLISHED = {
@@ -94,6 +95,7 @@ def train_one(job: tuple[str, str, int, int, int]) -> dict:
 def step_latency_us(onnx_bytes: bytes, batch: int, runs: int) -> float:
     """Median time of one streaming step (T=1, state in and out) at a batch size, one thread."""
     import onnxruntime as ort
+
     from lstm_serve.core.runner import session_options
 
     session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])

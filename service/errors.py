@@ -1,20 +1,19 @@
-"""Domain errors: each carries its HTTP status and a stable code; one handler renders them all."""
+"""Domain errors: each carries its HTTP status and a stable code; each protocol renders them its way."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ServiceError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None, **details) -> None:
+    def __init__(self, message: str, headers: dict[str, str] | None = None, **details: Any) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
         self.details = details
-
-    def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message, **self.details}}
 
 
 class InvalidInput(ServiceError):
@@ -29,16 +28,16 @@ class BodyTooLarge(ServiceError):
     status, code = 413, "body_too_large"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
 class NotFound(ServiceError):
     status, code = 404, "not_found"
 
 
 class MethodNotAllowed(ServiceError):
     status, code = 405, "method_not_allowed"
-
-
-class UnsupportedEncoding(ServiceError):
-    status, code = 415, "unsupported_encoding"
 
 
 class ModelNotFound(ServiceError):

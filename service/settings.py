@@ -8,7 +8,16 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "models"
+
+def default_repository() -> Path:
+    """The shipped model repository: lstm_serve/models in an installed package, models/ beside service/ in
+    the source tree (this file's real path: a development install links it from there)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "models"
+    return installed if installed.is_dir() else package.parent / "models"
+
+
+DEFAULT_REPOSITORY = default_repository()
 
 
 class Settings(BaseSettings):

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import orjson
+
 from lstm_serve.bench import report
 from lstm_serve.bench.clients import HttpConnection
 from lstm_serve.bench.workloads import (

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
+
 from lstm_serve.bench.clients import HttpConnection, WebSocketConnection
 
 

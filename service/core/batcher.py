@@ -50,7 +50,6 @@ class Batcher(Generic[In, Out]):
         self.queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue(max_queue_length)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.task: asyncio.Task | None = None
-        self.batches_run = 0
 
     @property
     def queued(self) -> int:
@@ -121,7 +120,6 @@ class Batcher(Generic[In, Out]):
                     p.future.set_exception(error)
             return
         finally:
-            self.batches_run += 1
             if self.observer is not None:
                 self.observer.batch_done(
                     len(batch), [started - p.enqueued for p in batch], time.perf_counter() - started

@@ -1,7 +1,8 @@
-"""The inference engine: models, their batchers, and the session store, behind a small interface.
+"""The inference engine: models, their batchers and the session store, behind a small interface that
+takes checked chunks (core/inputs.py) and returns typed results. It speaks no protocol.
 
-classify: frames -> batcher.submit(zero state) -> prediction at the last frame
-step:     store.load -> check seq -> batcher.submit(session state) -> store.commit -> prediction
+classify: chunks -> batcher.submit(zero state) -> per-frame outputs of each sequence
+step:     store.load -> check seq -> batcher.submit(session state) -> store.commit -> StepResult
 """
 
 from __future__ import annotations
@@ -14,15 +15,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from lstm_serve.core.batcher import Batcher
+from lstm_serve.core.inputs import Chunk
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.core.repository import ModelEntry, load_repository
 from lstm_serve.core.runner import Item, OnnxRunner, Output
-from lstm_serve.errors import InvalidInput, ModelNotFound, SequenceConflict, SessionRestarted
+from lstm_serve.errors import ModelNotFound, SequenceConflict, SessionRestarted
 from lstm_serve.settings import Settings
 from lstm_serve.state.sessions import SessionRecord, SessionStore, new_record
 
 log = logging.getLogger("lstm_serve")
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The model's verdict after one frame."""
+
+    label: str
+    class_id: int
+    probabilities: np.ndarray  # (C,) float32
 
 
 @dataclass
@@ -39,31 +51,16 @@ class LoadedModel:
     def version(self) -> int:
         return self.entry.version
 
-    def describe(self) -> dict:
-        config = self.entry.config
-        return {
-            "name": self.name,
-            "version": self.version,
-            "labels": self.entry.labels,
-            "input_dim": self.entry.input_dim,
-            "cell": config.get("cell", "lstm"),
-            "hidden_size": config.get("hidden_size"),
-            "num_layers": config.get("num_layers"),
-            "state": [spec["input"] for spec in self.entry.state_specs],
-            "metrics": config.get("metrics", {}),
-            "execution_provider": self.runner.provider,
-        }
-
-    def predict(self, probabilities: np.ndarray) -> dict:
-        """Class prediction from one step's probabilities (C,). The array stays an array: orjson
-        writes float32 arrays in C, several times faster than .tolist() and Python floats."""
+    def predict(self, probabilities: np.ndarray) -> Prediction:
+        """The prediction for one frame's probabilities (C,); the row is copied so that it does not keep
+        the whole batch's array alive."""
         class_id = int(probabilities.argmax())
-        return {"label": self.entry.labels[class_id], "class_id": class_id, "probabilities": probabilities.copy()}
+        return Prediction(self.entry.labels[class_id], class_id, probabilities.copy())
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one chunk did to a session, in no protocol's terms."""
+    """What one chunk did to a session."""
 
     model: LoadedModel  # the model the session runs on
     steps: int  # frames the session has consumed after this chunk
@@ -80,17 +77,15 @@ class Engine:
     def __init__(self, settings: Settings, store: SessionStore, metrics: Metrics) -> None:
         self.settings, self.store, self.metrics = settings, store, metrics
         self.models: dict[str, LoadedModel] = {}
-        self.default_model: str | None = None
+        self.default_model = settings.default_model
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
         entries = load_repository(s.model_repository)
-        if s.default_model in entries:
-            self.default_model = s.default_model
-        elif "default_model" in s.model_fields_set:  # asked for explicitly: a typo must not go unnoticed
-            raise ModelNotFound(f"default model {s.default_model!r} is not in {s.model_repository}")
-        else:
+        if s.default_model not in entries:
+            if "default_model" in s.model_fields_set:  # asked for explicitly: a typo must not go unnoticed
+                raise ModelNotFound(f"default model {s.default_model!r} is not in {s.model_repository}")
             self.default_model = next(iter(entries))
         for name, entry in entries.items():
             runner = OnnxRunner(entry, s.providers, s.intra_op_threads)
@@ -119,62 +114,23 @@ class Engine:
         await asyncio.gather(*(m.batcher.stop() for m in self.models.values()))
 
     # -- models ------------------------------------------------------------------------------
-    def model(self, name: str | None) -> LoadedModel:
+    def model(self, name: str | None = None) -> LoadedModel:
         name = name or self.default_model
         if name not in self.models:
             raise ModelNotFound(f"no model {name!r}; this server has {sorted(self.models)}")
         return self.models[name]
 
-    def as_frames(self, raw, model: LoadedModel, where: str) -> np.ndarray:
-        """Nested lists of numbers -> (T, D) float32, or an InvalidInput that says what is wrong."""
-        D, limit = model.entry.input_dim, self.settings.max_sequence_length
-        if len(raw) == 0:
-            raise InvalidInput(f"{where} is empty; send at least one frame")
-        if len(raw) > limit:
-            raise InvalidInput(f"{where} has {len(raw)} frames, over max_sequence_length={limit}")
-        try:
-            frames = np.asarray(raw, dtype=np.float32)
-        except ValueError:
-            frames = None
-        if frames is None or frames.ndim != 2 or frames.shape[1] != D:
-            for t, frame in enumerate(raw):
-                if len(frame) != D:
-                    raise InvalidInput(
-                        f"{where}: frame {t} has {len(frame)} features; model {model.name!r} takes {D} per frame"
-                    )
-            raise InvalidInput(f"{where} must be a list of frames of {D} numbers")
-        return self.check_finite(frames, where)
-
-    def frames_from_bytes(self, payload: bytes, model: LoadedModel, where: str) -> np.ndarray:
-        """Little-endian float32 (T x D) -> (T, D) float32."""
-        D, limit = model.entry.input_dim, self.settings.max_sequence_length
-        if len(payload) == 0 or len(payload) % (4 * D):
-            raise InvalidInput(
-                f"{where}: {len(payload)} bytes is not a whole number of frames of "
-                f"{D} little-endian float32 ({4 * D} bytes each)"
-            )
-        frames = np.frombuffer(payload, dtype="<f4").reshape(-1, D).astype(np.float32)
-        if len(frames) > limit:
-            raise InvalidInput(f"{where} has {len(frames)} frames, over max_sequence_length={limit}")
-        return self.check_finite(frames, where)
-
-    @staticmethod
-    def check_finite(frames: np.ndarray, where: str) -> np.ndarray:
-        if not np.isfinite(frames).all():
-            t = int(np.flatnonzero(~np.isfinite(frames).all(axis=1))[0])
-            raise InvalidInput(f"{where}: frame {t} holds NaN or Inf (or a value beyond float32)")
-        return frames
-
     # -- classify ----------------------------------------------------------------------------
-    async def infer(self, model: LoadedModel, sequences: list[np.ndarray]) -> list[Output]:
-        """Each sequence from zero state, batched with whatever else is queued."""
-        return await asyncio.gather(*(model.batcher.submit(Item(x, None)) for x in sequences))
-
-    async def classify(self, model: LoadedModel, sequences: list[np.ndarray]) -> list[dict]:
-        return [model.predict(out.probabilities[-1]) for out in await self.infer(model, sequences)]
+    async def classify(self, model: LoadedModel, chunks: list[Chunk]) -> list[Output]:
+        """Each sequence from zero state, batched with whatever else is queued: its per-frame outputs."""
+        return await asyncio.gather(*(model.batcher.submit(Item(chunk.frames, None)) for chunk in chunks))
 
     # -- sessions ----------------------------------------------------------------------------
-    async def create_session(self, model: LoadedModel, session_id: str | None = None) -> SessionRecord:
+    @property
+    def session_ttl_s(self) -> float:
+        return self.store.ttl_s
+
+    async def create_session(self, model: LoadedModel, session_id: str) -> SessionRecord:
         return await self.store.create(new_record(model.name, model.version, session_id))
 
     async def get_session(self, session_id: str) -> SessionRecord:
@@ -193,46 +149,46 @@ class Engine:
             )
         return model
 
-    async def restart(self, model: LoadedModel, session_id: str, frames: np.ndarray) -> StepResult:
-        """The session `session_id` from zero state with exactly these frames, replacing any session of
+    async def restart(self, model: LoadedModel, session_id: str, chunk: Chunk) -> StepResult:
+        """The session `session_id` from zero state with exactly this chunk, replacing any session of
         that id (a step still running on the old one fails instead of landing on this one)."""
         async with self.store.lock(session_id):
-            (out,) = await self.infer(model, [frames])
+            (out,) = await self.classify(model, [chunk])
             record = new_record(
                 model.name,
                 model.version,
                 session_id,
-                steps=len(frames),
+                steps=len(chunk),
                 state=tuple(out.state),
                 last_seq=0,
-                last_digest=chunk_digest(frames),
+                last_digest=chunk_digest(chunk.frames),
                 last_probabilities=out.probabilities[-1].copy(),
             )
             await self.store.create(record)
         return StepResult(model, record.steps, out.probabilities[-1], out, replayed=False)
 
     async def step(
-        self, session_id: str, to_frames: Callable[[LoadedModel], np.ndarray], seq: int | None, per_frame: bool
+        self, session_id: str, to_chunk: Callable[[LoadedModel], Chunk], seq: int | None, per_frame: bool
     ) -> StepResult:
         """Apply one chunk to a session exactly once, in order; answer a retried chunk without applying it
-        again. `to_frames` validates the chunk against the session's model, known once the session is
+        again. `to_chunk` checks the frames against the session's model, known once the session is
         loaded (one load per step: with Redis each load is a round trip)."""
         async with self.store.lock(session_id):
             record = await self.store.load(session_id)
             model = self.session_model(record)
-            frames = to_frames(model)
-            digest = chunk_digest(frames)
+            chunk = to_chunk(model)
+            digest = chunk_digest(chunk.frames)
             while True:
                 if seq is not None and seq != record.steps:
                     if seq == record.last_seq and digest == record.last_digest:
-                        return await self.replay(model, record, frames, per_frame)
+                        return await self.replay(model, record, chunk, per_frame)
                     raise SequenceConflict(
                         f"seq {seq} does not match: session {session_id!r} has consumed {record.steps} frames",
                         expected_seq=record.steps,
                     )
-                out = await model.batcher.submit(Item(frames, list(record.state) if record.state else None))
+                out = await model.batcher.submit(Item(chunk.frames, list(record.state) if record.state else None))
                 updated = record.advanced(
-                    steps=record.steps + len(frames),
+                    steps=record.steps + len(chunk),
                     state=tuple(out.state),
                     last_seq=record.steps,
                     last_digest=digest,
@@ -252,14 +208,12 @@ class Engine:
                     )
                 record = current
 
-    async def replay(
-        self, model: LoadedModel, record: SessionRecord, frames: np.ndarray, per_frame: bool
-    ) -> StepResult:
+    async def replay(self, model: LoadedModel, record: SessionRecord, chunk: Chunk, per_frame: bool) -> StepResult:
         """The answer to a retry of the last chunk, from what the session keeps: the probabilities after the
         chunk as they were sent, and its per-frame outputs recomputed from the state before it."""
         out = None
         if per_frame:
             state = list(record.previous_state) if record.previous_state else None
-            out = await model.batcher.submit(Item(frames, state))
+            out = await model.batcher.submit(Item(chunk.frames, state))
         assert record.last_probabilities is not None, "a session with a last chunk keeps its probabilities"
         return StepResult(model, record.steps, record.last_probabilities, out, replayed=True)

@@ -39,11 +39,6 @@ class Metrics:
         )
         self.active_sessions = Gauge("lstm_serve_active_sessions", "Live streaming sessions", registry=r)
         self.sessions_expired = Counter("lstm_serve_sessions_expired", "Sessions removed after their TTL", registry=r)
-        self.sessions_evicted = Counter(
-            "lstm_serve_sessions_evicted",
-            "Sessions removed to make room (never: a full server answers 429)",
-            registry=r,
-        )
         self.rejected = Counter(
             "lstm_serve_rejected_requests", "Requests refused to protect the server", ["reason"], registry=r
         )

@@ -28,6 +28,20 @@ class ModelEntry:
         return self.config["input_dim"]
 
     @property
+    def frames_input(self) -> str:
+        return self.config["inputs"][0]["name"]
+
+    @property
+    def lengths_input(self) -> str | None:
+        """The graph's per-row lengths input, when it has one (rows of different lengths share a call)."""
+        return self.config.get("lengths_input")
+
+    @property
+    def example(self) -> dict | None:
+        """{"label": ..., "frames": [[...], ...]}: a real sequence of the data, to try the model with."""
+        return self.config.get("example")
+
+    @property
     def state_specs(self) -> list[dict]:
         """[{"input": "h0", "output": "hn", "shape": [L, H]}, ...]: what a session carries."""
         return self.config["state"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
+
 from lstm_serve.core.repository import ModelEntry
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -63,8 +64,8 @@ class OnnxRunner:
             raise RuntimeError(f"providers=cuda but onnxruntime fell back to {self.session.get_providers()}")
         config = entry.config
         self.input_dim = entry.input_dim
-        self.frames_input = config["inputs"][0]["name"]
-        self.lengths_input = config.get("lengths_input")
+        self.frames_input = entry.frames_input
+        self.lengths_input = entry.lengths_input
         self.logits_output = config.get("logits_output", config["outputs"][0]["name"])
         self.state_specs = entry.state_specs
         self.output_names = [self.logits_output] + [s["output"] for s in self.state_specs]
@@ -72,9 +73,6 @@ class OnnxRunner:
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
-
-    def zero_state(self) -> list[np.ndarray]:
-        return [np.zeros(spec["shape"], np.float32) for spec in self.state_specs]
 
     def run(self, items: list[Item]) -> list[Output]:
         """One onnxruntime call for all items: right-pad to the longest, pass lengths, split back."""

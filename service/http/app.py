@@ -1,4 +1,5 @@
-"""The application frame: create_app(settings), the lifespan, and one error handler for all."""
+"""The application: one route table of every protocol's routes, served by the frame, and the lifespan
+that loads and warms the models, sweeps expired sessions, and drains on SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,19 +12,17 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from types import FrameType
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from lstm_serve.core.engine import Engine
+from lstm_serve.core.inputs import Limits
 from lstm_serve.core.metrics import Metrics
-from lstm_serve.errors import InvalidInput, ServiceError
-from lstm_serve.http import openapi
-from lstm_serve.http.frontdoor import FrontDoor, rejected
-from lstm_serve.protocols.http import JSON, error_response, internal_error
-from lstm_serve.protocols.oip import OIP_ROUTES
-from lstm_serve.protocols.v1 import HOT_ROUTES, router
+from lstm_serve.core.runtime import Runtime
+from lstm_serve.errors import ServiceError
+from lstm_serve.http.docs import Documents
+from lstm_serve.http.frame import Frame
+from lstm_serve.http.table import RouteTable
+from lstm_serve.protocols import health, oip, v1, websocket
 from lstm_serve.settings import Settings
 from lstm_serve.state.sessions import InMemorySessionStore, SessionStore
-from starlette.exceptions import HTTPException
 
 log = logging.getLogger("lstm_serve")
 
@@ -38,7 +37,7 @@ def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
     return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions, on_expired=metrics.sessions_expired.inc)
 
 
-def drain_on_sigterm(state, delay_s: float) -> Callable[[], None]:
+def drain_on_sigterm(runtime: Runtime, delay_s: float) -> Callable[[], None]:
     """SIGTERM marks the server as draining (readiness answers 503) and hands the signal to uvicorn only
     after `delay_s`: meanwhile it keeps accepting and serving, so a load balancer's readiness probe
     takes it out of rotation before its socket closes. A second SIGTERM shuts down at once. Returns
@@ -49,10 +48,10 @@ def drain_on_sigterm(state, delay_s: float) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        if state.draining or delay_s <= 0:
+        if runtime.draining or delay_s <= 0:
             server_handler(signum, frame)
             return
-        state.draining = True
+        runtime.draining = True
         log.warning(
             "SIGTERM: draining for %g s (/readyz answers 503, requests are still served), then shutting down", delay_s
         )
@@ -73,74 +72,42 @@ async def sweep_forever(store: SessionStore, every_s: float) -> None:
             log.exception("session sweep failed")
 
 
-def create_app(settings: Settings | None = None) -> FrontDoor:
-    """The ASGI app: the front door (limits, metrics, hot routes) around the FastAPI app."""
+def route_table(documents: Documents) -> RouteTable:
+    """Every route, declared once, in the module of the protocol it belongs to."""
+    return RouteTable([*health.ROUTES, *v1.ROUTES, *websocket.ROUTES, *oip.ROUTES, *documents.routes()])
+
+
+def create_app(settings: Settings | None = None) -> Frame:
     settings = settings or Settings()
     metrics = Metrics()
+    store = make_store(settings, metrics)
+    runtime = Runtime(settings, Limits.from_settings(settings), metrics, Engine(settings, store, metrics))
+    documents = Documents(lambda: table)
+    table = route_table(documents)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = make_store(settings, metrics)
-        engine = Engine(settings, store, metrics)
-        app.state.engine, app.state.ready, app.state.draining = engine, False, False
-        undo_drain = drain_on_sigterm(app.state, settings.drain_delay_s)
+    async def lifespan() -> AsyncIterator[None]:
+        undo_drain = drain_on_sigterm(runtime, settings.drain_delay_s)
+        engine = runtime.engine
         await engine.start()  # load every model, create onnxruntime sessions, warm up
         sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s))
         gc.collect()
         gc.freeze()  # start-up objects (models, modules) are never garbage: keep them out of every GC pass
-        app.state.ready = True
+        runtime.ready = True
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version} ({m.runner.provider})" for m in engine.models.values()))
         try:
             yield
         finally:  # reverse order: stop answering ready, stop sweeping, finish queued work, close the store
-            app.state.ready = False
+            runtime.ready = False
             undo_drain()
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
             await engine.stop()
             await store.close()
 
-    app = FastAPI(
-        title="lstm-serve",
-        version="0.1.0",
-        lifespan=lifespan,
-        default_response_class=JSON,
-        description="Sequence classification and stateful streaming sessions for recurrent models.",
-        # /metrics is our telemetry; FastAPI's OpenTelemetry hooks cost ~6% per request
-        telemetry={"tracing": False, "metrics": False, "logs": False},
-    )
-    app.state.settings, app.state.metrics, app.state.ready, app.state.draining = settings, metrics, False, False
-    app.include_router(router)
-    openapi.install(app)
-
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, error: ServiceError) -> JSON:
-        rejected(metrics, error)
-        return error_response(error)
-
-    @app.exception_handler(RequestValidationError)
-    async def request_invalid(request: Request, error: RequestValidationError) -> JSON:
-        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(part) for part in first["loc"])
-        return error_response(InvalidInput(f"invalid request: {where}: {first['msg']}"))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSON:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSON(
-            {"error": {"code": code, "message": str(error.detail)}},
-            status_code=error.status_code,
-            headers=getattr(error, "headers", None),
-        )
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSON:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return internal_error()
-
-    return FrontDoor(app, metrics, settings.max_body_bytes, HOT_ROUTES + OIP_ROUTES)
+    return Frame(table, runtime, lifespan)
 
 
-def app_from_env() -> FrontDoor:
+def app_from_env() -> Frame:
     """For `uvicorn --factory` with several workers: each process reads LSTM_SERVE_* itself."""
     return create_app(Settings())

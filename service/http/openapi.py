@@ -1,59 +1,134 @@
-"""OpenAPI entries for the hot routes, which are plain Starlette endpoints FastAPI does not document."""
+"""The API documents, generated from the route table and what the server serves: OpenAPI 3.1 for the
+HTTP routes, AsyncAPI 3.0 for the WebSocket. Request schemas and examples come from the loaded models
+(their frame widths, a real test sequence), so the documents say exactly what the server accepts."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
-from lstm_serve.protocols.oip import OIP_ROUTE_DOCS
-from lstm_serve.protocols.schemas import ErrorResponse, OipError
-from lstm_serve.protocols.v1 import HOT_ROUTE_DOCS
-from pydantic import BaseModel
+from pydantic import TypeAdapter
+
+from lstm_serve.core.runtime import Runtime
+from lstm_serve.http.table import RouteTable
+from lstm_serve.protocols import schemas
+from lstm_serve.protocols.routing import Content, ErrorResponse, Reply, Route, Schema, built
 
 REF = "#/components/schemas/{model}"
+DESCRIPTION = """Sequence classification and stateful streaming sessions for recurrent models, on onnxruntime.
+
+* **/v1**: classify whole sequences; stream frames into sessions whose LSTM state the server keeps.
+  Errors are `{"error": {"code": ..., "message": ...}}`.
+* **/v2**: the Open Inference Protocol (KServe v2, Triton HTTP), sequences included. Errors are
+  `{"error": "..."}`.
+* **WebSocket** `/v1/sessions/{session_id}/stream`: one chunk per message, one reply each; described in
+  the AsyncAPI document at [/asyncapi.json](/asyncapi.json).
+"""
 
 
-def schema_ref(model: type[BaseModel], components: dict) -> dict:
-    schema = model.model_json_schema(ref_template=REF)
-    components.update(schema.pop("$defs", {}))
-    components[model.__name__] = schema
-    return {"$ref": REF.format(model=model.__name__)}
+class Components:
+    """Collects the named schemas that operations refer to."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime, self.schemas = runtime, {}
+
+    def schema(self, source: Schema, mode: str = "serialization") -> dict[str, Any]:
+        """A schema, named in components (and referred to) when it has a title."""
+        if built(source):
+            schema = source(self.runtime)
+        elif isinstance(source, dict):
+            schema = source
+        else:
+            schema = TypeAdapter(source).json_schema(ref_template=REF, mode=mode)
+            self.schemas.update(schema.pop("$defs", {}))
+        title = schema.get("title")
+        if not title or not title.isidentifier():
+            return schema  # type: ignore[no-any-return]
+        self.schemas[title] = schema
+        return {"$ref": REF.format(model=title)}
 
 
-def operation(summary, request, response, status, path, components) -> dict:
-    oip = path.startswith("/v2")
-    op: dict = {"summary": summary, "tags": ["open inference protocol" if oip else path.split("/")[2]], "responses": {}}
-    params = re.findall(r"{(\w+)}", path)
-    if params:
-        op["parameters"] = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in params
+def content(entries: tuple[Content, ...], components: Components, mode: str) -> dict[str, Any]:
+    described = {}
+    for entry in entries:
+        media: dict[str, Any] = {}
+        if entry.schema is not None:
+            media["schema"] = components.schema(entry.schema, mode)
+        if entry.example is not None:
+            media["example"] = entry.example(components.runtime)
+        described[entry.media_type] = media
+    return described
+
+
+def response(reply: Reply, components: Components) -> dict[str, Any]:
+    described: dict[str, Any] = {"description": reply.description}
+    if reply.content:
+        described["content"] = content(reply.content, components, "serialization")
+    if reply.headers:
+        described["headers"] = {name: {"schema": {"type": "string"}} for name in reply.headers}
+    return described
+
+
+def operation(route: Route, components: Components) -> dict[str, Any]:
+    described: dict[str, Any] = {
+        "summary": route.summary,
+        "operationId": route.method.lower() + "_" + re.sub(r"\W+", "_", route.path).strip("_"),
+        "tags": [route.tag],
+        "responses": {str(reply.status): response(reply, components) for reply in route.replies},
+    }
+    if route.description:
+        described["description"] = route.description
+    if route.parameters:
+        described["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": schema}
+            for name, schema in route.parameters.items()
         ]
-    if request is not None:
-        op["requestBody"] = {
-            "required": request.__name__ != "SessionCreateRequest",
-            "content": {"application/json": {"schema": schema_ref(request, components)}},
+    if route.request:
+        described["requestBody"] = {
+            "required": route.body_required,
+            "content": content(route.request, components, "validation"),
         }
-    ok = {"description": "OK"}
-    if response is not None:
-        ok["content"] = {"application/json": {"schema": schema_ref(response, components)}}
-    op["responses"][str(status)] = ok
-    error_schema = schema_ref(OipError if oip else ErrorResponse, components)
-    error = {"description": "error", "content": {"application/json": {"schema": error_schema}}}
-    for code in ("400", "404", "409", "413", "422", "429", "503"):
-        op["responses"][code] = error
-    return op
+    return described
 
 
-def install(app: FastAPI) -> None:
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for route, summary, request, response, status in HOT_ROUTE_DOCS + OIP_ROUTE_DOCS:
-                entry = operation(summary, request, response, status, route.path, components)
-                schema["paths"].setdefault(route.path, {})[route.method.lower()] = entry
-            app.openapi_schema = schema
-        return app.openapi_schema
+def openapi_document(table: RouteTable, runtime: Runtime, version: str) -> dict[str, Any]:
+    components = Components(runtime)
+    paths: dict[str, dict[str, Any]] = {}
+    for route in table.routes:
+        if route.in_schema and route.method != "WEBSOCKET":
+            paths.setdefault(route.path, {})[route.method.lower()] = operation(route, components)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "lstm-serve", "version": version, "description": DESCRIPTION},
+        "paths": paths,
+        "components": {"schemas": components.schemas},
+    }
 
-    app.openapi = openapi
+
+def asyncapi_document(table: RouteTable, runtime: Runtime, version: str) -> dict[str, Any]:
+    """Each WebSocket route with its message protocol: what the client sends, what the server replies."""
+    components = Components(runtime)
+    channels, operations = {}, {}
+    for route in table.routes:
+        if route.method != "WEBSOCKET" or route.channel is None:
+            continue
+        name = route.path.strip("/").replace("/", "_").replace("{", "").replace("}", "")
+        channel = route.channel(runtime)
+        channels[name] = channel
+        messages = channel["messages"]
+        operations[f"{name}_send"] = {
+            "action": "receive",  # the server's point of view: it receives the chunks
+            "channel": {"$ref": f"#/channels/{name}"},
+            "messages": [{"$ref": f"#/channels/{name}/messages/{m}"} for m in messages if m.startswith("chunk")],
+            "reply": {"messages": [{"$ref": f"#/channels/{name}/messages/{m}"} for m in ("reply", "error")]},
+        }
+    components.schemas["StepRequest"] = schemas.step_schema(runtime)
+    components.schema(schemas.StepResponse)
+    components.schema(ErrorResponse)
+    return {
+        "asyncapi": "3.0.0",
+        "info": {"title": "lstm-serve WebSocket", "version": version, "description": DESCRIPTION},
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": components.schemas},
+    }

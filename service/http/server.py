@@ -9,9 +9,10 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+from pydantic import ValidationError
+
 from lstm_serve.http.websocket_handshake import WebSocketHandshakeGuard
 from lstm_serve.settings import Settings
-from pydantic import ValidationError
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:

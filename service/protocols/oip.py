@@ -11,18 +11,22 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import numpy as np
-from lstm_serve.core.engine import Engine, LoadedModel
-from lstm_serve.core.runner import Output
-from lstm_serve.errors import InvalidInput, ModelNotFound, NotFound, ServiceError, SessionNotFound
-from lstm_serve.http.frontdoor import HotRoute
-from lstm_serve.protocols.http import JSON
-from lstm_serve.protocols.schemas import InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata
-from lstm_serve.protocols.tensors import DTYPES, HEADER_LENGTH, OutputTensor, decompress, read_request, write_response
-from lstm_serve.protocols.v1 import check_ready
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
+
+from lstm_serve.core.engine import LoadedModel
+from lstm_serve.core.inputs import Chunk, check_sequence_count, chunk_from_array
+from lstm_serve.core.runner import Output
+from lstm_serve.core.runtime import Runtime
+from lstm_serve.errors import InvalidInput, ModelNotFound, ServiceError, SessionNotFound
+from lstm_serve.protocols import oip_schemas as schemas
+from lstm_serve.protocols.codec import JSON, decode, off_loop
+from lstm_serve.protocols.routing import OIP, Content, Reply, Route
+from lstm_serve.protocols.tensors import DTYPES, HEADER_LENGTH, OutputTensor, decompress, read_request, write_response
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "sequence"]
 PLATFORM = "onnxruntime_onnx"
@@ -35,12 +39,6 @@ class SequenceNotStarted(ServiceError):
     status, code = 400, "sequence_not_started"
 
 
-def render_error(error: ServiceError) -> JSON:
-    return JSON(
-        {"error": error.message}, status_code=400 if error.status == 422 else error.status, headers=error.headers
-    )
-
-
 def server_version() -> str:
     try:
         return version("lstm-serve")
@@ -50,10 +48,10 @@ def server_version() -> str:
 
 # -- what a model looks like through the protocol ----------------------------------------------------
 def input_names(model: LoadedModel) -> tuple[str, str]:
-    return model.runner.frames_input, model.runner.lengths_input or "lengths"
+    return model.entry.frames_input, model.entry.lengths_input or "lengths"
 
 
-def metadata(model: LoadedModel) -> dict:
+def metadata(model: LoadedModel) -> dict[str, Any]:
     x, lengths = input_names(model)
     D, C = model.entry.input_dim, len(model.entry.labels)
     return {
@@ -71,7 +69,7 @@ def metadata(model: LoadedModel) -> dict:
     }
 
 
-def configuration(model: LoadedModel, engine: Engine) -> dict:
+def configuration(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
     """Triton's model configuration: sequence batching with the implicit state the server keeps."""
     x, lengths = input_names(model)
     D, C = model.entry.input_dim, len(model.entry.labels)
@@ -80,7 +78,7 @@ def configuration(model: LoadedModel, engine: Engine) -> dict:
         "platform": PLATFORM,
         "backend": "onnxruntime",
         "version_policy": {"specific": {"versions": [str(model.version)]}},
-        "max_batch_size": engine.settings.max_batch_size,
+        "max_batch_size": runtime.settings.max_batch_size,
         "input": [
             {"name": x, "data_type": "TYPE_FP32", "dims": [-1, D]},
             {"name": lengths, "data_type": "TYPE_INT64", "dims": [1], "optional": True},
@@ -90,7 +88,7 @@ def configuration(model: LoadedModel, engine: Engine) -> dict:
             {"name": LOGITS, "data_type": "TYPE_FP32", "dims": [-1, C]},
         ],
         "sequence_batching": {
-            "max_sequence_idle_microseconds": int(engine.settings.session_ttl_s * 1e6),
+            "max_sequence_idle_microseconds": int(runtime.settings.session_ttl_s * 1e6),
             "state": [
                 {
                     "input_name": spec["input"],
@@ -108,8 +106,8 @@ def configuration(model: LoadedModel, engine: Engine) -> dict:
     }
 
 
-def resolve(engine: Engine, params: dict) -> LoadedModel:
-    model = engine.model(params["model_name"])
+def resolve(runtime: Runtime, params: dict[str, str]) -> LoadedModel:
+    model = runtime.engine.model(params["model_name"])
     wanted = params.get("model_version")
     if wanted is not None and wanted != str(model.version):
         raise ModelNotFound(
@@ -123,10 +121,10 @@ def datatype_of(array: np.ndarray) -> str:
     return DATATYPE_OF.get(array.dtype, str(array.dtype))
 
 
-def model_sequences(engine: Engine, model: LoadedModel, tensors: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """x [B, T, D] FP32 and optional lengths [B] -> B sequences of (T_b, D) frames."""
+def model_sequences(runtime: Runtime, model: LoadedModel, tensors: dict[str, np.ndarray]) -> list[Chunk]:
+    """x [B, T, D] FP32 and optional lengths [B] -> B checked chunks of their own lengths."""
     x_name, lengths_name = input_names(model)
-    D, settings = model.entry.input_dim, engine.settings
+    D = model.entry.input_dim
     takes = f"model {model.name!r} takes {x_name!r} FP32 [B, T, {D}] and optionally {lengths_name!r} INT64 [B]"
     unknown = sorted(set(tensors) - {x_name, lengths_name})
     if unknown:
@@ -139,12 +137,7 @@ def model_sequences(engine: Engine, model: LoadedModel, tensors: dict[str, np.nd
     if x.ndim != 3 or x.shape[2] != D or 0 in x.shape:
         raise InvalidInput(f"input {x_name!r} has shape {list(x.shape)}, but {takes} (B, T >= 1)")
     batch, steps, _ = x.shape
-    if batch > settings.max_sequences_per_request:
-        raise InvalidInput(
-            f"{batch} sequences in one request, over max_sequences_per_request={settings.max_sequences_per_request}"
-        )
-    if steps > settings.max_sequence_length:
-        raise InvalidInput(f"{steps} time steps, over max_sequence_length={settings.max_sequence_length}")
+    check_sequence_count(batch, runtime.limits)
     lengths = np.full(batch, steps)
     if lengths_name in tensors:
         given = tensors[lengths_name]
@@ -153,7 +146,7 @@ def model_sequences(engine: Engine, model: LoadedModel, tensors: dict[str, np.nd
         if given.shape != (batch,) or given.min() < 1 or given.max() > steps:
             raise InvalidInput(f"input {lengths_name!r} must hold {batch} lengths between 1 and T={steps}")
         lengths = given
-    return [engine.check_finite(x[b, : lengths[b]], f"{x_name}[{b}]") for b in range(batch)]
+    return [chunk_from_array(x[b, : lengths[b]], model.entry, runtime.limits, f"{x_name}[{b}]") for b in range(batch)]
 
 
 @dataclass(frozen=True)
@@ -163,7 +156,7 @@ class WantedOutput:
     classes: int  # > 0: the classification extension's top-k as BYTES "value:index:label"
 
 
-def wanted_outputs(request: InferenceRequest, model: LoadedModel) -> list[WantedOutput]:
+def wanted_outputs(request: schemas.InferenceRequest, model: LoadedModel) -> list[WantedOutput]:
     binary_default = request.parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise InvalidInput("parameters.binary_data_output must be a boolean")
@@ -199,7 +192,7 @@ class Sequence:
         return f"oip:{model.name}:{kind}:{self.id}"
 
     @classmethod
-    def from_parameters(cls, parameters: dict) -> Sequence | None:
+    def from_parameters(cls, parameters: dict[str, Any]) -> Sequence | None:
         sequence_id = parameters.get("sequence_id", 0)
         start, end = parameters.get("sequence_start", False), parameters.get("sequence_end", False)
         if not isinstance(start, bool) or not isinstance(end, bool):
@@ -217,26 +210,24 @@ class Sequence:
         return cls(sequence_id, start, end)
 
 
-async def run_sequence(
-    engine: Engine, model: LoadedModel, sequence: Sequence, frames: np.ndarray
-) -> tuple[Output, int]:
+async def run_sequence(runtime: Runtime, model: LoadedModel, sequence: Sequence, chunk: Chunk) -> tuple[Output, int]:
     """One request of a sequence: start = fresh state, otherwise continue it; end = free it afterwards."""
-    session_id = sequence.session_id(model)
+    engine, session_id = runtime.engine, sequence.session_id(model)
     if sequence.start and sequence.end:  # the whole sequence in one request: nothing to keep
-        (out,) = await engine.infer(model, [frames])
+        (out,) = await engine.classify(model, [chunk])
         with contextlib.suppress(SessionNotFound):
             await engine.delete_session(session_id)
-        return out, len(frames)
+        return out, len(chunk)
     try:
         if sequence.start:
-            result = await engine.restart(model, session_id, frames)
+            result = await engine.restart(model, session_id, chunk)
         else:
-            result = await engine.step(session_id, lambda _: frames, None, True)
+            result = await engine.step(session_id, lambda _: chunk, None, True)
     except SessionNotFound:
         raise SequenceNotStarted(
             f"inference request for sequence {sequence.id!r} to model {model.name!r} must specify "
             "sequence_start on the first request of the sequence (this one was never started, has ended, or "
-            f"expired after session_ttl_s={engine.settings.session_ttl_s:g} idle)"
+            f"expired after session_ttl_s={engine.session_ttl_s:g} idle)"
         ) from None
     if sequence.end:
         with contextlib.suppress(SessionNotFound):
@@ -274,54 +265,72 @@ def output_tensors(model: LoadedModel, outs: list[Output], wanted: list[WantedOu
 
 
 # -- endpoints -----------------------------------------------------------------------------------
-async def server_metadata(request: Request) -> JSON:
+async def server_metadata(request: Request, runtime: Runtime) -> Response:
     return JSON({"name": "lstm-serve", "version": server_version(), "extensions": EXTENSIONS})
 
 
-async def server_live(request: Request) -> Response:
+async def server_live(request: Request, runtime: Runtime) -> Response:
     return Response(status_code=200)
 
 
-async def server_ready(request: Request) -> Response:
-    await check_ready(request.app.state)
+async def server_ready(request: Request, runtime: Runtime) -> Response:
+    await runtime.check_ready()
     return Response(status_code=200)
 
 
-async def model_metadata(request: Request) -> JSON:
-    return JSON(metadata(resolve(request.app.state.engine, request.path_params)))
+async def model_metadata(request: Request, runtime: Runtime) -> Response:
+    return JSON(metadata(resolve(runtime, request.path_params)))
 
 
-async def model_ready(request: Request) -> Response:
-    resolve(request.app.state.engine, request.path_params)
-    await check_ready(request.app.state, with_store=False)
+async def model_ready(request: Request, runtime: Runtime) -> Response:
+    resolve(runtime, request.path_params)
+    await runtime.check_ready(with_store=False)
     return Response(status_code=200)
 
 
-async def model_config(request: Request) -> JSON:
-    engine: Engine = request.app.state.engine
-    return JSON(configuration(resolve(engine, request.path_params), engine))
+async def model_config(request: Request, runtime: Runtime) -> Response:
+    return JSON(configuration(resolve(runtime, request.path_params), runtime))
 
 
-async def infer(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
-    model = resolve(engine, request.path_params)
-    body = decompress(await request.body(), request.headers.get("content-encoding"), engine.settings.max_body_bytes)
-    inference, tensors = read_request(body, request.headers.get(HEADER_LENGTH))
-    sequences = model_sequences(engine, model, tensors)
-    wanted = wanted_outputs(inference, model)
-    sequence = Sequence.from_parameters(inference.parameters)
-    head: dict = {"model_name": model.name, "model_version": str(model.version)}
-    if inference.id is not None:
-        head["id"] = inference.id
-    if sequence is None:
-        outs = await engine.infer(model, sequences)
+@dataclass(frozen=True)
+class Inference:
+    """A decoded inference request: its sequences, the outputs it wants, and the sequence it belongs to."""
+
+    request: schemas.InferenceRequest
+    chunks: list[Chunk]
+    wanted: list[WantedOutput]
+    sequence: Sequence | None
+
+
+def decode_inference(body: bytes, headers: Headers, model: LoadedModel, runtime: Runtime) -> Inference:
+    body = decompress(body, headers.get("content-encoding"), runtime.limits)
+    request, tensors = read_request(body, headers.get(HEADER_LENGTH))
+    chunks = model_sequences(runtime, model, tensors)
+    wanted = wanted_outputs(request, model)
+    sequence = Sequence.from_parameters(request.parameters)
+    if sequence is not None and len(chunks) != 1:
+        raise InvalidInput(f"a sequence request carries one sequence: x must be [1, T, D], not B={len(chunks)}")
+    return Inference(request, chunks, wanted, sequence)
+
+
+async def infer(request: Request, runtime: Runtime) -> Response:
+    model = resolve(runtime, request.path_params)
+    body = await request.body()
+    inference = await decode(body, lambda raw: decode_inference(raw, request.headers, model, runtime))
+    head: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
+    if inference.request.id is not None:
+        head["id"] = inference.request.id
+    if inference.sequence is None:
+        outs = await runtime.engine.classify(model, inference.chunks)
     else:
-        if len(sequences) != 1:
-            raise InvalidInput(f"a sequence request carries one sequence: x must be [1, T, D], not B={len(sequences)}")
-        out, steps = await run_sequence(engine, model, sequence, sequences[0])
+        out, steps = await run_sequence(runtime, model, inference.sequence, inference.chunks[0])
         outs = [out]
-        head["parameters"] = {"sequence_id": sequence.id, "sequence_steps": steps}
-    content, header_length = write_response(head, output_tensors(model, outs, wanted))
+        head["parameters"] = {"sequence_id": inference.sequence.id, "sequence_steps": steps}
+    frames = sum(len(chunk) for chunk in inference.chunks)
+    content, header_length = await off_loop(
+        4 * frames * len(model.entry.labels),
+        lambda: write_response(head, output_tensors(model, outs, inference.wanted)),
+    )
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(
@@ -329,38 +338,140 @@ async def infer(request: Request) -> Response:
     )
 
 
-async def unknown_endpoint(request: Request) -> Response:
-    raise NotFound(f"no endpoint {request.method} {request.url.path}; see GET /v2 and /docs")
-
-
+# -- the routes ------------------------------------------------------------------------------------
 MODEL = "/v2/models/{model_name}"
 VERSION = "/v2/models/{model_name}/versions/{model_version}"
+MODEL_PARAMETERS = {"model_name": {"type": "string"}}
+VERSION_PARAMETERS = {**MODEL_PARAMETERS, "model_version": {"type": "string"}}
+NO_MODEL = OIP.error(404, "no model of that name or version")
+NOT_READY = OIP.error(503, "loading, or draining after SIGTERM")
 
 
-def route(method: str, path: str, endpoint) -> HotRoute:
-    return HotRoute(method, path, endpoint, render_error)
+def json_reply(schema: Any, description: str = "OK") -> Reply:
+    return Reply(200, description, (Content("application/json", schema),))
 
 
-OIP_ROUTES = [
-    route("GET", "/v2", server_metadata),
-    route("GET", "/v2/health/live", server_live),
-    route("GET", "/v2/health/ready", server_ready),
-    *(route("POST", f"{base}/infer", infer) for base in (MODEL, VERSION)),
-    *(route("GET", base, model_metadata) for base in (MODEL, VERSION)),
-    *(route("GET", f"{base}/ready", model_ready) for base in (MODEL, VERSION)),
-    *(route("GET", f"{base}/config", model_config) for base in (MODEL, VERSION)),
-    route("*", "/v2/{rest:path}", unknown_endpoint),
-]
-# (route, summary, request schema, response schema, status) for service/openapi.py
-OIP_ROUTE_DOCS = [
-    (OIP_ROUTES[0], "Server metadata (Open Inference Protocol)", None, ServerMetadata, 200),
-    (OIP_ROUTES[1], "Server live", None, None, 200),
-    (OIP_ROUTES[2], "Server ready", None, None, 200),
-    *(
-        (r, "Inference; sequences via parameters.sequence_id/start/end", InferenceRequest, InferenceResponse, 200)
-        for r in OIP_ROUTES[3:5]
+def model_routes(base: str, parameters: dict[str, dict[str, Any]]) -> list[Route]:
+    versioned = " (one version)" if "versions" in base else ""
+    return [
+        Route(
+            "POST",
+            f"{base}/infer",
+            infer,
+            OIP,
+            f"Inference{versioned}",
+            "open inference protocol",
+            request=(
+                Content("application/json", schemas.InferenceRequest, inference_example),
+                Content("application/octet-stream", {"type": "string", "format": "binary"}),
+            ),
+            untyped_body=True,
+            parameters=parameters,
+            description=INFER_DESCRIPTION,
+            replies=(
+                Reply(
+                    200,
+                    "OK: JSON outputs, or a JSON header and binary outputs when binary data was asked for",
+                    (
+                        Content("application/json", schemas.InferenceResponse),
+                        Content("application/octet-stream", {"type": "string", "format": "binary"}),
+                    ),
+                ),
+                OIP.error(400, "the request, its tensors or its sequence parameters are not what the model takes"),
+                NO_MODEL,
+                OIP.error(409, "the sequence was restarted while this request ran; it was not applied"),
+                OIP.error(413, "the body (or the decompressed body) is over max_body_bytes"),
+                OIP.error(415, "a Content-Type or Content-Encoding the server does not take"),
+                OIP.error(429, "sequence_start when the server holds max_sessions", ("Retry-After",)),
+                OIP.error(503, "the model's queue is full, or the session store is unreachable", ("Retry-After",)),
+            ),
+        ),
+        Route(
+            "GET",
+            base,
+            model_metadata,
+            OIP,
+            f"Model metadata{versioned}",
+            "open inference protocol",
+            parameters=parameters,
+            replies=(json_reply(schemas.ModelMetadata), NO_MODEL),
+        ),
+        Route(
+            "GET",
+            f"{base}/ready",
+            model_ready,
+            OIP,
+            f"Model ready{versioned}",
+            "open inference protocol",
+            parameters=parameters,
+            replies=(Reply(200, "ready"), NO_MODEL, NOT_READY),
+        ),
+        Route(
+            "GET",
+            f"{base}/config",
+            model_config,
+            OIP,
+            f"Model configuration (Triton){versioned}",
+            "open inference protocol",
+            parameters=parameters,
+            replies=(json_reply({"type": "object"}, "Triton's model configuration"), NO_MODEL),
+        ),
+    ]
+
+
+def inference_example(runtime: Runtime) -> dict[str, Any]:
+    model = runtime.engine.model()
+    example = model.entry.example
+    frames = example["frames"] if example else [[0.0] * model.entry.input_dim]
+    return {
+        "id": "example",
+        "inputs": [
+            {
+                "name": model.entry.frames_input,
+                "datatype": "FP32",
+                "shape": [1, len(frames), len(frames[0])],
+                "data": [value for frame in frames for value in frame],
+            }
+        ],
+        "outputs": [{"name": PROBABILITIES, "parameters": {"classification": 1}}],
+    }
+
+
+INFER_DESCRIPTION = (
+    "Input `x` FP32 [B, T, D] and optionally `lengths` INT64 [B]; outputs `probabilities` [B, C] and `logits` "
+    "[B, T, C]. Tensors as JSON `data` or as binary tensor data after the JSON header "
+    "(`Inference-Header-Content-Length`). Sequences: `parameters.sequence_id` with `sequence_start` / "
+    "`sequence_end`; x is then [1, T, D]."
+)
+
+ROUTES = [
+    Route(
+        "GET",
+        "/v2",
+        server_metadata,
+        OIP,
+        "Server metadata",
+        "open inference protocol",
+        replies=(json_reply(schemas.ServerMetadata),),
     ),
-    *((r, "Model metadata", None, ModelMetadata, 200) for r in OIP_ROUTES[5:7]),
-    *((r, "Model ready", None, None, 200) for r in OIP_ROUTES[7:9]),
-    *((r, "Model configuration (Triton)", None, None, 200) for r in OIP_ROUTES[9:11]),
+    Route(
+        "GET",
+        "/v2/health/live",
+        server_live,
+        OIP,
+        "Server live",
+        "open inference protocol",
+        replies=(Reply(200, "live"),),
+    ),
+    Route(
+        "GET",
+        "/v2/health/ready",
+        server_ready,
+        OIP,
+        "Server ready",
+        "open inference protocol",
+        replies=(Reply(200, "ready"), OIP.error(503, "loading, draining, or the session store is unreachable")),
+    ),
+    *model_routes(MODEL, MODEL_PARAMETERS),
+    *model_routes(VERSION, VERSION_PARAMETERS),
 ]

@@ -1,12 +1,19 @@
-"""Request and response bodies. Strict: numbers must be JSON numbers, unknown fields are refused."""
+"""/v1 bodies. Requests are strict (numbers must be JSON numbers, unknown fields are refused); the
+documented request schemas are built from what the server serves (each model's frame width, the
+limits), so that every body the schema allows is one the server accepts."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from lstm_serve.core.engine import LoadedModel
+from lstm_serve.core.runtime import Runtime
+
 Frame = list[float]
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a larger JSON number is no float32: refused
 
 
 class Request(BaseModel):
@@ -19,7 +26,7 @@ class ClassifyRequest(Request):
 
 
 class SessionCreateRequest(Request):
-    model: str | None = None
+    model: str | None = Field(None, description="model name; the server's default when omitted")
 
 
 class StepRequest(Request):
@@ -64,6 +71,11 @@ class SessionInfo(BaseModel):
     prediction: Prediction | None
 
 
+class Example(BaseModel):
+    label: str = Field(description="its true label")
+    frames: list[Frame] = Field(description="a real sequence of the model's test data")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: int
@@ -73,80 +85,91 @@ class ModelInfo(BaseModel):
     hidden_size: int | None
     num_layers: int | None
     state: list[str]
-    metrics: dict
+    metrics: dict[str, Any]
     execution_provider: str
+    example: Example | None
 
 
-class ErrorBody(BaseModel):
-    code: str
-    message: str
+class Health(BaseModel):
+    status: str
 
 
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+class Ready(BaseModel):
+    status: str
+    models: list[str]
 
 
-# -- Open Inference Protocol (KServe v2) -------------------------------------------------------------
-class InferInputTensor(Request):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] = Field(default_factory=dict, description="binary_data_size for binary data")
-    data: list[Any] | None = Field(None, description="row-major elements, flat or nested (service/tensors.py)")
+# -- documented request schemas, from the models served --------------------------------------------------
+def frames_schema(input_dim: int, runtime: Runtime) -> dict[str, Any]:
+    number = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
+    frame = {"type": "array", "items": number, "minItems": input_dim, "maxItems": input_dim}
+    return {"type": "array", "items": frame, "minItems": 1, "maxItems": runtime.limits.max_sequence_length}
 
 
-class InferOutputRequest(Request):
-    name: str
-    parameters: dict[str, Any] = Field(
-        default_factory=dict, description="binary_data (bool), classification (top-k as BYTES)"
-    )
+def model_field(model: LoadedModel, runtime: Runtime) -> tuple[dict[str, Any], list[str]]:
+    """The `model` property that picks this model, and whether it may be left out (the default model)."""
+    if model.name == runtime.engine.default_model:
+        return {"anyOf": [{"const": model.name}, {"type": "null"}]}, []
+    return {"const": model.name}, ["model"]
 
 
-class InferenceRequest(Request):
-    id: str | None = None
-    parameters: dict[str, Any] = Field(
-        default_factory=dict,
-        description="sequence_id (int or string), sequence_start, sequence_end, binary_data_output",
-    )
-    inputs: list[InferInputTensor] = Field(..., min_length=1)
-    outputs: list[InferOutputRequest] | None = Field(None, description="all outputs when omitted")
+def classify_schema(runtime: Runtime) -> dict[str, Any]:
+    """One alternative per model: the frames of every sequence have that model's width."""
+    alternatives = []
+    for model in runtime.engine.models.values():
+        field, required = model_field(model, runtime)
+        sequences = {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": runtime.limits.max_sequences_per_request,
+            "items": frames_schema(model.entry.input_dim, runtime),
+        }
+        alternatives.append(
+            {
+                "title": f"ClassifyRequest ({model.name})",
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["sequences", *required],
+                "properties": {"model": field, "sequences": sequences},
+            }
+        )
+    return {"title": "ClassifyRequest", "anyOf": alternatives}
 
 
-class InferOutputTensor(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None
+def session_create_schema(runtime: Runtime) -> dict[str, Any]:
+    names = sorted(runtime.engine.models)
+    return {
+        "title": "SessionCreateRequest",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"model": {"anyOf": [{"enum": names}, {"type": "null"}]}},
+    }
 
 
-class InferenceResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    outputs: list[InferOutputTensor]
+def step_schema(runtime: Runtime) -> dict[str, Any]:
+    """The frame width is the session's model's: the schema allows each served width."""
+    widths = sorted({model.entry.input_dim for model in runtime.engine.models.values()})
+    return {
+        "title": "StepRequest",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["inputs"],
+        "properties": {
+            "inputs": {"anyOf": [frames_schema(width, runtime) for width in widths]},
+            "seq": {"type": "integer", "minimum": 0},
+            "return_steps": {"type": "boolean"},
+        },
+    }
 
 
-class MetadataTensor(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int]
+def default_example(runtime: Runtime) -> list[list[float]]:
+    example = runtime.engine.model().entry.example
+    return example["frames"] if example else [[0.0] * runtime.engine.model().entry.input_dim]
 
 
-class ModelMetadata(BaseModel):
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[MetadataTensor]
-    outputs: list[MetadataTensor]
+def classify_example(runtime: Runtime) -> dict[str, Any]:
+    return {"model": runtime.engine.default_model, "sequences": [default_example(runtime)]}
 
 
-class ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class OipError(BaseModel):
-    error: str
+def step_example(runtime: Runtime) -> dict[str, Any]:
+    return {"inputs": default_example(runtime)[:3], "seq": 0}

@@ -14,9 +14,11 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from lstm_serve.errors import BodyTooLarge, InvalidInput, MalformedRequest, UnsupportedEncoding
-from lstm_serve.protocols.http import dumps, parse
-from lstm_serve.protocols.schemas import InferenceRequest, InferInputTensor
+
+from lstm_serve.core.inputs import Limits, check_body_size
+from lstm_serve.errors import InvalidInput, MalformedRequest, UnsupportedMediaType
+from lstm_serve.protocols.codec import dumps, parse
+from lstm_serve.protocols.oip_schemas import InferenceRequest, InferInputTensor
 
 HEADER_LENGTH = "inference-header-content-length"
 # OIP datatype -> numpy little-endian dtype; BYTES are length-prefixed strings
@@ -48,19 +50,18 @@ class OutputTensor:
     binary: bool
 
 
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+def decompress(body: bytes, encoding: str | None, limits: Limits) -> bytes:
     """Content-Encoding gzip or deflate (what tritonclient's request_compression_algorithm sends)."""
     if not encoding or encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
-        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
     inflater = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip framing, detected from the header
     try:
-        data = inflater.decompress(body, limit + 1)
+        data = inflater.decompress(body, limits.max_body_bytes + 1)
     except zlib.error as error:
         raise MalformedRequest(f"the {encoding} body could not be decompressed: {error}") from None
-    if len(data) > limit:
-        raise BodyTooLarge(f"the decompressed body is over max_body_bytes={limit}")
+    check_body_size(len(data), limits, "the decompressed body")
     if not inflater.eof:
         raise MalformedRequest(f"the {encoding} body could not be decompressed: it ends before its stream does")
     return data

@@ -1,100 +1,27 @@
-"""HTTP and WebSocket routes. Thin: validate, hand to the engine, shape the answer."""
+"""The /v1 API: models, classification, and streaming sessions over HTTP. Each endpoint decodes its
+request into checked chunks, calls the engine, and renders the engine's typed result as /v1 JSON."""
 
 from __future__ import annotations
 
-import contextlib
 import re
-from typing import Annotated
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
-from lstm_serve.core.engine import Engine, LoadedModel, StepResult
-from lstm_serve.errors import InvalidInput, NotReady, ServiceError, SessionNotFound
-from lstm_serve.http.frontdoor import HotRoute
-from lstm_serve.protocols.http import JSON, dumps, parse
-from lstm_serve.protocols.schemas import (
-    ClassifyRequest,
-    ClassifyResponse,
-    ErrorResponse,
-    ModelInfo,
-    SessionCreated,
-    SessionCreateRequest,
-    SessionInfo,
-    StepRequest,
-    StepResponse,
-)
-from lstm_serve.state.sessions import SessionRecord, new_session_id
+from starlette.requests import Request
 from starlette.responses import Response
 
-
-async def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
-
-
-EngineDep = Annotated[Engine, Depends(get_engine)]
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)}
-
-router = APIRouter(responses=ERRORS)
-
-
-@router.get("/healthz", tags=["health"])
-async def healthz() -> JSON:
-    return JSON({"status": "alive"})
-
-
-async def check_ready(state, with_store: bool = True) -> None:
-    """Ready: every model loaded and warm, not draining, and (with_store) the session store reachable."""
-    if getattr(state, "draining", False):
-        raise NotReady("draining: the server is shutting down and finishes the requests it receives meanwhile")
-    if not getattr(state, "ready", False):
-        raise NotReady("models are loading or the server is shutting down")
-    if with_store and not await state.engine.store.ping():
-        raise NotReady("the session store is unreachable")
-
-
-@router.get("/readyz", tags=["health"])
-async def readyz(request: Request) -> JSON:
-    await check_ready(request.app.state)
-    return JSON({"status": "ready", "models": sorted(request.app.state.engine.models)})
-
-
-@router.get("/metrics", tags=["health"])
-async def metrics(request: Request) -> Response:
-    state = request.app.state
-    for name, model in state.engine.models.items():
-        state.metrics.queue_length.labels(name).set(model.batcher.queued)
-    with contextlib.suppress(ServiceError):  # the store is down: /readyz says so; the rest still matters
-        state.metrics.active_sessions.set(await state.engine.store.count())
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-@router.get("/v1/models", tags=["models"], response_model=list[ModelInfo])
-async def list_models(engine: EngineDep) -> JSON:
-    return JSON([model.describe() for model in engine.models.values()])
-
-
-@router.get("/v1/models/{name}", tags=["models"], response_model=ModelInfo)
-async def get_model(name: str, engine: EngineDep) -> JSON:
-    return JSON(engine.model(name).describe())
-
-
-# The session and classify routes are plain endpoints that the front door (service/frontdoor.py) calls directly,
-# outside FastAPI. They parse their own bodies with the same pydantic schemas; service/openapi.py
-# documents them in /docs.
-async def classify(request: Request) -> JSON:
-    engine: Engine = request.app.state.engine
-    body = parse(ClassifyRequest, await request.body())
-    model = engine.model(body.model)
-    limit = engine.settings.max_sequences_per_request
-    if len(body.sequences) > limit:
-        raise InvalidInput(f"{len(body.sequences)} sequences in one request, over max_sequences_per_request={limit}")
-    sequences = [engine.as_frames(raw, model, f"sequences[{i}]") for i, raw in enumerate(body.sequences)]
-    predictions = await engine.classify(model, sequences)
-    return JSON({"model": model.name, "version": model.version, "predictions": predictions})
-
+from lstm_serve.core.engine import LoadedModel, Prediction, StepResult
+from lstm_serve.core.inputs import Chunk, check_sequence_count, chunk_from_lists
+from lstm_serve.core.runtime import Runtime
+from lstm_serve.errors import SessionNotFound
+from lstm_serve.protocols import schemas
+from lstm_serve.protocols.codec import JSON, decode, parse
+from lstm_serve.protocols.routing import V1, Content, Reply, Route
+from lstm_serve.state.sessions import SessionRecord, new_session_id
 
 # /v1 session ids live in their own part of the store: a client's id is never another protocol's key.
 SESSION_PREFIX = "v1:"
 PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SESSION_ID = {"type": "string", "pattern": f"^{PUBLIC_ID.pattern}$"}
 
 
 def store_key(session_id: str) -> str:
@@ -104,130 +31,235 @@ def store_key(session_id: str) -> str:
     return SESSION_PREFIX + session_id
 
 
-def public_id(record: SessionRecord) -> str:
-    return record.session_id.removeprefix(SESSION_PREFIX)
+# -- rendering -----------------------------------------------------------------------------------
+def prediction(p: Prediction) -> dict[str, Any]:
+    """The probabilities stay a float32 array: orjson writes it in C, several times faster than floats."""
+    return {"label": p.label, "class_id": p.class_id, "probabilities": p.probabilities}
 
 
-def describe_session(engine: Engine, record: SessionRecord) -> dict:
-    prediction = None
-    if record.last_probabilities is not None:
-        prediction = engine.session_model(record).predict(record.last_probabilities)
+def describe_model(model: LoadedModel) -> dict[str, Any]:
+    config = model.entry.config
     return {
-        "session_id": public_id(record),
+        "name": model.name,
+        "version": model.version,
+        "labels": model.entry.labels,
+        "input_dim": model.entry.input_dim,
+        "cell": config.get("cell", "lstm"),
+        "hidden_size": config.get("hidden_size"),
+        "num_layers": config.get("num_layers"),
+        "state": [spec["input"] for spec in model.entry.state_specs],
+        "metrics": config.get("metrics", {}),
+        "execution_provider": model.runner.provider,
+        "example": model.entry.example,
+    }
+
+
+def describe_session(runtime: Runtime, record: SessionRecord) -> dict[str, Any]:
+    last = record.last_probabilities
+    return {
+        "session_id": record.session_id.removeprefix(SESSION_PREFIX),
         "model": record.model,
         "version": record.version,
         "steps": record.steps,
         "created_at": record.created_at,
-        "expires_at": record.last_used + engine.store.ttl_s,
-        "prediction": prediction,
+        "expires_at": record.last_used + runtime.engine.session_ttl_s,
+        "prediction": None if last is None else prediction(runtime.engine.session_model(record).predict(last)),
     }
 
 
-def step_response(session_id: str, result: StepResult, return_steps: bool) -> dict:
+def step_response(session_id: str, result: StepResult, return_steps: bool) -> dict[str, Any]:
     model = result.model
-    response = {"session_id": session_id, "steps": result.steps, "prediction": model.predict(result.probabilities)}
+    response: dict[str, Any] = {
+        "session_id": session_id,
+        "steps": result.steps,
+        "prediction": prediction(model.predict(result.probabilities)),
+    }
     if return_steps:
         assert result.outputs is not None, "per-frame outputs were asked for"
-        response["step_predictions"] = [model.predict(row) for row in result.outputs.probabilities]
+        response["step_predictions"] = [prediction(model.predict(row)) for row in result.outputs.probabilities]
     return response
 
 
-async def create_session(request: Request) -> JSON:
-    engine: Engine = request.app.state.engine
+# -- endpoints -------------------------------------------------------------------------------------
+async def list_models(request: Request, runtime: Runtime) -> Response:
+    return JSON([describe_model(model) for model in runtime.engine.models.values()])
+
+
+async def get_model(request: Request, runtime: Runtime) -> Response:
+    return JSON(describe_model(runtime.engine.model(request.path_params["name"])))
+
+
+def decode_classify(body: bytes, runtime: Runtime) -> tuple[LoadedModel, list[Chunk]]:
+    request = parse(schemas.ClassifyRequest, body)
+    model = runtime.engine.model(request.model)
+    check_sequence_count(len(request.sequences), runtime.limits)
+    limits = runtime.limits
+    return model, [
+        chunk_from_lists(raw, model.entry, limits, f"sequences[{i}]") for i, raw in enumerate(request.sequences)
+    ]
+
+
+async def classify(request: Request, runtime: Runtime) -> Response:
+    model, chunks = await decode(await request.body(), lambda body: decode_classify(body, runtime))
+    outputs = await runtime.engine.classify(model, chunks)
+    predictions = [prediction(model.predict(out.probabilities[-1])) for out in outputs]
+    return JSON({"model": model.name, "version": model.version, "predictions": predictions})
+
+
+async def create_session(request: Request, runtime: Runtime) -> Response:
     raw = await request.body()
-    body = parse(SessionCreateRequest, raw) if raw.strip() else SessionCreateRequest()
-    model = engine.model(body.model)
-    record = await engine.create_session(model, SESSION_PREFIX + new_session_id())
-    info = describe_session(engine, record)
+    body = parse(schemas.SessionCreateRequest, raw) if raw.strip() else schemas.SessionCreateRequest()
+    model = runtime.engine.model(body.model)
+    record = await runtime.engine.create_session(model, SESSION_PREFIX + new_session_id())
+    info = describe_session(runtime, record)
     return JSON({k: info[k] for k in ("session_id", "model", "version", "expires_at")}, status_code=201)
 
 
-async def get_session(request: Request) -> JSON:
-    engine: Engine = request.app.state.engine
-    return JSON(describe_session(engine, await engine.get_session(store_key(request.path_params["session_id"]))))
+async def get_session(request: Request, runtime: Runtime) -> Response:
+    record = await runtime.engine.get_session(store_key(request.path_params["session_id"]))
+    return JSON(describe_session(runtime, record))
 
 
-async def delete_session(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
-    await engine.delete_session(store_key(request.path_params["session_id"]))
+async def delete_session(request: Request, runtime: Runtime) -> Response:
+    await runtime.engine.delete_session(store_key(request.path_params["session_id"]))
     return Response(status_code=204)
 
 
-async def step(request: Request) -> JSON:
-    engine: Engine = request.app.state.engine
+async def step(request: Request, runtime: Runtime) -> Response:
     session_id = request.path_params["session_id"]
     key = store_key(session_id)
-    body = parse(StepRequest, await request.body())
-    to_frames = lambda model: engine.as_frames(body.inputs, model, "inputs")  # noqa: E731
-    result = await engine.step(key, to_frames, body.seq, body.return_steps)
+    body = await decode(await request.body(), lambda raw: parse(schemas.StepRequest, raw))
+    result = await runtime.engine.step(
+        key,
+        lambda model: chunk_from_lists(body.inputs, model.entry, runtime.limits, "inputs"),
+        body.seq,
+        body.return_steps,
+    )
     return JSON(step_response(session_id, result, body.return_steps))
 
 
-async def stream(websocket: WebSocket) -> None:
-    """Each message is one chunk (JSON like the steps body, or binary little-endian float32 T x D);
-    each reply is the steps response. A bad message gets an error reply; the socket stays open."""
-    session_id = websocket.path_params["session_id"]
-    engine: Engine = websocket.app.state.engine
-    metrics = websocket.app.state.metrics
-    await websocket.accept()
-    try:
-        model = engine.session_model(await engine.get_session(store_key(session_id)))
-    except ServiceError as error:
-        await websocket.send_text(dumps(error.body()).decode())
-        await websocket.close(code=4404 if isinstance(error, SessionNotFound) else 1008)
-        return
-    route = "/v1/sessions/{session_id}/stream"
-    try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            status = "200"
-            try:
-                reply = await stream_step(engine, model, session_id, message)
-            except ServiceError as error:
-                reply, status = error.body(), str(error.status)
-                if isinstance(error, SessionNotFound):
-                    await websocket.send_text(dumps(reply).decode())
-                    await websocket.close(code=4404)
-                    return
-            metrics.requests.labels(route, "WS", status).inc()
-            await websocket.send_text(dumps(reply).decode())
-    except WebSocketDisconnect:
-        return
+# -- the routes ------------------------------------------------------------------------------------
+def ok(schema: Any, status: int = 200, description: str = "OK") -> Reply:
+    return Reply(status, description, (Content("application/json", schema),))
 
 
-async def stream_step(engine: Engine, model: LoadedModel, session_id: str, message: dict) -> dict:
-    limit = engine.settings.max_body_bytes
-    key = SESSION_PREFIX + session_id
-    if message.get("bytes") is not None:
-        payload = message["bytes"]
-        if len(payload) > limit:
-            raise InvalidInput(f"message of {len(payload)} bytes is over max_body_bytes={limit}")
-        frames = engine.frames_from_bytes(payload, model, "binary message")
-        return step_response(session_id, await engine.step(key, lambda _: frames, None, False), False)
-    text = message.get("text") or ""
-    if len(text) > limit:
-        raise InvalidInput(f"message of {len(text)} characters is over max_body_bytes={limit}")
-    body = parse(StepRequest, text, "message")
-    frames = engine.as_frames(body.inputs, model, "inputs")
-    result = await engine.step(key, lambda _: frames, body.seq, body.return_steps)
-    return step_response(session_id, result, body.return_steps)
+def json_request(schema: Any, example: Any = None) -> tuple[Content, ...]:
+    return (Content("application/json", schema, example),)
 
 
-HOT_ROUTES = [
-    HotRoute("POST", "/v1/classify", classify),
-    HotRoute("POST", "/v1/sessions", create_session),
-    HotRoute("GET", "/v1/sessions/{session_id}", get_session),
-    HotRoute("DELETE", "/v1/sessions/{session_id}", delete_session),
-    HotRoute("POST", "/v1/sessions/{session_id}/steps", step),
-    HotRoute("WEBSOCKET", "/v1/sessions/{session_id}/stream", stream),
-]
-# (route, summary, request schema, response schema, status) for service/openapi.py
-HOT_ROUTE_DOCS = [
-    (HOT_ROUTES[0], "Classify whole sequences", ClassifyRequest, ClassifyResponse, 200),
-    (HOT_ROUTES[1], "Start a streaming session", SessionCreateRequest, SessionCreated, 201),
-    (HOT_ROUTES[2], "Read a session", None, SessionInfo, 200),
-    (HOT_ROUTES[3], "End a session", None, None, 204),
-    (HOT_ROUTES[4], "Feed frames to a session", StepRequest, StepResponse, 200),
+MALFORMED = V1.error(400, "`malformed_request`: the body is not valid JSON")
+TOO_LARGE = V1.error(413, "`body_too_large`: the body is over max_body_bytes")
+NOT_JSON = V1.error(415, "`unsupported_media_type`: the body is not `application/json`")
+INVALID = V1.error(422, "`invalid_input`: the body does not fit the model or the limits; the message says where")
+NO_MODEL = V1.error(404, "`model_not_found`: no model of that name")
+NO_SESSION = V1.error(404, "`session_not_found`: never created, deleted, or expired")
+STORE_DOWN = V1.error(503, "`session_store_unavailable`: the session store is unreachable", ("Retry-After",))
+QUEUE_OR_STORE = V1.error(
+    503, "`overloaded` (the model's queue is full) or `session_store_unavailable`", ("Retry-After",)
+)
+SESSION = {"session_id": SESSION_ID}
+
+ROUTES = [
+    Route(
+        "GET", "/v1/models", list_models, V1, "List the models served", "models", replies=(ok(list[schemas.ModelInfo]),)
+    ),
+    Route(
+        "GET",
+        "/v1/models/{name}",
+        get_model,
+        V1,
+        "Describe one model",
+        "models",
+        replies=(ok(schemas.ModelInfo), NO_MODEL),
+        parameters={"name": {"type": "string"}},
+    ),
+    Route(
+        "POST",
+        "/v1/classify",
+        classify,
+        V1,
+        "Classify whole sequences",
+        "classify",
+        request=json_request(schemas.classify_schema, schemas.classify_example),
+        replies=(
+            ok(schemas.ClassifyResponse),
+            MALFORMED,
+            NO_MODEL,
+            TOO_LARGE,
+            NOT_JSON,
+            INVALID,
+            V1.error(503, "`overloaded`: the model's queue is full, retry after Retry-After", ("Retry-After",)),
+        ),
+        description="Each sequence runs from zero state; sequences may differ in length. The prediction is "
+        "the model's verdict after each sequence's last frame.",
+    ),
+    Route(
+        "POST",
+        "/v1/sessions",
+        create_session,
+        V1,
+        "Start a streaming session",
+        "sessions",
+        request=json_request(schemas.session_create_schema, lambda runtime: {"model": runtime.engine.default_model}),
+        body_required=False,
+        replies=(
+            ok(schemas.SessionCreated, 201, "Created"),
+            MALFORMED,
+            NO_MODEL,
+            TOO_LARGE,
+            NOT_JSON,
+            INVALID,
+            V1.error(
+                429, "`too_many_sessions`: the server holds max_sessions; retry after Retry-After", ("Retry-After",)
+            ),
+            STORE_DOWN,
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/sessions/{session_id}",
+        get_session,
+        V1,
+        "Read a session",
+        "sessions",
+        replies=(ok(schemas.SessionInfo), NO_SESSION, STORE_DOWN),
+        parameters=SESSION,
+    ),
+    Route(
+        "DELETE",
+        "/v1/sessions/{session_id}",
+        delete_session,
+        V1,
+        "End a session",
+        "sessions",
+        replies=(Reply(204, "Deleted"), NO_SESSION, STORE_DOWN),
+        parameters=SESSION,
+    ),
+    Route(
+        "POST",
+        "/v1/sessions/{session_id}/steps",
+        step,
+        V1,
+        "Feed frames to a session",
+        "sessions",
+        request=json_request(schemas.step_schema, schemas.step_example),
+        replies=(
+            ok(schemas.StepResponse),
+            MALFORMED,
+            NO_SESSION,
+            V1.error(
+                409,
+                "`seq_conflict` (with `expected_seq`): seq is not the frames the session has "
+                "consumed; or `session_restarted`",
+            ),
+            TOO_LARGE,
+            NOT_JSON,
+            INVALID,
+            QUEUE_OR_STORE,
+        ),
+        parameters=SESSION,
+        description="Applies the chunk exactly once, in order. With `seq` (the frames the client believes the "
+        "session has consumed), the same chunk sent again with the same `seq` is answered without being applied "
+        "again: a safe retry. The frames must have the width of the session's model.",
+    ),
 ]

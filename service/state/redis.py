@@ -18,10 +18,11 @@ from functools import wraps
 
 import numpy as np
 import redis.asyncio as redis
-from lstm_serve.errors import SessionNotFound, StoreUnavailable, TooManySessions
-from lstm_serve.state.sessions import KeyedLocks, SessionRecord
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from lstm_serve.errors import SessionNotFound, StoreUnavailable, TooManySessions
+from lstm_serve.state.sessions import KeyedLocks, SessionRecord
 
 log = logging.getLogger("lstm_serve")
 PREFIX = "lstm-serve:"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
+
 from lstm_serve.errors import SessionNotFound, TooManySessions
 
 

@@ -149,7 +149,6 @@ def test_metrics_expose_the_promised_series(client):
         "lstm_serve_inference_seconds_bucket",
         "lstm_serve_active_sessions",
         "lstm_serve_sessions_expired_total",
-        "lstm_serve_sessions_evicted_total",
         "lstm_serve_queue_length",
     ]:
         assert series in text, f"{series} missing from /metrics"

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lstm_serve.core.batcher import Batcher
 from lstm_serve.core.engine import Engine, LoadedModel
+from lstm_serve.core.inputs import Chunk
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.core.repository import ModelEntry
 from lstm_serve.core.runner import Item, Output
@@ -88,14 +89,14 @@ class Op:
 async def perform(engine: Engine, key: str, op: Op) -> None:
     await asyncio.sleep(op.delay)
     op.started = time.perf_counter()
-    frames = np.array(op.tags, np.float32)[:, None]
+    chunk = Chunk(np.array(op.tags, np.float32)[:, None])
     model = engine.model("fake")
     try:
         if op.kind == "step":
-            result = await engine.step(key, lambda _: frames, None, False)
+            result = await engine.step(key, lambda _: chunk, None, False)
             op.result = history(result.probabilities)
         elif op.kind == "restart":
-            op.result = history((await engine.restart(model, key, frames)).probabilities)
+            op.result = history((await engine.restart(model, key, chunk)).probabilities)
         else:
             await engine.delete_session(key)
         op.outcome = "ok"
@@ -239,7 +240,7 @@ def test_a_step_never_lands_on_a_session_that_replaced_its_own(kind, replacement
         a.models["fake"].batcher.run_batch = gate.run
         key = f"test:{uuid.uuid4().hex}"
         await a.create_session(a.model("fake"), key)
-        step = asyncio.create_task(a.step(key, lambda _: np.array([[1.0]], np.float32), None, False))
+        step = asyncio.create_task(a.step(key, lambda _: Chunk(np.array([[1.0]], np.float32)), None, False))
         await asyncio.to_thread(gate.entered.wait, 10)
         # the other replica, which holds no lock of a's (the store's writes are all it shares)
         if replacement == "restart":

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import redis
 from lstm_serve.core.engine import Engine
+from lstm_serve.core.inputs import Chunk
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.settings import Settings
 from lstm_serve.state.sessions import InMemorySessionStore, SessionRecord
@@ -43,7 +44,8 @@ def record_bytes(record: SessionRecord) -> int:
 
 
 def test_an_idle_session_in_memory_holds_a_bounded_number_of_bytes():
-    frames = np.random.default_rng(0).normal(size=(4096, 12)).astype(np.float32)
+    frames = Chunk(np.random.default_rng(0).normal(size=(4096, 12)).astype(np.float32))
+    first = Chunk(frames.frames[:1])
 
     async def main():
         store = InMemorySessionStore(ttl_s=600, max_sessions=1000)
@@ -56,9 +58,9 @@ def test_an_idle_session_in_memory_holds_a_bounded_number_of_bytes():
         before = tracemalloc.get_traced_memory()[0]
         ids = [(await engine.create_session(model, f"v1:{i}")).session_id for i in range(5)]
         for session_id in ids:
-            await engine.step(session_id, lambda _: frames[:1], 0, False)
+            await engine.step(session_id, lambda _: first, 0, False)
             await engine.step(session_id, lambda _: frames, 1, True)  # the largest step there is
-        await engine.classify(model, [frames[:1]])  # the server keeps its last batch's outputs until the next
+        await engine.classify(model, [first])  # the server keeps its last batch's outputs until the next
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()

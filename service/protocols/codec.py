@@ -1,15 +1,24 @@
-"""HTTP plumbing shared by the routes: body parsing, the JSON response, error bodies."""
+"""JSON on the wire: reading a request body into a schema (large ones off the event loop), and the
+JSON response that writes numpy arrays directly."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
-from lstm_serve.errors import InvalidInput, MalformedRequest, ServiceError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
+from lstm_serve.errors import InvalidInput, MalformedRequest, ServiceError
+
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+# Parsing JSON holds the interpreter: a few MB take tens of milliseconds. Bodies this large are parsed in a
+# worker thread, so the event loop keeps answering (health checks, other requests) in the meantime.
+OFF_LOOP_BYTES = 128 * 1024
 
 
 def dumps(content: Any) -> bytes:
@@ -22,10 +31,6 @@ class JSON(Response):
 
     def render(self, content: Any) -> bytes:
         return dumps(content)
-
-
-def error_response(error: ServiceError) -> JSON:
-    return JSON(error.body(), status_code=error.status, headers=error.headers)
 
 
 def validation_error(error: ValidationError, where: str = "body") -> ServiceError:
@@ -45,5 +50,13 @@ def parse(model: type[M], payload: bytes | str, where: str = "body") -> M:
         raise validation_error(error, where) from None
 
 
-def internal_error() -> JSON:
-    return JSON({"error": {"code": "internal_error", "message": "internal error; see the server log"}}, status_code=500)
+async def off_loop(size: int, work: Callable[[], T]) -> T:
+    """work(), in a worker thread when `size` (the bytes it reads or writes) is large."""
+    if size < OFF_LOOP_BYTES:
+        return work()
+    return await asyncio.to_thread(work)
+
+
+async def decode(body: bytes, decoder: Callable[[bytes], T]) -> T:
+    """decoder(body), in a worker thread when the body is large."""
+    return await off_loop(len(body), lambda: decoder(body))

@@ -1,0 +1,109 @@
+"""Every limit and shape check on what a client sends, each in one place with one wording.
+
+The engine takes frames only as a `Chunk`, and only this module makes one: a chunk has passed every
+check for the model it is meant for. Protocols decode their wire format (JSON lists, raw float32
+bytes, OIP tensors) and hand the numbers here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lstm_serve.core.repository import ModelEntry
+from lstm_serve.errors import BodyTooLarge, InvalidInput
+from lstm_serve.settings import Settings
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int  # a request body, a decompressed body or a WebSocket message
+    max_sequence_length: int  # frames in one sequence or one streamed chunk
+    max_sequences_per_request: int  # sequences in one classify or inference request
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(settings.max_body_bytes, settings.max_sequence_length, settings.max_sequences_per_request)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Frames that passed every check: (T, D) float32, all finite, 1 <= T <= max_sequence_length, D the
+    model's input size."""
+
+    frames: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def check_body_size(size: int, limits: Limits, what: str = "the request body") -> None:
+    if size > limits.max_body_bytes:
+        raise BodyTooLarge(f"{what} is over max_body_bytes={limits.max_body_bytes}")
+
+
+def check_sequence_count(count: int, limits: Limits) -> None:
+    if count > limits.max_sequences_per_request:
+        raise InvalidInput(
+            f"{count} sequences in one request, over max_sequences_per_request={limits.max_sequences_per_request}"
+        )
+
+
+def check_length(length: int, limits: Limits, where: str) -> None:
+    if length == 0:
+        raise InvalidInput(f"{where} is empty; send at least one frame")
+    if length > limits.max_sequence_length:
+        raise InvalidInput(f"{where} has {length} frames, over max_sequence_length={limits.max_sequence_length}")
+
+
+def feature_count_error(model: ModelEntry, where: str, t: int, features: int) -> InvalidInput:
+    return InvalidInput(
+        f"{where}: frame {t} has {features} features; model {model.name!r} takes {model.input_dim} per frame"
+    )
+
+
+def chunk_from_lists(raw: Sequence[Sequence[Any]], model: ModelEntry, limits: Limits, where: str) -> Chunk:
+    """JSON frames (lists of D numbers) -> a chunk, or an InvalidInput that says what is wrong."""
+    check_length(len(raw), limits, where)
+    try:
+        frames = np.asarray(raw, dtype=np.float32)
+    except (ValueError, TypeError):
+        frames = None
+    if frames is None or frames.ndim != 2 or frames.shape[1] != model.input_dim:
+        for t, frame in enumerate(raw):
+            if not isinstance(frame, Sequence) or len(frame) != model.input_dim:
+                raise feature_count_error(model, where, t, len(frame) if isinstance(frame, Sequence) else 1)
+        raise InvalidInput(f"{where} must be a list of frames of {model.input_dim} numbers")
+    return finite_chunk(frames, where)
+
+
+def chunk_from_bytes(payload: bytes, model: ModelEntry, limits: Limits, where: str) -> Chunk:
+    """Little-endian float32, T x D, row by row -> a chunk."""
+    frame_bytes = 4 * model.input_dim
+    if len(payload) % frame_bytes:
+        raise InvalidInput(
+            f"{where}: {len(payload)} bytes is not a whole number of frames of {model.input_dim} "
+            f"little-endian float32 ({frame_bytes} bytes each)"
+        )
+    check_length(len(payload) // frame_bytes, limits, where)
+    frames = np.frombuffer(payload, dtype="<f4").reshape(-1, model.input_dim).astype(np.float32)
+    return finite_chunk(frames, where)
+
+
+def chunk_from_array(frames: np.ndarray, model: ModelEntry, limits: Limits, where: str) -> Chunk:
+    """A decoded (T, D) tensor row -> a chunk."""
+    if frames.ndim != 2 or frames.shape[1] != model.input_dim:
+        raise InvalidInput(f"{where} has shape {list(frames.shape)}; model {model.name!r} takes [T, {model.input_dim}]")
+    check_length(len(frames), limits, where)
+    return finite_chunk(np.ascontiguousarray(frames, dtype=np.float32), where)
+
+
+def finite_chunk(frames: np.ndarray, where: str) -> Chunk:
+    finite = np.isfinite(frames)
+    if not finite.all():
+        t = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise InvalidInput(f"{where}: frame {t} holds NaN or Inf (or a value beyond float32)")
+    return Chunk(frames)

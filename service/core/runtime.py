@@ -1,0 +1,31 @@
+"""What every endpoint works with: the settings, the limits, the metrics, the engine, and where the
+server is in its life (loading, ready, draining)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lstm_serve.core.engine import Engine
+from lstm_serve.core.inputs import Limits
+from lstm_serve.core.metrics import Metrics
+from lstm_serve.errors import NotReady
+from lstm_serve.settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    limits: Limits
+    metrics: Metrics
+    engine: Engine
+    ready: bool = False  # every model loaded and warm
+    draining: bool = False  # a SIGTERM arrived: still serving, but no longer to be routed to
+
+    async def check_ready(self, with_store: bool = True) -> None:
+        """Ready: models loaded and warm, not draining, and (with_store) the session store reachable."""
+        if self.draining:
+            raise NotReady("draining: the server is shutting down and finishes the requests it receives meanwhile")
+        if not self.ready:
+            raise NotReady("models are loading or the server is shutting down")
+        if with_store and not await self.engine.store.ping():
+            raise NotReady("the session store is unreachable")

@@ -1,0 +1,74 @@
+"""Open Inference Protocol bodies (KServe v2 / Triton HTTP). Requests are strict: unknown fields are refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from lstm_serve.protocols.schemas import Request
+
+
+class InferInputTensor(Request):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict, description="binary_data_size for binary data")
+    data: list[Any] | None = Field(None, description="row-major elements, flat or nested (service/tensors.py)")
+
+
+class InferOutputRequest(Request):
+    name: str
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="binary_data (bool), classification (top-k as BYTES)"
+    )
+
+
+class InferenceRequest(Request):
+    id: str | None = None
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="sequence_id (int or string), sequence_start, sequence_end, binary_data_output",
+    )
+    inputs: list[InferInputTensor] = Field(..., min_length=1)
+    outputs: list[InferOutputRequest] | None = Field(None, description="all outputs when omitted")
+
+
+class InferOutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[InferOutputTensor]
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class OipError(BaseModel):
+    error: str
