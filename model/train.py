@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
 from lstm_serve.model.data import Dataset, Split, load_dataset, pad_batch, stratified_split
 from lstm_serve.model.model import ModelConfig, SequenceClassifier, combine_members
-from tqdm import tqdm
 
 
 @dataclass

@@ -3,7 +3,6 @@
 import re
 
 from lstm_serve.settings import Settings
-
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()

@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from lstm_serve.settings import Settings
 
+from lstm_serve.settings import Settings
 from tests.conftest import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

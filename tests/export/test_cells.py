@@ -9,10 +9,11 @@ import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
+
 from lstm_serve.export.parity import check_entry, ort_session, run_graph
 from lstm_serve.model.data import load_dataset, pad_batch
 from lstm_serve.model.model import CELLS
-from onnx import numpy_helper
 
 ATOL = 1e-5
 

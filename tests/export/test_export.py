@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
 from lstm_serve.export.onnx_export import export_checkpoint, sha256
 from lstm_serve.export.parity import last_step_probabilities, run_graph, torch_probabilities
 

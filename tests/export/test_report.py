@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import torch
+
 from lstm_serve.export.report import PlainOrGated, ReportConfig, gradient_by_step, report
 
 

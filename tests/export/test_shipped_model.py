@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lstm_serve.export.onnx_export import sha256
 from lstm_serve.export.parity import check_entry, last_step_probabilities, ort_session, run_graph
 from lstm_serve.model.data import load_dataset, pad_batch
-
 from tests.conftest import SHIPPED_CHECKPOINT, SHIPPED_ENTRY
 
 

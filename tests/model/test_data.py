@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from lstm_serve.model.data import load_dataset, pad_batch, stratified_split
 
 

@@ -4,8 +4,9 @@ independent computations: torch's own LSTM and GRU, and NumPy written from the n
 import numpy as np
 import pytest
 import torch
-from lstm_serve.model.model import CELLS, GatedLSTM, ModelConfig, ReferenceGRU, SequenceClassifier, combine_members
 from torch import nn
+
+from lstm_serve.model.model import CELLS, GatedLSTM, ModelConfig, ReferenceGRU, SequenceClassifier, combine_members
 
 
 def random_classifier(seed: int, **overrides) -> SequenceClassifier:

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import torch
+
 from lstm_serve.model.train import load_checkpoint, random_crop
 
 

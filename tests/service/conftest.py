@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
 from lstm_serve.model.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import json
 import httpx
 import numpy as np
 import pytest
-from lstm_serve.export.parity import last_step_probabilities, ort_session
 
+from lstm_serve.export.parity import last_step_probabilities, ort_session
 from tests.conftest import SHIPPED_ENTRY
 
 D = 12

@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+
 from lstm_serve.core.batcher import Batcher
 from lstm_serve.errors import Overloaded
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from lstm_serve.model.data import load_dataset
 from lstm_serve.model.model import CELLS
 

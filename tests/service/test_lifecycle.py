@@ -10,9 +10,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+
 from lstm_serve.http.app import create_app
 from lstm_serve.settings import Settings
-
 from tests.service.conftest import ROOT
 
 

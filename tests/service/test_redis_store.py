@@ -4,6 +4,7 @@ import asyncio
 
 import numpy as np
 import pytest
+
 from lstm_serve.errors import SessionNotFound, StoreUnavailable, TooManySessions
 from lstm_serve.state.redis import RedisSessionStore
 from lstm_serve.state.sessions import new_record

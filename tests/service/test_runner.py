@@ -5,9 +5,9 @@ import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lstm_serve.core.repository import RepositoryError, load_repository
 from lstm_serve.core.runner import Item, OnnxRunner
-
 from tests.conftest import SHIPPED_ENTRY
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from lstm_serve.core.batcher import Batcher
 from lstm_serve.core.engine import Engine, LoadedModel
 from lstm_serve.core.inputs import Chunk

@@ -10,6 +10,7 @@ import tracemalloc
 import httpx
 import numpy as np
 import redis
+
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.inputs import Chunk
 from lstm_serve.core.metrics import Metrics

@@ -4,6 +4,7 @@ import asyncio
 
 import numpy as np
 import pytest
+
 from lstm_serve.errors import SessionNotFound, TooManySessions
 from lstm_serve.state.sessions import InMemorySessionStore, KeyedLocks, new_record
 
