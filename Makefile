@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .PHONY: serve test lint model report bench clean
+SHELL := /bin/bash
+# mypy reads the package through the editable install's links; say where the files are in the repository
+REPOSITORY_PATHS := sed -E -e 's|^.*build/__editable__[^/]*/lstm_serve/(model\|export)/|\1/|' \
+	-e 's|^.*build/__editable__[^/]*/lstm_serve/|service/|'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +32,15 @@ $(VENV)/.dev: pyproject.toml $(PACKAGE_DIRS) | $(BIN)/python
 serve: $(VENV)/.runtime
 	$(BIN)/lstm-serve serve
 
-test: $(VENV)/.dev
-	$(BIN)/ruff check .
+# lint, format, types and the import direction of the layers, then the suite
+test: lint $(VENV)/.dev
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	set -o pipefail; $(BIN)/mypy 2>&1 | $(REPOSITORY_PATHS)
+	$(BIN)/lint-imports
 
 # retrain and re-export the shipped models (deterministic: fixed seed, one thread), ~4 minutes
 model: $(VENV)/.dev

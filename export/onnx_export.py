@@ -45,7 +45,7 @@ class OnnxSignature(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, *state_and_lengths):
+    def forward(self, x: torch.Tensor, *state_and_lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         *state, lengths = state_and_lengths
         logits, final = self.model(x, tuple(state), lengths)
         return (logits, *final)
@@ -64,7 +64,8 @@ def onnx_twin(model: SequenceClassifier) -> tuple[SequenceClassifier, list[dict]
         return model, []
     twin = SequenceClassifier(ModelConfig(**{**model.config.to_dict(), "cell": "lstm"})).eval()
     twin.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("rnns.")}, strict=False)
-    patches, H = [], model.config.hidden_size
+    patches: list[dict] = []
+    H = model.config.hidden_size
     with torch.no_grad():
         for source, target in zip(model.rnns, twin.rnns, strict=True):
             for layer in range(model.config.num_layers):

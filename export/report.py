@@ -160,6 +160,7 @@ def gradient_by_step(net: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> n
     """||dL/dx_t|| for every step t, averaged over the sequences, where L is the loss at the last step."""
     x = x.clone().requires_grad_(True)
     nn.functional.cross_entropy(net(x), labels).backward()
+    assert x.grad is not None  # x requires grad, so backward() filled it
     return x.grad.norm(dim=2).mean(0).numpy()
 
 

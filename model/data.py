@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,7 @@ def load_dataset(name: str) -> Dataset:
     classes = sorted(set(raw["train"][1]), key=lambda c: (len(c), c))  # "1".."9" in numeric order
     class_id = {c: k for k, c in enumerate(classes)}
 
-    def to_split(xs, ys) -> Split:
+    def to_split(xs: Iterable[np.ndarray], ys: Iterable[str]) -> Split:
         sequences = [np.ascontiguousarray(np.asarray(x, dtype=np.float32).T) for x in xs]  # (D, T) -> (T, D)
         return Split(sequences, np.array([class_id[y] for y in ys], dtype=np.int64))
 
@@ -70,7 +71,7 @@ def pad_batch(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, held_out) with `fraction` of every class held out."""
     rng = np.random.default_rng(seed)
-    held = []
+    held: list[int] = []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
         held.extend(members[: max(1, round(fraction * len(members)))])

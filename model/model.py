@@ -185,6 +185,10 @@ class SequenceClassifier(nn.Module):
     """Raw frames in, per-step class logits out. The class of a sequence is the logit at its last
     valid step, so the same network classifies whole sequences and streams frame by frame."""
 
+    # buffers, registered in __init__; declared here so they type as tensors, not as Module.__getattr__'s union
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         assert config.cell in CELLS, f"unknown cell {config.cell!r}; choose one of {CELLS}"
@@ -235,7 +239,9 @@ class SequenceClassifier(nn.Module):
         return self.head(out), tuple(torch.cat(parts, dim=2) for parts in zip(*finals, strict=True))
 
     @staticmethod
-    def run_rnn(rnn: nn.Module, z: torch.Tensor, state: State, lengths: torch.Tensor | None):
+    def run_rnn(
+        rnn: nn.Module, z: torch.Tensor, state: State, lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, State]:
         if isinstance(rnn, GatedLSTM):
             return rnn(z, state, lengths)
         torch_state = state[0] if isinstance(rnn, nn.GRU) else state

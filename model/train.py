@@ -13,8 +13,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +55,7 @@ class TrainConfig:
 DATASET_RECIPES = {"basic-motions": {"batch_size": 8, "epochs": 300, "ema_decay": 0.95}}
 
 
-def config_for(dataset: str, **overrides) -> TrainConfig:
+def config_for(dataset: str, **overrides: Any) -> TrainConfig:
     """The training config for a data set: defaults, then its recipe, then the caller's overrides."""
     return TrainConfig(dataset=dataset, **{**DATASET_RECIPES.get(dataset, {}), **overrides})
 
@@ -72,11 +74,14 @@ def random_crop(seq: np.ndarray, min_fraction: float, rng: np.random.Generator) 
     return seq[start : start + length]
 
 
-def batches(split: Split, indices: np.ndarray, batch_size: int, crop: float = 1.0, rng=None):
+def batches(
+    split: Split, indices: np.ndarray, batch_size: int, crop: float = 1.0, rng: np.random.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     for start in range(0, len(indices), batch_size):
         rows = indices[start : start + batch_size]
         sequences = [split.sequences[i] for i in rows]
         if crop < 1.0:
+            assert rng is not None, "cropping needs a random generator"
             sequences = [random_crop(s, crop, rng) for s in sequences]
         x, lengths = pad_batch(sequences)
         yield torch.from_numpy(x), torch.from_numpy(lengths), torch.from_numpy(split.labels[rows])
@@ -142,6 +147,7 @@ def train_member(
         if best_state is None or score > best:
             best, best_state, best_epoch = score, copy.deepcopy(ema.state_dict()), epoch + 1
         progress.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", val_acc=f"{val_acc:.3f}")
+    assert best_state is not None, "no epoch was trained"
     model.load_state_dict(best_state)
     return model.eval(), history, best_epoch
 
@@ -168,7 +174,16 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def report(cfg, data, predicted, test_acc, test_loss, best_epoch, history, wall_s) -> dict:
+def report(
+    cfg: TrainConfig,
+    data: Dataset,
+    predicted: np.ndarray,
+    test_acc: float,
+    test_loss: float,
+    best_epoch: int,
+    history: dict[str, list[float]],
+    wall_s: float,
+) -> dict:
     C = len(data.label_names)
     confusion = np.zeros((C, C), dtype=int)
     np.add.at(confusion, (data.test.labels, predicted), 1)

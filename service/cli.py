@@ -1,7 +1,8 @@
-"""`lstm-serve` — one command line: train, export, report, serve, bench.
+"""`lstm-serve`: one command line for operators and callers: serve, train, export, report, bench.
 
-Training and export need the `train` extra (torch); they are imported only when asked for, so the
-serving image, which carries onnxruntime and no torch, runs `lstm-serve serve` unchanged.
+Training, export and the report need the `train` extra (torch); they are imported only when asked for,
+so the serving image, which carries onnxruntime and no torch, runs `lstm-serve serve` unchanged.
+A mistake on the command line (a bad setting, a missing repository) is one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -10,15 +11,107 @@ import argparse
 import dataclasses
 import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from pydantic import ValidationError
+
+from lstm_serve.settings import Settings
+
+HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
-def needs_torch(command: str) -> None:
-    if importlib.util.find_spec("torch") is None:  # looked up, not imported: serving never loads torch
-        sys.exit(f"lstm-serve {command} needs PyTorch: pip install 'lstm-serve[train]'")
+def package_version() -> str:
+    try:
+        return version("lstm-serve")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, instance, prefix: str = "") -> None:
+def fail(command: str, message: str) -> None:
+    """One clear line and exit status 2, the status argparse gives a bad argument."""
+    print(f"lstm-serve {command}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def has_torch(command: str, argv: Sequence[str]) -> bool:
+    if importlib.util.find_spec("torch") is not None:  # looked up, not imported: serving never loads torch
+        return True
+    needs = f"lstm-serve {command} needs PyTorch: pip install 'lstm-serve[train]'"
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: lstm-serve {command} [options]\n\n{needs}; its options are listed once it is installed.")
+        raise SystemExit(0)
+    fail(command, "needs PyTorch: pip install 'lstm-serve[train]'")
+    return False
+
+
+# -- serve -----------------------------------------------------------------------------------------
+def settings_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "lstm-serve serve",
+        description="Serve the model repository over HTTP. Every flag is also an LSTM_SERVE_* environment "
+        "variable; flags win.",
+        argument_default=argparse.SUPPRESS,  # a flag not given leaves the setting to its variable or default
+    )
+    for name, field in Settings.model_fields.items():
+        flag, env = "--" + name.replace("_", "-"), f"LSTM_SERVE_{name.upper()}"
+        default = "none" if field.default is None else field.default
+        described = f"{field.description} (default: {default}) [{env}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=described)
+        else:
+            parser.add_argument(flag, dest=name, help=described)
+    return parser
+
+
+def describe_validation(error: ValidationError) -> str:
+    problems = []
+    for problem in error.errors(include_url=False):
+        where = ".".join(map(str, problem["loc"]))
+        message = problem["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def serve_settings(argv: Sequence[str]) -> Settings:
+    given = vars(settings_parser().parse_args(argv))
+    try:
+        return Settings(**given)
+    except ValidationError as error:
+        fail("serve", f"bad settings: {describe_validation(error)}")
+        raise  # unreachable: fail() exits
+
+
+def check_servable(settings: Settings) -> None:
+    """What would stop the start, said before it: a missing or broken repository, CUDA asked and absent."""
+    from lstm_serve.core.repository import RepositoryError, load_repository
+    from lstm_serve.core.runner import choose_providers
+
+    try:
+        entries = load_repository(settings.model_repository)
+        choose_providers(settings.providers)
+    except (RepositoryError, RuntimeError) as error:
+        fail("serve", str(error))
+        return
+    if "default_model" in settings.model_fields_set and settings.default_model not in entries:
+        fail(
+            "serve",
+            f"default model {settings.default_model!r} is not in {settings.model_repository} "
+            f"(it has {', '.join(sorted(entries))})",
+        )
+
+
+def cmd_serve(argv: Sequence[str]) -> None:
+    settings = serve_settings(argv)
+    check_servable(settings)
+    from lstm_serve.http.server import serve
+
+    serve(settings)
+
+
+# -- train, export, report, bench ----------------------------------------------------------------------
+def add_dataclass_flags(parser: argparse.ArgumentParser, instance: Any, prefix: str = "") -> None:
     """One --flag per field of a (nested) config dataclass, its default taken from the instance."""
     for field in dataclasses.fields(instance):
         value = getattr(instance, field.name)
@@ -31,12 +124,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, instance, prefix: str =
                 flag, dest=f"{prefix}{field.name}", action=argparse.BooleanOptionalAction, default=value
             )
         else:
-            parser.add_argument(
-                flag, dest=f"{prefix}{field.name}", type=type(value), default=value, help=f"(default: {value})"
-            )
+            parser.add_argument(flag, dest=f"{prefix}{field.name}", type=type(value), default=value)
 
 
-def apply_flags(instance, args: argparse.Namespace, prefix: str = ""):
+def apply_flags(instance: Any, args: argparse.Namespace, prefix: str = "") -> Any:
     for field in dataclasses.fields(instance):
         value = getattr(instance, field.name)
         if dataclasses.is_dataclass(value):
@@ -46,20 +137,22 @@ def apply_flags(instance, args: argparse.Namespace, prefix: str = ""):
     return instance
 
 
-def train_config(argv: Sequence[str]):
+def train_config(argv: Sequence[str]) -> Any:
     """Flags over the data set's recipe: `--dataset basic-motions` alone gives its batch size and epochs."""
     from lstm_serve.model.train import TrainConfig, config_for
 
     dataset = argparse.ArgumentParser(add_help=False)
     dataset.add_argument("--dataset", default=TrainConfig().dataset)
     defaults = config_for(dataset.parse_known_args(argv)[0].dataset)
-    parser = argparse.ArgumentParser("lstm-serve train", description="Train a classifier on a UEA data set.")
+    parser = argparse.ArgumentParser(
+        "lstm-serve train", description="Train a classifier on a UEA data set.", formatter_class=HELP
+    )
     add_dataclass_flags(parser, defaults)
     return apply_flags(defaults, parser.parse_args(argv))
 
 
 def cmd_train(argv: Sequence[str]) -> None:
-    needs_torch("train")
+    has_torch("train", argv)
     from lstm_serve.model.train import train
 
     cfg = train_config(argv)
@@ -71,10 +164,10 @@ def cmd_train(argv: Sequence[str]) -> None:
 
 
 def cmd_export(argv: Sequence[str]) -> None:
-    needs_torch("export")
-    from lstm_serve.export.onnx_export import export_checkpoint
-
-    parser = argparse.ArgumentParser("lstm-serve export", description="Checkpoint -> models/<name>/<version>/.")
+    has_torch("export", argv)
+    parser = argparse.ArgumentParser(
+        "lstm-serve export", description="Checkpoint -> <repository>/<name>/<version>/.", formatter_class=HELP
+    )
     parser.add_argument("--checkpoint", default="runs/japanese-vowels/checkpoint.pt")
     parser.add_argument("--repository", default="models", help="model repository folder")
     parser.add_argument("--name", default="japanese-vowels")
@@ -86,6 +179,8 @@ def cmd_export(argv: Sequence[str]) -> None:
         help="run the parity checks on the exported graph",
     )
     args = parser.parse_args(argv)
+    from lstm_serve.export.onnx_export import export_checkpoint
+
     entry = export_checkpoint(args.checkpoint, args.repository, args.name, args.version)
     print(f"wrote {entry}/model.onnx and config.json")
     if args.check:
@@ -96,10 +191,12 @@ def cmd_export(argv: Sequence[str]) -> None:
 
 
 def cmd_report(argv: Sequence[str]) -> None:
-    needs_torch("report")
+    has_torch("report", argv)
     from lstm_serve.export.report import ReportConfig, report
 
-    parser = argparse.ArgumentParser("lstm-serve report", description="Every cell on every data set, measured.")
+    parser = argparse.ArgumentParser(
+        "lstm-serve report", description="Every cell on every data set, measured.", formatter_class=HELP
+    )
     defaults = ReportConfig()
     parser.add_argument("--out-dir", default=defaults.out_dir)
     parser.add_argument("--datasets", nargs="+", default=defaults.datasets)
@@ -110,27 +207,44 @@ def cmd_report(argv: Sequence[str]) -> None:
     print(f"wrote {path} and its plots")
 
 
-def cmd_serve(argv: Sequence[str]) -> None:
-    from lstm_serve.http.server import main
-
-    main(argv)
-
-
 def cmd_bench(argv: Sequence[str]) -> None:
     from lstm_serve.bench.run import main
 
     main(list(argv))
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench}
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
+    "serve": (cmd_serve, "serve the model repository over HTTP, WebSocket and the Open Inference Protocol"),
+    "train": (cmd_train, "train a classifier (needs the train extra: torch)"),
+    "export": (cmd_export, "export a checkpoint to the model repository as ONNX, with parity checks"),
+    "report": (cmd_report, "measure every cell on every data set (models/REPORT.md)"),
+    "bench": (cmd_bench, "benchmark a server against the afternoon baseline"),
+}
+
+
+def top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "lstm-serve",
+        description="Serve recurrent sequence classifiers: HTTP classification and stateful "
+        "streaming sessions on onnxruntime.",
+        epilog="`lstm-serve COMMAND --help` lists a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"lstm-serve {package_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, summary) in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        names = ", ".join(COMMANDS)
-        sys.exit(f"usage: lstm-serve {{{names}}} [options]   (lstm-serve COMMAND --help for its options)")
-    COMMANDS[argv[0]](argv[1:])
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]][0](argv[1:])
+        return
+    parser = top_parser()
+    parser.parse_args(argv)  # --help and --version exit here; an unknown command is an argparse error
+    parser.print_help(sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,21 @@
+"""Fixtures for the whole suite: the shipped model, small trained runs, and real servers (`lstm-serve serve`
+in a subprocess on a free loopback port) and private redis-servers."""
+
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
+
+from lstm_serve.model.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_ENTRY = ROOT / "models" / "japanese-vowels" / "1"
@@ -58,3 +71,117 @@ def cell_repository(cell_runs, tmp_path_factory) -> Path:
     for cell in CELLS:
         export_checkpoint(cell_runs / cell / "checkpoint.pt", repository, cell, 1)
     return repository
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lstm_serve.cli", "serve", "--port", str(self.port), *flags],
+            # no drain delay unless a test asks for one: every server the suite stops would wait it out
+            cwd=ROOT,
+            env={**os.environ, "LSTM_SERVE_DRAIN_DELAY_S": "0", **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> ServerProcess:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read().decode()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server on {self.url} not ready after {timeout} s")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server():
+    """Start servers with custom flags; all are stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
+        server = ServerProcess(*flags, env=env)
+        started.append(server)
+        return server.wait_ready() if wait else server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The default server: shipped model repository, in-memory sessions, CPU."""
+    process = ServerProcess("--max-queue-delay-ms", "2").wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def test_sequences() -> list[np.ndarray]:
+    return load_dataset("japanese-vowels").test.sequences
+
+
+class RedisProcess:
+    """A private redis-server on a free loopback port (never the machine's shared one)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisProcess:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server():
+    process = RedisProcess().start()
+    yield process
+    process.stop()

@@ -24,6 +24,10 @@ class HttpConnection:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         return self
 
+    def streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        assert self.reader is not None and self.writer is not None, "not connected"
+        return self.reader, self.writer
+
     def encode(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> bytes:
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
         if body or method in ("POST", "PUT"):
@@ -35,16 +39,18 @@ class HttpConnection:
         closed while idle is reopened once, as every HTTP client does."""
         if self.writer is None:
             await self.connect()
-        self.writer.write(raw)
+        reader, writer = self.streams()
+        writer.write(raw)
         try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, ConnectionResetError) as error:
             if isinstance(error, asyncio.IncompleteReadError) and error.partial:
                 raise
             await self.close()
             await self.connect()
-            self.writer.write(raw)
-            head = await self.reader.readuntil(b"\r\n\r\n")
+            reader, writer = self.streams()
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length = 0
         lower = head.lower()
@@ -52,7 +58,7 @@ class HttpConnection:
         if at >= 0:
             end = lower.index(b"\r\n", at + 2)
             length = int(lower[at + 17 : end])
-        body = await self.reader.readexactly(length) if length else b""
+        body = await reader.readexactly(length) if length else b""
         if b"connection: close" in lower:
             await self.close()
         return status, body
@@ -88,6 +94,10 @@ class WebSocketConnection:
             raise ConnectionError(f"WebSocket upgrade refused: {head[:40]!r}")
         return self
 
+    def streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        assert self.reader is not None and self.writer is not None, "not connected"
+        return self.reader, self.writer
+
     def _frame(self, opcode: int, payload: bytes) -> bytes:
         n = len(payload)
         if n < 126:
@@ -102,22 +112,23 @@ class WebSocketConnection:
         return header + mask + masked
 
     def send_binary(self, payload: bytes) -> None:
-        self.writer.write(self._frame(0x2, payload))
+        self.streams()[1].write(self._frame(0x2, payload))
 
     def send_text(self, text: str) -> None:
-        self.writer.write(self._frame(0x1, text.encode()))
+        self.streams()[1].write(self._frame(0x1, text.encode()))
 
     async def recv(self) -> bytes:
+        reader, writer = self.streams()
         while True:
-            first, second = await self.reader.readexactly(2)
+            first, second = await reader.readexactly(2)
             opcode, n = first & 0x0F, second & 0x7F
             if n == 126:
-                (n,) = struct.unpack("!H", await self.reader.readexactly(2))
+                (n,) = struct.unpack("!H", await reader.readexactly(2))
             elif n == 127:
-                (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            payload = await self.reader.readexactly(n) if n else b""
+                (n,) = struct.unpack("!Q", await reader.readexactly(8))
+            payload = await reader.readexactly(n) if n else b""
             if opcode == 0x9:  # ping
-                self.writer.write(self._frame(0xA, payload))
+                writer.write(self._frame(0xA, payload))
             elif opcode == 0x8:
                 raise ConnectionError(f"server closed the WebSocket: {payload[:2].hex()} {payload[2:]!r}")
             elif opcode in (0x1, 0x2):

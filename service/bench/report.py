@@ -28,7 +28,7 @@ def ratio_target(name: str, value: float | None, floor: float, higher_is_better:
     }
 
 
-def throughput_ratio(results, workload, ours_workload, c):
+def throughput_ratio(results: dict, workload: str, ours_workload: str, c: int) -> float | None:
     ours, base = point(results, OURS, ours_workload, c), point(results, BASE, workload, c)
     return ours["throughput"] / base["throughput"] if ours and base and base["throughput"] else None
 
@@ -117,7 +117,7 @@ def summary(results: dict) -> list[dict]:
     return rows
 
 
-def fmt(value, digits=2) -> str:
+def fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 

@@ -27,6 +27,7 @@ import orjson
 from lstm_serve.bench import report
 from lstm_serve.bench.clients import HttpConnection
 from lstm_serve.bench.workloads import (
+    Client,
     classify_client,
     run_point,
     stream_http_client,
@@ -61,9 +62,11 @@ def cpu_seconds(pid: int) -> float:
 class Server:
     """A server under test: started here (so its CPU can be read) or reached at a URL."""
 
-    def __init__(self, name: str, url: str | None, command: list[str] | None, env: dict | None = None) -> None:
-        self.name, self.proc = name, None
-        self.has_metrics, self.metrics_conn = True, None
+    def __init__(self, name: str, url: str | None, command: list[str], env: dict | None = None) -> None:
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.has_metrics = True
+        self.metrics_conn: HttpConnection | None = None
         if url is None:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -75,6 +78,8 @@ class Server:
                 stderr=subprocess.DEVNULL,
             )
         parsed = urlparse(url)
+        if parsed.hostname is None or parsed.port is None:
+            raise ValueError(f"{name}: {url!r} needs a host and a port (http://host:port)")
         self.url, self.host, self.port = url, parsed.hostname, parsed.port
 
     async def wait_ready(self, path: str, timeout: float = 60) -> None:
@@ -145,15 +150,15 @@ def server_side(before: dict, after: dict) -> dict:
     }
 
 
-async def measure(server: Server, workload: str, client, concurrency: int, cfg: BenchConfig) -> dict:
+async def measure(server: Server, workload: str, client: Client, concurrency: int, cfg: BenchConfig) -> dict:
     """One point. Server metrics and CPU are read at the start and the end of the measured window."""
     snapshots: list[tuple[dict, float | None, os.times_result, float]] = []
 
-    async def snapshot():  # CPU first: the scrape itself waits in the server's queue under load
+    async def snapshot() -> None:  # CPU first: the scrape itself waits in the server's queue under load
         cpu, times, now = server.cpu(), os.times(), time.perf_counter()
         snapshots.append((await scrape(server), cpu, times, now))
 
-    async def snapshot_window():
+    async def snapshot_window() -> None:
         await asyncio.sleep(cfg.warmup_s)
         await snapshot()
         await asyncio.sleep(max(0.0, window_end() - time.perf_counter()))
@@ -171,7 +176,11 @@ async def measure(server: Server, workload: str, client, concurrency: int, cfg: 
     result.update(server_side(before, after))
     own = (times_after.user + times_after.system) - (times_before.user + times_before.system)
     result["loadgen_cpu_pct"] = round(100 * own / (t1 - t0), 1)
-    result["server_cpu_pct"] = round(100 * (cpu_after - cpu_before) / (t1 - t0), 1) if cpu_after is not None else None
+    result["server_cpu_pct"] = (
+        round(100 * (cpu_after - cpu_before) / (t1 - t0), 1)
+        if cpu_after is not None and cpu_before is not None
+        else None
+    )
     print(
         f"  {server.name:9s} {workload:12s} c={concurrency:<4d} {result['throughput']:8.0f}/s "
         f"p50 {result['p50_ms']:6.2f} p99 {result['p99_ms']:7.2f} ms  err {result['errors']}  "
@@ -374,7 +383,9 @@ def add_limits(results: dict, cfg: BenchConfig, sequences: list[np.ndarray]) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser("lstm-serve bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        "lstm-serve bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     defaults = BenchConfig()
     parser.add_argument("--url", help="a running lstm-serve (default: start one on loopback)")
     parser.add_argument("--baseline-url", help="a running afternoon baseline (default: start one)")

@@ -34,6 +34,12 @@ class Samples:
             self.error_examples.append(what[:200])
 
 
+# a virtual client: (samples, deadline), sending until the deadline
+Client = Callable[[Samples, float], Awaitable[None]]
+# streams one session's frames: (conn, session id, frames, samples, deadline)
+Stream = Callable[[HttpConnection, str, np.ndarray, Samples, float], Awaitable[None]]
+
+
 @dataclass
 class PointResult:
     workload: str
@@ -53,6 +59,7 @@ def summarise(workload: str, concurrency: int, samples: Samples, window: tuple[f
     started = np.array(samples.started)
     latency = np.array(samples.latency)[(started >= lo) & (started < hi)] * 1000
     pct = np.percentile(latency, [50, 90, 99]) if len(latency) else [float("nan")] * 3
+    p50, p90, p99 = map(float, pct)
     return PointResult(
         workload,
         concurrency,
@@ -60,13 +67,15 @@ def summarise(workload: str, concurrency: int, samples: Samples, window: tuple[f
         len(latency),
         samples.errors,
         len(latency) / (hi - lo),
-        *map(float, pct),
+        p50,
+        p90,
+        p99,
         samples.error_examples,
     )
 
 
 async def run_point(
-    client: Callable[[Samples, float], Awaitable[None]], concurrency: int, warmup_s: float, duration_s: float
+    client: Client, concurrency: int, warmup_s: float, duration_s: float
 ) -> tuple[Samples, tuple[float, float]]:
     samples = Samples()
     start = time.perf_counter()
@@ -75,7 +84,7 @@ async def run_point(
     return samples, (start + warmup_s, start + warmup_s + duration_s)
 
 
-def classify_client(host: str, port: int, bodies: list[bytes], offset: int = 0):
+def classify_client(host: str, port: int, bodies: list[bytes], offset: int = 0) -> Client:
     """Each client cycles through the test sequences, one sequence per request."""
     counter = iter(range(offset, 1 << 62))
 
@@ -101,7 +110,9 @@ def frames_json(frame: np.ndarray, seq: int) -> bytes:
     return orjson.dumps({"inputs": [frame.tolist()], "seq": seq})
 
 
-def session_client(host: str, port: int, sequences: list[np.ndarray], sequences_per_session: int, stream):
+def session_client(
+    host: str, port: int, sequences: list[np.ndarray], sequences_per_session: int, stream: Stream
+) -> Client:
     """A client that starts a session, streams frames through `stream`, ends the session, repeats."""
     counter = iter(range(1 << 62))
 
@@ -125,10 +136,10 @@ def session_client(host: str, port: int, sequences: list[np.ndarray], sequences_
     return client
 
 
-def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_seq: bool = True):
+def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_seq: bool = True) -> Client:
     """One session per sequence, one frame per request, one request in flight per session."""
 
-    async def stream(conn: HttpConnection, sid: str, frames: np.ndarray, samples: Samples, deadline: float):
+    async def stream(conn: HttpConnection, sid: str, frames: np.ndarray, samples: Samples, deadline: float) -> None:
         path = f"/v1/sessions/{sid}/steps"
         for t, frame in enumerate(frames):
             payload = frames_json(frame, t) if use_seq else orjson.dumps({"inputs": [frame.tolist()]})
@@ -145,12 +156,12 @@ def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_se
     return session_client(host, port, sequences, 1, stream)
 
 
-def stream_ws_client(host: str, port: int, sequences: list[np.ndarray], sequences_per_session: int = 1):
+def stream_ws_client(host: str, port: int, sequences: list[np.ndarray], sequences_per_session: int = 1) -> Client:
     """Like stream_http_client, over one WebSocket per session, binary float32 frames. With
     sequences_per_session > 1 a session streams that many test sequences back to back (a steady
     stream, like a wearable's), so connection set-up no longer dominates."""
 
-    async def stream(conn: HttpConnection, sid: str, frames: np.ndarray, samples: Samples, deadline: float):
+    async def stream(conn: HttpConnection, sid: str, frames: np.ndarray, samples: Samples, deadline: float) -> None:
         ws = await WebSocketConnection(conn.host, conn.port, f"/v1/sessions/{sid}/stream").connect()
         try:
             for frame in frames:

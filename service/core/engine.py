@@ -115,7 +115,7 @@ class Engine:
 
     # -- models ------------------------------------------------------------------------------
     def model(self, name: str | None = None) -> LoadedModel:
-        name = name or self.default_model
+        name = self.default_model if name is None else name
         if name not in self.models:
             raise ModelNotFound(f"no model {name!r}; this server has {sorted(self.models)}")
         return self.models[name]

@@ -82,7 +82,7 @@ class OnnxRunner:
         x = np.zeros((B, T, self.input_dim), np.float32)
         for row, item in enumerate(items):
             x[row, : lengths[row]] = item.frames
-        feeds = {self.frames_input: x}
+        feeds: dict[str, np.ndarray] = {self.frames_input: x}
         if self.lengths_input:
             feeds[self.lengths_input] = lengths
         elif (lengths != T).any():

@@ -58,7 +58,11 @@ def drain_on_sigterm(runtime: Runtime, delay_s: float) -> Callable[[], None]:
         loop.call_soon_threadsafe(loop.call_later, delay_s, server_handler, signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    return lambda: signal.signal(signal.SIGTERM, server_handler)
+
+    def undo() -> None:
+        signal.signal(signal.SIGTERM, server_handler)
+
+    return undo
 
 
 async def sweep_forever(store: SessionStore, every_s: float) -> None:

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from pydantic import TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.http.table import RouteTable
@@ -30,9 +31,10 @@ class Components:
     """Collects the named schemas that operations refer to."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime, self.schemas = runtime, {}
+        self.runtime = runtime
+        self.schemas: dict[str, Any] = {}
 
-    def schema(self, source: Schema, mode: str = "serialization") -> dict[str, Any]:
+    def schema(self, source: Schema, mode: JsonSchemaMode = "serialization") -> dict[str, Any]:
         """A schema, named in components (and referred to) when it has a title."""
         if built(source):
             schema = source(self.runtime)
@@ -43,12 +45,12 @@ class Components:
             self.schemas.update(schema.pop("$defs", {}))
         title = schema.get("title")
         if not title or not title.isidentifier():
-            return schema  # type: ignore[no-any-return]
+            return schema
         self.schemas[title] = schema
         return {"$ref": REF.format(model=title)}
 
 
-def content(entries: tuple[Content, ...], components: Components, mode: str) -> dict[str, Any]:
+def content(entries: tuple[Content, ...], components: Components, mode: JsonSchemaMode) -> dict[str, Any]:
     described = {}
     for entry in entries:
         media: dict[str, Any] = {}

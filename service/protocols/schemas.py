@@ -13,7 +13,9 @@ from lstm_serve.core.engine import LoadedModel
 from lstm_serve.core.runtime import Runtime
 
 Frame = list[float]
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # a larger JSON number is no float32: refused
+# The smallest magnitude that rounds to infinity in float32 (halfway between its largest value and 2**128):
+# a JSON number this large or larger is no float32, and is refused.
+FLOAT32_LIMIT = float(np.finfo(np.float32).max) + (2.0**128 - float(np.finfo(np.float32).max)) / 2
 
 
 class Request(BaseModel):
@@ -101,7 +103,7 @@ class Ready(BaseModel):
 
 # -- documented request schemas, from the models served --------------------------------------------------
 def frames_schema(input_dim: int, runtime: Runtime) -> dict[str, Any]:
-    number = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
+    number = {"type": "number", "exclusiveMinimum": -FLOAT32_LIMIT, "exclusiveMaximum": FLOAT32_LIMIT}
     frame = {"type": "array", "items": number, "minItems": input_dim, "maxItems": input_dim}
     return {"type": "array", "items": frame, "minItems": 1, "maxItems": runtime.limits.max_sequence_length}
 
@@ -156,7 +158,7 @@ def step_schema(runtime: Runtime) -> dict[str, Any]:
         "required": ["inputs"],
         "properties": {
             "inputs": {"anyOf": [frames_schema(width, runtime) for width in widths]},
-            "seq": {"type": "integer", "minimum": 0},
+            "seq": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]},
             "return_steps": {"type": "boolean"},
         },
     }

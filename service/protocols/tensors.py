@@ -12,6 +12,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -160,7 +161,7 @@ def write_response(head: dict, outputs: list[OutputTensor]) -> tuple[bytes, int 
     """The response body and, when any output is binary, the length of its JSON header."""
     tensors, tail = [], []
     for out in outputs:
-        tensor = {"name": out.name, "datatype": out.datatype, "shape": list(out.array.shape)}
+        tensor: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.array.shape)}
         if out.binary:
             raw = bytes_elements(out.array) if out.datatype == "BYTES" else out.array.astype("<f4").tobytes()
             tensor["parameters"] = {"binary_data_size": len(raw)}

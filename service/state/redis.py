@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import wraps
+from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 import redis.asyncio as redis
@@ -25,6 +26,8 @@ from lstm_serve.errors import SessionNotFound, StoreUnavailable, TooManySessions
 from lstm_serve.state.sessions import KeyedLocks, SessionRecord
 
 log = logging.getLogger("lstm_serve")
+T = TypeVar("T")
+P = ParamSpec("P")
 PREFIX = "lstm-serve:"
 INDEX = PREFIX + "sessions"  # sorted set: session id -> last use (unix seconds)
 
@@ -74,16 +77,18 @@ class OutageLog:
         self.last, self.suppressed = now, 0
 
 
-def reachable(method: Callable) -> Callable:
+def reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Redis down or slow becomes a 503 that says so, never a 500. Its address and the driver's words go
     to the server log; the client learns only that the session store is unavailable."""
 
     @wraps(method)
-    async def wrapper(self: RedisSessionStore, *args, **kwargs):
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await method(self, *args, **kwargs)
+            return await method(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            self.outages.error(error)
+            store = args[0]
+            assert isinstance(store, RedisSessionStore)
+            store.outages.error(error)
             raise StoreUnavailable(
                 "the session store is unavailable; retry shortly (stateless /v1/classify still works)",
                 headers={"Retry-After": "1"},
@@ -193,7 +198,7 @@ class RedisSessionStore:
         fields = await self.client.hgetall(session_key(session_id))
         if not fields:
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
-        return decode(session_id, fields)
+        return decode(session_id, cast(dict[bytes, bytes], fields))
 
     @reachable
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
@@ -218,7 +223,9 @@ class RedisSessionStore:
     @reachable
     async def delete(self, session_id: str) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
-            deleted, _ = await pipe.delete(session_key(session_id)).zrem(INDEX, session_id).execute()
+            pipe.delete(session_key(session_id))
+            pipe.zrem(INDEX, session_id)
+            deleted, _ = await pipe.execute()
         if not deleted:
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
 

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class SessionRecord:
     previous_state: tuple[np.ndarray, ...] | None = None  # the state the last applied chunk started from
     revision: int = 0  # bumped by every commit; commits are compare-and-set on (incarnation, revision)
 
-    def advanced(self, **changes) -> SessionRecord:
+    def advanced(self, **changes: Any) -> SessionRecord:
         return replace(self, **changes)
 
 
@@ -52,7 +52,7 @@ def new_session_id() -> str:
 
 
 def new_record(
-    model: str, version: int, session_id: str | None = None, now: float | None = None, **fields
+    model: str, version: int, session_id: str | None = None, now: float | None = None, **fields: Any
 ) -> SessionRecord:
     """A session that starts now, as a new incarnation; `fields` may give it a state to start from."""
     now = time.time() if now is None else now

@@ -1,2 +1,2 @@
 # the real-server fixtures, shared with the service tests
-from tests.service.conftest import redis_server, start_server, test_sequences  # noqa: F401
+from tests.conftest import redis_server, start_server, test_sequences  # noqa: F401

@@ -13,7 +13,7 @@ import pytest
 
 from lstm_serve.http.app import create_app
 from lstm_serve.settings import Settings
-from tests.service.conftest import ROOT
+from tests.conftest import ROOT
 
 
 def test_idle_sessions_expire_and_give_404(start_server):

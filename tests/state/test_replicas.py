@@ -7,7 +7,7 @@ import time
 import httpx
 import numpy as np
 
-from tests.service.conftest import RedisProcess
+from tests.conftest import RedisProcess
 
 ATOL = 1e-5
 

@@ -41,7 +41,11 @@ PATHS = [
 ]
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_subnormal=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
     max_leaves=30,
 )
@@ -62,7 +66,11 @@ def tensor_requests(draw) -> tuple[bytes, dict[str, bytes]]:
         if draw(st.booleans()):
             tensor["parameters"] = {"binary_data_size": draw(st.one_of(dimensions, json_values))}
         else:
-            tensor["data"] = draw(st.one_of(st.lists(st.floats(allow_nan=False, width=32), max_size=40), json_values))
+            tensor["data"] = draw(
+                st.one_of(
+                    st.lists(st.floats(allow_nan=False, allow_subnormal=False, width=32), max_size=40), json_values
+                )
+            )
         inputs.append(tensor)
     body: dict = {"inputs": inputs}
     if draw(st.booleans()):

@@ -15,7 +15,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def cell_server(cell_repository):
-    from tests.service.conftest import ServerProcess
+    from tests.conftest import ServerProcess
 
     process = ServerProcess("--model-repository", str(cell_repository), "--max-queue-delay-ms", "2").wait_ready()
     with httpx.Client(base_url=process.url, timeout=30) as client:
