@@ -19,7 +19,19 @@ from pydantic import ValidationError
 
 from lstm_serve.settings import Settings
 
-HELP = argparse.ArgumentDefaultsHelpFormatter
+
+class HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, also of options that have no help text of their own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if not action.help and action.default is not argparse.SUPPRESS and action.option_strings:
+            return "(default: %(default)s)"
+        return super()._get_help_string(action) or ""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings:
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
 
 
 def package_version() -> str:

@@ -80,6 +80,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    @classmethod
+    def attach(cls, proc: subprocess.Popen, port: int) -> ServerProcess:
+        """A server some other way started (another executable, another folder)."""
+        server = cls.__new__(cls)
+        server.port, server.url, server.proc = port, f"http://127.0.0.1:{port}", proc
+        server.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
+        return server
+
     def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

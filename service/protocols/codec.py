@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import orjson
@@ -17,8 +18,10 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 # Parsing JSON holds the interpreter: a few MB take tens of milliseconds. Bodies this large are parsed in a
-# worker thread, so the event loop keeps answering (health checks, other requests) in the meantime.
+# worker thread, so the event loop keeps answering (health checks, other requests) in the meantime. One
+# thread: parsers hold the GIL, so more threads would not parse faster, only take more turns from the loop.
 OFF_LOOP_BYTES = 128 * 1024
+DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
 
 def dumps(content: Any) -> bytes:
@@ -54,7 +57,7 @@ async def off_loop(size: int, work: Callable[[], T]) -> T:
     """work(), in a worker thread when `size` (the bytes it reads or writes) is large."""
     if size < OFF_LOOP_BYTES:
         return work()
-    return await asyncio.to_thread(work)
+    return await asyncio.get_running_loop().run_in_executor(DECODER, work)
 
 
 async def decode(body: bytes, decoder: Callable[[bytes], T]) -> T:

@@ -1,0 +1,55 @@
+"""`lstm-serve` as an operator meets it: help, version, and one clear line for a mistake."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lstm_serve.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("command", ["", "serve", "train", "export", "report", "bench"])
+def test_every_help_exits_0_and_shows_defaults(command):
+    result = run(*([command] if command else []), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: lstm-serve" in result.stdout
+    if command:
+        assert "(default:" in result.stdout, f"lstm-serve {command} --help shows no defaults"
+
+
+def test_serve_help_names_each_setting_its_default_and_its_variable():
+    text = " ".join(run("serve", "--help").stdout.split())
+    assert "--max-batch-size MAX_BATCH_SIZE sequences or session steps per onnxruntime call (default: 64)" in text
+    assert "[LSTM_SERVE_MAX_BATCH_SIZE]" in text and "--redis-url" in text
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("lstm-serve ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["serve", "--max-batch-size", "0"],
+            "bad settings: max_batch_size: Input should be greater than or equal to 1",
+        ),
+        (["serve", "--port", "http"], "bad settings: port: Input should be a valid integer"),
+        (["serve", "--workers", "2"], "bad settings: workers=2 with the in-memory session store"),
+        (["serve", "--model-repository", "/nowhere"], "model repository /nowhere does not exist"),
+        (["serve", "--default-model", "nope"], "default model 'nope' is not in"),
+        (["nope"], "invalid choice: 'nope'"),
+    ],
+)
+def test_a_mistake_is_one_line_on_stderr_and_a_nonzero_exit(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2  # argparse adds its usage line to its own errors
