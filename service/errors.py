@@ -15,6 +15,14 @@ class ServiceError(Exception):
         self.headers = headers or {}
         self.details = details
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Raised in a decode process, it arrives whole: message, headers and details."""
+        return (rebuild, (type(self), self.message, self.headers, self.details))
+
+
+def rebuild(kind: type[ServiceError], message: str, headers: dict[str, str], details: dict[str, Any]) -> ServiceError:
+    return kind(message, headers, **details)
+
 
 class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lstm_serve.core.batcher import Batcher
-from lstm_serve.core.inputs import Chunk
+from lstm_serve.core.inputs import Catalogue, Chunk, Limits
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.core.repository import ModelEntry, load_repository
 from lstm_serve.core.runner import Item, OnnxRunner, Output
@@ -77,16 +77,18 @@ class Engine:
     def __init__(self, settings: Settings, store: SessionStore, metrics: Metrics) -> None:
         self.settings, self.store, self.metrics = settings, store, metrics
         self.models: dict[str, LoadedModel] = {}
-        self.default_model = settings.default_model
+        self.catalogue = Catalogue(Limits.from_settings(settings), {}, settings.default_model)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
         entries = load_repository(s.model_repository)
-        if s.default_model not in entries:
+        default_model = s.default_model
+        if default_model not in entries:
             if "default_model" in s.model_fields_set:  # asked for explicitly: a typo must not go unnoticed
                 raise ModelNotFound(f"default model {s.default_model!r} is not in {s.model_repository}")
-            self.default_model = next(iter(entries))
+            default_model = next(iter(entries))
+        loaded = []
         for name, entry in entries.items():
             runner = OnnxRunner(entry, s.providers, s.intra_op_threads)
             batcher = Batcher(
@@ -97,8 +99,9 @@ class Engine:
                 observer=self.metrics.observer(name),
                 name=f"{name}-batcher",
             )
-            self.models[name] = LoadedModel(entry, runner, batcher)
+            loaded.append(LoadedModel(entry, runner, batcher))
             log.info("loaded %s v%d on %s", name, entry.version, runner.provider)
+        self.serve(loaded, default_model)
         await asyncio.to_thread(self.warm_up)
         for model in self.models.values():
             model.batcher.start()
@@ -114,11 +117,18 @@ class Engine:
         await asyncio.gather(*(m.batcher.stop() for m in self.models.values()))
 
     # -- models ------------------------------------------------------------------------------
+    def serve(self, models: list[LoadedModel], default_model: str) -> None:
+        """Make these the served models; requests that name no model get `default_model`."""
+        self.models = {model.entry.name: model for model in models}
+        entries = {name: model.entry for name, model in self.models.items()}
+        self.catalogue = Catalogue(self.catalogue.limits, entries, default_model)
+
+    @property
+    def default_model(self) -> str:
+        return self.catalogue.default_model
+
     def model(self, name: str | None = None) -> LoadedModel:
-        name = self.default_model if name is None else name
-        if name not in self.models:
-            raise ModelNotFound(f"no model {name!r}; this server has {sorted(self.models)}")
-        return self.models[name]
+        return self.models[self.catalogue.entry(name).name]
 
     # -- classify ----------------------------------------------------------------------------
     async def classify(self, model: LoadedModel, chunks: list[Chunk]) -> list[Output]:

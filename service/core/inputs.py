@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lstm_serve.core.repository import ModelEntry
-from lstm_serve.errors import BodyTooLarge, InvalidInput
+from lstm_serve.errors import BodyTooLarge, InvalidInput, ModelNotFound
 from lstm_serve.settings import Settings
 
 
@@ -27,6 +27,23 @@ class Limits:
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         return cls(settings.max_body_bytes, settings.max_sequence_length, settings.max_sequences_per_request)
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The served models' entries and the limits: all that checking a request needs. Small and plain, so it
+    travels to a decode process (core/offload.py)."""
+
+    limits: Limits
+    entries: dict[str, ModelEntry]
+    default_model: str
+
+    def entry(self, name: str | None = None) -> ModelEntry:
+        """The model a request names; the default when it names none."""
+        name = self.default_model if name is None else name
+        if name not in self.entries:
+            raise ModelNotFound(f"no model {name!r}; this server has {sorted(self.entries)}")
+        return self.entries[name]
 
 
 @dataclass(frozen=True, slots=True)

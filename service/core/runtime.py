@@ -3,11 +3,12 @@ server is in its life (loading, ready, draining)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.inputs import Limits
 from lstm_serve.core.metrics import Metrics
+from lstm_serve.core.offload import Decoder
 from lstm_serve.errors import NotReady
 from lstm_serve.settings import Settings
 
@@ -18,6 +19,7 @@ class Runtime:
     limits: Limits
     metrics: Metrics
     engine: Engine
+    decoder: Decoder = field(default_factory=Decoder)  # large bodies are decoded off the event loop
     ready: bool = False  # every model loaded and warm
     draining: bool = False  # a SIGTERM arrived: still serving, but no longer to be routed to
 

@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None) -> Frame:
         undo_drain = drain_on_sigterm(runtime, settings.drain_delay_s)
         engine = runtime.engine
         await engine.start()  # load every model, create onnxruntime sessions, warm up
+        await runtime.decoder.start()
         sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s))
         gc.collect()
         gc.freeze()  # start-up objects (models, modules) are never garbage: keep them out of every GC pass
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> Frame:
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
             await engine.stop()
+            runtime.decoder.stop()
             await store.close()
 
     return Frame(table, runtime, lifespan)

@@ -1,11 +1,8 @@
-"""JSON on the wire: reading a request body into a schema (large ones off the event loop), and the
-JSON response that writes numpy arrays directly."""
+"""JSON on the wire: reading a request body into a schema, and the JSON response that writes numpy arrays
+directly."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import orjson
@@ -16,12 +13,6 @@ from lstm_serve.errors import InvalidInput, MalformedRequest, ServiceError
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
-
-# Parsing JSON holds the interpreter: a few MB take tens of milliseconds. Bodies this large are parsed in a
-# worker thread, so the event loop keeps answering (health checks, other requests) in the meantime. One
-# thread: parsers hold the GIL, so more threads would not parse faster, only take more turns from the loop.
-OFF_LOOP_BYTES = 128 * 1024
-DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
 
 def dumps(content: Any) -> bytes:
@@ -51,15 +42,3 @@ def parse(model: type[M], payload: bytes | str, where: str = "body") -> M:
         return model.model_validate_json(payload)
     except ValidationError as error:
         raise validation_error(error, where) from None
-
-
-async def off_loop(size: int, work: Callable[[], T]) -> T:
-    """work(), in a worker thread when `size` (the bytes it reads or writes) is large."""
-    if size < OFF_LOOP_BYTES:
-        return work()
-    return await asyncio.get_running_loop().run_in_executor(DECODER, work)
-
-
-async def decode(body: bytes, decoder: Callable[[bytes], T]) -> T:
-    """decoder(body), in a worker thread when the body is large."""
-    return await off_loop(len(body), lambda: decoder(body))

@@ -9,30 +9,33 @@ sequence's h and c live in the same store (memory or Redis) as /v1 sessions. Err
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 
 from lstm_serve.core.engine import LoadedModel
-from lstm_serve.core.inputs import Chunk, check_sequence_count, chunk_from_array
+from lstm_serve.core.inputs import Chunk
 from lstm_serve.core.runner import Output
 from lstm_serve.core.runtime import Runtime
-from lstm_serve.errors import InvalidInput, ModelNotFound, ServiceError, SessionNotFound
+from lstm_serve.errors import ModelNotFound, ServiceError, SessionNotFound
 from lstm_serve.protocols import oip_schemas as schemas
-from lstm_serve.protocols.codec import JSON, decode, off_loop
+from lstm_serve.protocols.codec import JSON
+from lstm_serve.protocols.oip_requests import (
+    LOGITS,
+    PROBABILITIES,
+    Sequence,
+    WantedOutput,
+    decode_inference,
+    input_names,
+)
 from lstm_serve.protocols.routing import OIP, Content, Reply, Route
-from lstm_serve.protocols.tensors import DTYPES, HEADER_LENGTH, OutputTensor, decompress, read_request, write_response
+from lstm_serve.protocols.tensors import HEADER_LENGTH, OutputTensor, write_response
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "sequence"]
 PLATFORM = "onnxruntime_onnx"
-PROBABILITIES, LOGITS = "probabilities", "logits"
-DATATYPE_OF = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
-MAX_SEQUENCE_ID_CHARS = 256
 
 
 class SequenceNotStarted(ServiceError):
@@ -47,12 +50,8 @@ def server_version() -> str:
 
 
 # -- what a model looks like through the protocol ----------------------------------------------------
-def input_names(model: LoadedModel) -> tuple[str, str]:
-    return model.entry.frames_input, model.entry.lengths_input or "lengths"
-
-
 def metadata(model: LoadedModel) -> dict[str, Any]:
-    x, lengths = input_names(model)
+    x, lengths = input_names(model.entry)
     D, C = model.entry.input_dim, len(model.entry.labels)
     return {
         "name": model.name,
@@ -71,7 +70,7 @@ def metadata(model: LoadedModel) -> dict[str, Any]:
 
 def configuration(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
     """Triton's model configuration: sequence batching with the implicit state the server keeps."""
-    x, lengths = input_names(model)
+    x, lengths = input_names(model.entry)
     D, C = model.entry.input_dim, len(model.entry.labels)
     return {
         "name": model.name,
@@ -117,102 +116,9 @@ def resolve(runtime: Runtime, params: dict[str, str]) -> LoadedModel:
 
 
 # -- request -> sequences ------------------------------------------------------------------------
-def datatype_of(array: np.ndarray) -> str:
-    return DATATYPE_OF.get(array.dtype, str(array.dtype))
-
-
-def model_sequences(runtime: Runtime, model: LoadedModel, tensors: dict[str, np.ndarray]) -> list[Chunk]:
-    """x [B, T, D] FP32 and optional lengths [B] -> B checked chunks of their own lengths."""
-    x_name, lengths_name = input_names(model)
-    D = model.entry.input_dim
-    takes = f"model {model.name!r} takes {x_name!r} FP32 [B, T, {D}] and optionally {lengths_name!r} INT64 [B]"
-    unknown = sorted(set(tensors) - {x_name, lengths_name})
-    if unknown:
-        raise InvalidInput(f"unexpected inference input {unknown[0]!r}: {takes}")
-    if x_name not in tensors:
-        raise InvalidInput(f"input {x_name!r} is missing: {takes}")
-    x = tensors[x_name]
-    if x.dtype != np.float32:
-        raise InvalidInput(f"input {x_name!r} has datatype {datatype_of(x)}, but {takes}")
-    if x.ndim != 3 or x.shape[2] != D or 0 in x.shape:
-        raise InvalidInput(f"input {x_name!r} has shape {list(x.shape)}, but {takes} (B, T >= 1)")
-    batch, steps, _ = x.shape
-    check_sequence_count(batch, runtime.limits)
-    lengths = np.full(batch, steps)
-    if lengths_name in tensors:
-        given = tensors[lengths_name]
-        if given.dtype not in (np.int64, np.int32):
-            raise InvalidInput(f"input {lengths_name!r} has datatype {datatype_of(given)}; it takes INT64 (or INT32)")
-        if given.shape != (batch,) or given.min() < 1 or given.max() > steps:
-            raise InvalidInput(f"input {lengths_name!r} must hold {batch} lengths between 1 and T={steps}")
-        lengths = given
-    return [chunk_from_array(x[b, : lengths[b]], model.entry, runtime.limits, f"{x_name}[{b}]") for b in range(batch)]
-
-
-@dataclass(frozen=True)
-class WantedOutput:
-    name: str
-    binary: bool
-    classes: int  # > 0: the classification extension's top-k as BYTES "value:index:label"
-
-
-def wanted_outputs(request: schemas.InferenceRequest, model: LoadedModel) -> list[WantedOutput]:
-    binary_default = request.parameters.get("binary_data_output", False)
-    if not isinstance(binary_default, bool):
-        raise InvalidInput("parameters.binary_data_output must be a boolean")
-    if request.outputs is None:
-        return [WantedOutput(name, binary_default, 0) for name in (PROBABILITIES, LOGITS)]
-    wanted, C = [], len(model.entry.labels)
-    for out in request.outputs:
-        if out.name not in (PROBABILITIES, LOGITS):
-            raise InvalidInput(
-                f"unexpected inference output {out.name!r} for model {model.name!r}; it has "
-                f"{PROBABILITIES!r} and {LOGITS!r}"
-            )
-        binary = out.parameters.get("binary_data", binary_default)
-        classes = out.parameters.get("classification", 0)
-        if not isinstance(binary, bool):
-            raise InvalidInput(f"output {out.name!r}: parameters.binary_data must be a boolean")
-        if not isinstance(classes, int) or isinstance(classes, bool) or not 0 <= classes <= C:
-            raise InvalidInput(f"output {out.name!r}: classification must be a whole number from 1 to {C} classes")
-        wanted.append(WantedOutput(out.name, binary, classes))
-    return wanted
-
-
-@dataclass(frozen=True)
-class Sequence:
-    """Triton's sequence extension: which sequence a request belongs to, and whether it starts or ends it."""
-
-    id: int | str
-    start: bool
-    end: bool
-
-    def session_id(self, model: LoadedModel) -> str:
-        kind = "n" if isinstance(self.id, int) else "s"
-        return f"oip:{model.name}:{kind}:{self.id}"
-
-    @classmethod
-    def from_parameters(cls, parameters: dict[str, Any]) -> Sequence | None:
-        sequence_id = parameters.get("sequence_id", 0)
-        start, end = parameters.get("sequence_start", False), parameters.get("sequence_end", False)
-        if not isinstance(start, bool) or not isinstance(end, bool):
-            raise InvalidInput("parameters.sequence_start and sequence_end must be booleans")
-        if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
-            raise InvalidInput("parameters.sequence_id must be an unsigned integer or a string")
-        if sequence_id in (0, ""):
-            if start or end:
-                raise InvalidInput("sequence_start or sequence_end needs a sequence_id (not 0 or empty)")
-            return None
-        if isinstance(sequence_id, int) and not 0 < sequence_id < 2**64:
-            raise InvalidInput(f"sequence_id {sequence_id} is not an unsigned 64-bit integer")
-        if isinstance(sequence_id, str) and len(sequence_id) > MAX_SEQUENCE_ID_CHARS:
-            raise InvalidInput(f"a string sequence_id is limited to {MAX_SEQUENCE_ID_CHARS} characters")
-        return cls(sequence_id, start, end)
-
-
 async def run_sequence(runtime: Runtime, model: LoadedModel, sequence: Sequence, chunk: Chunk) -> tuple[Output, int]:
     """One request of a sequence: start = fresh state, otherwise continue it; end = free it afterwards."""
-    engine, session_id = runtime.engine, sequence.session_id(model)
+    engine, session_id = runtime.engine, sequence.session_id(model.name)
     if sequence.start and sequence.end:  # the whole sequence in one request: nothing to keep
         (out,) = await engine.classify(model, [chunk])
         with contextlib.suppress(SessionNotFound):
@@ -292,31 +198,18 @@ async def model_config(request: Request, runtime: Runtime) -> Response:
     return JSON(configuration(resolve(runtime, request.path_params), runtime))
 
 
-@dataclass(frozen=True)
-class Inference:
-    """A decoded inference request: its sequences, the outputs it wants, and the sequence it belongs to."""
-
-    request: schemas.InferenceRequest
-    chunks: list[Chunk]
-    wanted: list[WantedOutput]
-    sequence: Sequence | None
-
-
-def decode_inference(body: bytes, headers: Headers, model: LoadedModel, runtime: Runtime) -> Inference:
-    body = decompress(body, headers.get("content-encoding"), runtime.limits)
-    request, tensors = read_request(body, headers.get(HEADER_LENGTH))
-    chunks = model_sequences(runtime, model, tensors)
-    wanted = wanted_outputs(request, model)
-    sequence = Sequence.from_parameters(request.parameters)
-    if sequence is not None and len(chunks) != 1:
-        raise InvalidInput(f"a sequence request carries one sequence: x must be [1, T, D], not B={len(chunks)}")
-    return Inference(request, chunks, wanted, sequence)
-
-
 async def infer(request: Request, runtime: Runtime) -> Response:
     model = resolve(runtime, request.path_params)
-    body = await request.body()
-    inference = await decode(body, lambda raw: decode_inference(raw, request.headers, model, runtime))
+    body, headers = await request.body(), request.headers
+    inference = await runtime.decoder.run(
+        len(body),
+        decode_inference,
+        body,
+        headers.get("content-encoding"),
+        headers.get(HEADER_LENGTH),
+        model.entry,
+        runtime.limits,
+    )
     head: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if inference.request.id is not None:
         head["id"] = inference.request.id
@@ -326,11 +219,7 @@ async def infer(request: Request, runtime: Runtime) -> Response:
         out, steps = await run_sequence(runtime, model, inference.sequence, inference.chunks[0])
         outs = [out]
         head["parameters"] = {"sequence_id": inference.sequence.id, "sequence_steps": steps}
-    frames = sum(len(chunk) for chunk in inference.chunks)
-    content, header_length = await off_loop(
-        4 * frames * len(model.entry.labels),
-        lambda: write_response(head, output_tensors(model, outs, inference.wanted)),
-    )
+    content, header_length = write_response(head, output_tensors(model, outs, inference.wanted))
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(

@@ -4,13 +4,17 @@ limits), so that every body the schema allows is one the server accepts."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from lstm_serve.core.engine import LoadedModel
-from lstm_serve.core.runtime import Runtime
+from lstm_serve.core.inputs import Catalogue, Chunk, check_sequence_count, chunk_from_lists
+from lstm_serve.protocols.codec import parse
+
+if TYPE_CHECKING:  # this module is also what a decode process imports: it loads no model runtime
+    from lstm_serve.core.engine import LoadedModel
+    from lstm_serve.core.runtime import Runtime
 
 Frame = list[float]
 # The smallest magnitude that rounds to infinity in float32 (halfway between its largest value and 2**128):
@@ -35,6 +39,20 @@ class StepRequest(Request):
     inputs: list[Frame] = Field(..., min_length=1, description="T new frames of D numbers")
     seq: int | None = Field(None, ge=0, description="frames the client believes the session has consumed")
     return_steps: bool = Field(False, description="also return one prediction per frame of this chunk")
+
+
+def decode_classify(body: bytes, catalogue: Catalogue) -> tuple[str, list[Chunk]]:
+    """A classify body -> the model it names and its checked sequences (in a decode process when large)."""
+    request = parse(ClassifyRequest, body)
+    entry = catalogue.entry(request.model)
+    check_sequence_count(len(request.sequences), catalogue.limits)
+    return entry.name, [
+        chunk_from_lists(raw, entry, catalogue.limits, f"sequences[{i}]") for i, raw in enumerate(request.sequences)
+    ]
+
+
+def decode_step(body: bytes) -> StepRequest:
+    return parse(StepRequest, body)
 
 
 class Prediction(BaseModel):

@@ -10,11 +10,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from lstm_serve.core.engine import LoadedModel, Prediction, StepResult
-from lstm_serve.core.inputs import Chunk, check_sequence_count, chunk_from_lists
+from lstm_serve.core.inputs import chunk_from_lists
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import SessionNotFound
 from lstm_serve.protocols import schemas
-from lstm_serve.protocols.codec import JSON, decode, parse
+from lstm_serve.protocols.codec import JSON, parse
 from lstm_serve.protocols.routing import V1, Content, Reply, Route
 from lstm_serve.state.sessions import SessionRecord, new_session_id
 
@@ -89,18 +89,10 @@ async def get_model(request: Request, runtime: Runtime) -> Response:
     return JSON(describe_model(runtime.engine.model(request.path_params["name"])))
 
 
-def decode_classify(body: bytes, runtime: Runtime) -> tuple[LoadedModel, list[Chunk]]:
-    request = parse(schemas.ClassifyRequest, body)
-    model = runtime.engine.model(request.model)
-    check_sequence_count(len(request.sequences), runtime.limits)
-    limits = runtime.limits
-    return model, [
-        chunk_from_lists(raw, model.entry, limits, f"sequences[{i}]") for i, raw in enumerate(request.sequences)
-    ]
-
-
 async def classify(request: Request, runtime: Runtime) -> Response:
-    model, chunks = await decode(await request.body(), lambda body: decode_classify(body, runtime))
+    body = await request.body()
+    name, chunks = await runtime.decoder.run(len(body), schemas.decode_classify, body, runtime.engine.catalogue)
+    model = runtime.engine.model(name)
     outputs = await runtime.engine.classify(model, chunks)
     predictions = [prediction(model.predict(out.probabilities[-1])) for out in outputs]
     return JSON({"model": model.name, "version": model.version, "predictions": predictions})
@@ -128,7 +120,8 @@ async def delete_session(request: Request, runtime: Runtime) -> Response:
 async def step(request: Request, runtime: Runtime) -> Response:
     session_id = request.path_params["session_id"]
     key = store_key(session_id)
-    body = await decode(await request.body(), lambda raw: parse(schemas.StepRequest, raw))
+    raw = await request.body()
+    body = await runtime.decoder.run(len(raw), schemas.decode_step, raw)
     result = await runtime.engine.step(
         key,
         lambda model: chunk_from_lists(body.inputs, model.entry, runtime.limits, "inputs"),

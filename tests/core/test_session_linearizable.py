@@ -65,8 +65,7 @@ def fake_engine(store, seed: int) -> Engine:
     }
     runner = HistoryRunner(seed)
     batcher = Batcher(runner.run, max_batch_size=8)
-    engine.models["fake"] = LoadedModel(ModelEntry("fake", 1, Path("."), config), runner, batcher)  # type: ignore[arg-type]
-    engine.default_model = "fake"
+    engine.serve([LoadedModel(ModelEntry("fake", 1, Path("."), config), runner, batcher)], "fake")  # type: ignore[arg-type]
     batcher.start()
     return engine
 

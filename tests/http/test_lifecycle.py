@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -173,3 +174,15 @@ def test_the_serving_runtime_never_imports_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_no_process_outlives_a_killed_server(start_server):
+    """The decode process exits with its server, even one killed with SIGKILL: nothing is left holding the
+    server's output open (a supervisor reading it would wait forever) or using memory."""
+    server = start_server()
+    server.proc.kill()
+    server.proc.wait(10)
+    reader = threading.Thread(target=server.proc.stdout.read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "something the server started still holds its stdout open"

@@ -1,0 +1,67 @@
+"""Large bodies are decoded in a decode process, small ones where they arrive; errors come back whole."""
+
+import asyncio
+import os
+
+import pytest
+
+from lstm_serve.core.offload import Decoder
+from lstm_serve.errors import SequenceConflict
+
+
+def process_id(body: bytes) -> int:
+    return os.getpid()
+
+
+def refuse(body: bytes) -> None:
+    raise SequenceConflict("no", headers={"Retry-After": "1"}, expected_seq=7)
+
+
+def test_a_large_body_is_decoded_in_another_process_and_a_small_one_here():
+    async def main():
+        decoder = Decoder(inline_bytes=1000)
+        await decoder.start()
+        try:
+            return [await decoder.run(size, process_id, b"") for size in (10, 1000, 1001, 6_500_000)]
+        finally:
+            decoder.stop()
+
+    here = os.getpid()
+    small, limit, over, large = asyncio.run(main())
+    assert small == limit == here and over == large != here
+
+
+def test_an_error_raised_in_the_decode_process_arrives_with_its_details():
+    async def main():
+        decoder = Decoder(inline_bytes=0)
+        await decoder.start()
+        try:
+            await decoder.run(1, refuse, b"")
+        finally:
+            decoder.stop()
+
+    with pytest.raises(SequenceConflict) as raised:
+        asyncio.run(main())
+    assert (raised.value.message, raised.value.headers, raised.value.details) == (
+        "no",
+        {"Retry-After": "1"},
+        {"expected_seq": 7},
+    )
+
+
+def test_a_dead_decode_process_is_replaced():
+    async def main():
+        decoder = Decoder(inline_bytes=0)
+        await decoder.start()
+        try:
+            worker = await decoder.run(1, process_id, b"")
+            os.kill(worker, 9)
+            await asyncio.sleep(0.5)
+            answered_here = await decoder.run(1, process_id, b"")
+            answered_by_new = await decoder.run(1, process_id, b"")
+            return worker, answered_here, answered_by_new
+        finally:
+            decoder.stop()
+
+    worker, here, new = asyncio.run(main())
+    assert here == os.getpid() and new not in (worker, os.getpid())
