@@ -96,14 +96,17 @@ def serve_settings(argv: Sequence[str]) -> Settings:
 
 
 def check_servable(settings: Settings) -> None:
-    """What would stop the start, said before it: a missing or broken repository, CUDA asked and absent."""
+    """What would stop the start, said before it: a missing or broken repository, CUDA asked and absent,
+    an unreadable key file."""
+    from lstm_serve.core.access import KeyFileError, KeyRing
     from lstm_serve.core.repository import RepositoryError, load_repository
     from lstm_serve.core.runner import choose_providers
 
     try:
         entries = load_repository(settings.model_repository)
         choose_providers(settings.providers)
-    except (RepositoryError, RuntimeError) as error:
+        KeyRing.from_settings(settings)
+    except (RepositoryError, RuntimeError, KeyFileError) as error:
         fail("serve", str(error))
         return
     if "default_model" in settings.model_fields_set and settings.default_model not in entries:

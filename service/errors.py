@@ -40,6 +40,22 @@ class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported_media_type"
 
 
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class ForbiddenOrigin(ServiceError):
+    status, code = 403, "forbidden_origin"
+
+
+class RequestTimeout(ServiceError):
+    status, code = 408, "request_timeout"
+
+
+class RateLimited(ServiceError):
+    status, code = 429, "rate_limited"
+
+
 class NotFound(ServiceError):
     status, code = 404, "not_found"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +20,16 @@ def default_repository() -> Path:
 
 
 DEFAULT_REPOSITORY = default_repository()
+RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*")
+PER_SECOND = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def parse_rate(text: str) -> float:
+    """'200/s', '6000/min', '10000/hour' as requests per second."""
+    found = RATE.fullmatch(text)
+    if not found or float(found[1]) <= 0:
+        raise ValueError(f"rate_limit {text!r} is not like 200/s, 6000/min or 10000/hour")
+    return float(found[1]) / PER_SECOND[found[2]]
 
 
 class Settings(BaseSettings):
@@ -58,7 +70,55 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="after the drain delay, time in-flight requests get to finish"
     )
-    access_log: bool = Field(False, description="log every request")
+    access_log: bool = Field(False, description="log every request; 4xx and 5xx are logged always")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
+    # -- security: who may call, how much, from where ------------------------------------------------
+    api_keys: str = Field(
+        "",
+        repr=False,
+        description="comma-separated API keys; when any key is set (here or in api_keys_file) every route "
+        "but the health checks needs Authorization: Bearer <key>, and sessions belong to their key",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="a file of API keys, one per line; a line sha256:<hex> holds a key's hash, not the key"
+    )
+    rate_limit: str | None = Field(
+        None, description="requests per key (per client address without keys), e.g. 200/s or 6000/min; none = off"
+    )
+    rate_burst: int | None = Field(None, ge=1, description="requests a key may send at once; default: one second's")
+    max_sessions_per_key: int | None = Field(
+        None, ge=1, description="live sessions one key (or client address) may hold; default: max_sessions"
+    )
+    max_websockets_per_key: int = Field(
+        64, ge=1, description="open WebSockets one key (or client address) may hold, per server process"
+    )
+    cors_origins: str = Field(
+        "",
+        description="comma-separated origins (https://app.example) whose pages may call this server; a request "
+        "with any other Origin (but the server's own) is refused with 403",
+    )
+    header_timeout_s: float = Field(5.0, gt=0, le=600, description="time a client gets to send a request's headers")
+    body_timeout_s: float = Field(15.0, gt=0, le=3600, description="time a client gets to send a request's body")
+    keep_alive_s: float = Field(5.0, gt=0, le=600, description="an idle keep-alive connection closes after this")
+    max_connections: int = Field(2048, ge=1, description="open connections and requests in progress; beyond it, 503")
+
+    @property
+    def rate(self) -> tuple[float, int] | None:
+        """rate_limit as (requests per second, burst), or None when there is none."""
+        if self.rate_limit is None:
+            return None
+        per_second = parse_rate(self.rate_limit)
+        return per_second, self.rate_burst or max(1, math.ceil(per_second))
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/").lower() for o in self.cors_origins.split(",") if o.strip())
+
+    @model_validator(mode="after")
+    def rate_limit_reads(self) -> Settings:
+        if self.rate_limit is not None:
+            parse_rate(self.rate_limit)
+        return self
 
     @model_validator(mode="after")
     def one_process_per_in_memory_store(self) -> Settings:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,27 +86,36 @@ class ServerProcess:
         """A server some other way started (another executable, another folder)."""
         server = cls.__new__(cls)
         server.port, server.url, server.proc = port, f"http://127.0.0.1:{port}", proc
-        server.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
+        server.log = tempfile.NamedTemporaryFile(prefix="lstm-serve-", suffix=".log")  # noqa: SIM115 - closed in stop()
         return server
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *flags: str, env: dict[str, str] | None = None, pipe: bool = False) -> None:
+        """The server's output goes to a file (read it with output()): a pipe nobody reads fills after
+        64 KB of log lines and then blocks the server. `pipe` gives a pipe, for tests of the pipe itself."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
+        self.log = tempfile.NamedTemporaryFile(prefix="lstm-serve-", suffix=".log")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lstm_serve.cli", "serve", "--port", str(self.port), *flags],
             # no drain delay unless a test asks for one: every server the suite stops would wait it out
             cwd=ROOT,
             env={**os.environ, "LSTM_SERVE_DRAIN_DELAY_S": "0", **(env or {})},
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if pipe else self.log,
             stderr=subprocess.STDOUT,
         )
+
+    def output(self) -> str:
+        """What the server has written to stdout and stderr so far."""
+        if self.log.closed:
+            return self.final_output
+        with open(self.log.name, errors="replace") as log:
+            return log.read()
 
     def wait_ready(self, timeout: float = 60) -> ServerProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read().decode()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return self
@@ -122,6 +132,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if not self.log.closed:
+            self.final_output = self.output()
         self.log.close()
         return self.proc.returncode
 
@@ -131,8 +143,8 @@ def start_server():
     """Start servers with custom flags; all are stopped after the test."""
     started: list[ServerProcess] = []
 
-    def start(*flags: str, env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
-        server = ServerProcess(*flags, env=env)
+    def start(*flags: str, env: dict[str, str] | None = None, wait: bool = True, pipe: bool = False) -> ServerProcess:
+        server = ServerProcess(*flags, env=env, pipe=pipe)
         started.append(server)
         return server.wait_ready() if wait else server
 

@@ -21,6 +21,7 @@ from lstm_serve.core.inputs import Catalogue, Chunk, Limits
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.core.repository import ModelEntry, load_repository
 from lstm_serve.core.runner import Item, OnnxRunner, Output
+from lstm_serve.core.session_state import Exported
 from lstm_serve.errors import ModelNotFound, SequenceConflict, SessionRestarted
 from lstm_serve.settings import Settings
 from lstm_serve.state.sessions import SessionRecord, SessionStore, new_record
@@ -140,8 +141,17 @@ class Engine:
     def session_ttl_s(self) -> float:
         return self.store.ttl_s
 
-    async def create_session(self, model: LoadedModel, session_id: str) -> SessionRecord:
-        return await self.store.create(new_record(model.name, model.version, session_id))
+    async def create_session(self, model: LoadedModel, session_id: str, owner: str) -> SessionRecord:
+        return await self.store.create(new_record(model.name, model.version, session_id, owner=owner))
+
+    async def import_session(
+        self, model: LoadedModel, session_id: str, owner: str, exported: Exported
+    ) -> SessionRecord:
+        """A new session that continues from an exported state (core/session_state.py)."""
+        record = new_record(
+            model.name, model.version, session_id, owner=owner, steps=exported.steps, state=exported.state
+        )
+        return await self.store.create(record)
 
     async def get_session(self, session_id: str) -> SessionRecord:
         return await self.store.load(session_id)
@@ -159,7 +169,7 @@ class Engine:
             )
         return model
 
-    async def restart(self, model: LoadedModel, session_id: str, chunk: Chunk) -> StepResult:
+    async def restart(self, model: LoadedModel, session_id: str, chunk: Chunk, owner: str) -> StepResult:
         """The session `session_id` from zero state with exactly this chunk, replacing any session of
         that id (a step still running on the old one fails instead of landing on this one)."""
         async with self.store.lock(session_id):
@@ -168,6 +178,7 @@ class Engine:
                 model.name,
                 model.version,
                 session_id,
+                owner=owner,
                 steps=len(chunk),
                 state=tuple(out.state),
                 last_seq=0,

@@ -12,29 +12,61 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from types import FrameType
 
+from lstm_serve.core.access import KeyRing
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.inputs import Limits
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import ServiceError
+from lstm_serve.http.connections import HeaderDeadline
 from lstm_serve.http.docs import Documents
 from lstm_serve.http.frame import Frame
 from lstm_serve.http.table import RouteTable
 from lstm_serve.protocols import health, oip, v1, websocket
 from lstm_serve.settings import Settings
+from lstm_serve.state.quotas import RateLimiter, TokenBuckets
 from lstm_serve.state.sessions import InMemorySessionStore, SessionStore
 
 log = logging.getLogger("lstm_serve")
 
 
 def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
+    expired, per_key = metrics.sessions_expired.inc, settings.max_sessions_per_key
     if settings.redis_url:
         from lstm_serve.state.redis import RedisSessionStore
 
         return RedisSessionStore(
-            settings.redis_url, settings.session_ttl_s, settings.max_sessions, on_expired=metrics.sessions_expired.inc
+            settings.redis_url, settings.session_ttl_s, settings.max_sessions, expired, max_per_owner=per_key
         )
-    return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions, on_expired=metrics.sessions_expired.inc)
+    return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions, expired, max_per_owner=per_key)
+
+
+def make_limiter(settings: Settings, store: SessionStore) -> RateLimiter | None:
+    """The request-rate limit: in Redis when sessions are (so it holds across replicas), else here."""
+    if settings.rate is None:
+        return None
+    rate, burst = settings.rate
+    if settings.redis_url:
+        from lstm_serve.state.redis import RedisSessionStore, RedisTokenBuckets
+
+        assert isinstance(store, RedisSessionStore)
+        return RedisTokenBuckets(store, rate, burst)
+    return TokenBuckets(rate, burst)
+
+
+def announce_access(runtime: Runtime) -> None:
+    settings = runtime.settings
+    if runtime.keys.enabled:
+        log.info("API keys: %d configured; every route but the health checks needs one", len(runtime.keys.digests))
+    else:
+        log.warning(
+            "NO API KEYS ARE SET: anyone who can reach %s:%d can classify, and read, step and delete every "
+            "session. Set LSTM_SERVE_API_KEYS or LSTM_SERVE_API_KEYS_FILE before exposing this server.",
+            settings.host,
+            settings.port,
+        )
+    if settings.origins:
+        log.info("browser pages from %s may call this server (CORS)", ", ".join(sorted(settings.origins)))
 
 
 def drain_on_sigterm(runtime: Runtime, delay_s: float) -> Callable[[], None]:
@@ -83,14 +115,23 @@ def route_table(documents: Documents) -> RouteTable:
 
 def create_app(settings: Settings | None = None) -> Frame:
     settings = settings or Settings()
+    HeaderDeadline.header_timeout_s = settings.header_timeout_s
     metrics = Metrics()
     store = make_store(settings, metrics)
-    runtime = Runtime(settings, Limits.from_settings(settings), metrics, Engine(settings, store, metrics))
+    runtime = Runtime(
+        settings,
+        Limits.from_settings(settings),
+        metrics,
+        Engine(settings, store, metrics),
+        keys=KeyRing.from_settings(settings),
+        limiter=make_limiter(settings, store),
+    )
     documents = Documents(lambda: table)
     table = route_table(documents)
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
+        announce_access(runtime)
         undo_drain = drain_on_sigterm(runtime, settings.drain_delay_s)
         engine = runtime.engine
         await engine.start()  # load every model, create onnxruntime sessions, warm up

@@ -1,12 +1,16 @@
 """The ASGI application. Every HTTP request and WebSocket passes through `Frame`, once: it matches the
-route table, applies the limits every route shares (body size, media type), runs the endpoint, renders
-any ServiceError in the route's protocol, and counts the request by route template, method and status.
+route table; gives the request its id; refuses a foreign Origin, a missing or wrong API key, a caller over
+its rate (http/guard.py); applies the limits every route shares (body size and deadline, media type);
+runs the endpoint; renders any ServiceError in the route's protocol; and counts and logs the request by
+route template, method and status.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -14,37 +18,43 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from lstm_serve.core.access import Caller, RequestContext
 from lstm_serve.core.inputs import check_body_size
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import (
     BodyTooLarge,
+    ForbiddenOrigin,
     MethodNotAllowed,
     NotFound,
     Overloaded,
+    RateLimited,
+    RequestTimeout,
     ServiceError,
     TooManySessions,
+    Unauthorized,
     UnsupportedMediaType,
 )
+from lstm_serve.http import logs
+from lstm_serve.http.guard import Guard, chosen_subprotocol, client_address, header, request_id
 from lstm_serve.http.table import RouteTable
 from lstm_serve.protocols.codec import dumps
-from lstm_serve.protocols.routing import HttpEndpoint, Route, SocketEndpoint
+from lstm_serve.protocols.routing import HttpEndpoint, Route, SocketEndpoint, v1_error_body
 
 log = logging.getLogger("lstm_serve")
-REJECTIONS = (Overloaded, TooManySessions, BodyTooLarge)
+REJECTIONS = (Overloaded, TooManySessions, BodyTooLarge, RateLimited, Unauthorized, ForbiddenOrigin, RequestTimeout)
 Lifespan = Callable[[], AbstractAsyncContextManager[None]]
+CLOSE_UNAUTHORIZED, CLOSE_TOO_MANY = 4401, 4429
 
 
 def media_type(value: bytes) -> str:
     return value.split(b";", 1)[0].strip().lower().decode("latin-1")
 
 
-def header(scope: Scope, name: bytes) -> bytes | None:
-    return next((value for key, value in scope["headers"] if key == name), None)
-
-
 class Frame:
     def __init__(self, table: RouteTable, runtime: Runtime, lifespan: Lifespan) -> None:
         self.table, self.runtime, self.lifespan_context = table, runtime, lifespan
+        self.guard = Guard(runtime)
+        self.websockets: Counter[str] = Counter()  # open WebSockets per caller, in this process
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -61,41 +71,59 @@ class Frame:
         found = self.table.match(method, path)
         route = found.route
         protocol = route.protocol if route else self.table.protocol_for(path)
+        context = RequestContext(request_id(scope), Caller(None, client_address(scope)))
+        scope[RequestContext.SCOPE_KEY] = context
+        extra_headers = [(b"x-request-id", context.request_id.encode())]
 
-        async def send_counted(message: Message) -> None:
+        async def send_marked(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *extra_headers]
             await send(message)
 
         try:
             try:
+                if route is None or not route.public:
+                    origin = self.guard.allowed_origin(scope)
+                    preflight = self.guard.preflight(scope, found.allowed) if route is None and found.allowed else None
+                    if preflight is not None:
+                        await preflight(scope, receive, send_marked)
+                        return
+                    extra_headers += self.guard.cors_headers(origin)
                 if route is None:
                     if found.allowed:
                         allow = ", ".join(found.allowed)
                         raise MethodNotAllowed(f"{method} is not allowed here; use {allow}", headers={"Allow": allow})
                     raise NotFound(f"no endpoint {method} {path}; see /docs")
+                context.caller = self.guard.authenticate(scope, route)
+                if not route.public:
+                    await self.runtime.check_rate(context.caller)
                 if route.reads_body:
-                    receive = self.checked_body(route, scope, receive)
+                    receive = self.checked_body(route, scope, receive, started)
                 scope["path_params"] = found.params
+                context.session_id = found.params.get("session_id")
                 endpoint: HttpEndpoint = route.endpoint  # type: ignore[assignment]
                 response = await endpoint(Request(scope, receive), self.runtime)
             except ServiceError as error:
                 if isinstance(error, REJECTIONS):
                     self.runtime.metrics.rejected.labels(error.code).inc()
-                response = protocol.render(error)
+                response = protocol.render(error, context.request_id)
             except Exception:
-                log.exception("unhandled error on %s %s", method, path)
-                response = protocol.render(ServiceError("internal error; see the server log"))
-            await response(scope, receive, send_counted)
+                log.exception("unhandled error on %s %s (request %s)", method, path, context.request_id)
+                response = protocol.render(ServiceError("internal error; see the server log"), context.request_id)
+            await response(scope, receive, send_marked)
         finally:
-            labels = (found.template or "unmatched", method, str(status))
+            latency_s, template = time.perf_counter() - started, found.template or "unmatched"
+            labels = (template, method, str(status))
             self.runtime.metrics.requests.labels(*labels).inc()
-            self.runtime.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+            self.runtime.metrics.latency.labels(*labels).observe(latency_s)
+            logs.request_line(context, method, template, status, latency_s, self.runtime.settings.access_log)
 
-    def checked_body(self, route: Route, scope: Scope, receive: Receive) -> Receive:
-        """Refuse a body of a media type the route does not read, or over max_body_bytes (declared, or
-        found while it streams in); the endpoint reads through the returned `receive`."""
+    def checked_body(self, route: Route, scope: Scope, receive: Receive, started: float) -> Receive:
+        """Refuse a body of a media type the route does not read, over max_body_bytes (declared, or found
+        while it streams in), or not all sent within body_timeout_s (408, and the connection closes); the
+        endpoint reads through the returned `receive`."""
         limits = self.runtime.limits
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit():
@@ -109,10 +137,19 @@ class Frame:
                     f"Content-Type {given!r} is not taken here; send {' or '.join(route.media_types)}"
                 )
         received = 0
+        timeout_s = self.runtime.settings.body_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s - (time.perf_counter() - started)
 
         async def limited() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within body_timeout_s={timeout_s:g}",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 check_body_size(received, limits)
@@ -122,13 +159,53 @@ class Frame:
 
     # -- WebSocket -----------------------------------------------------------------------------------
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A foreign Origin is refused before the upgrade (403); a missing key (4401), a caller over its
+        rate or its WebSockets (4429) get an accepted socket closed with that code, which a browser can
+        read (it sees no HTTP status)."""
         found = self.table.match("WEBSOCKET", scope["path"])
+        context = RequestContext(request_id(scope), Caller(None, client_address(scope)))
+        scope[RequestContext.SCOPE_KEY] = context
         if found.route is None:
             await self.refuse_upgrade(scope, send, NotFound(f"no WebSocket endpoint at {scope['path']}"))
             return
+        try:
+            self.guard.allowed_origin(scope)
+        except ForbiddenOrigin as error:
+            self.runtime.metrics.rejected.labels(error.code).inc()
+            await self.refuse_upgrade(scope, send, error)
+            return
+        context.subprotocol = chosen_subprotocol(scope)
+        try:
+            context.caller = self.guard.authenticate(scope, found.route, websocket=True)
+            await self.runtime.check_rate(context.caller)
+            limit = self.runtime.settings.max_websockets_per_key
+            if self.websockets[context.caller.quota_key] >= limit:
+                raise TooManySessions(f"this API key (or client address) has max_websockets_per_key={limit} open")
+        except ServiceError as error:
+            self.runtime.metrics.rejected.labels(error.code).inc()
+            code = CLOSE_UNAUTHORIZED if isinstance(error, Unauthorized) else CLOSE_TOO_MANY
+            await self.close_at_once(scope, receive, send, context, error, code)
+            return
         scope["path_params"] = found.params
         endpoint: SocketEndpoint = found.route.endpoint  # type: ignore[assignment]
-        await endpoint(WebSocket(scope, receive, send), self.runtime)
+        key = context.caller.quota_key
+        self.websockets[key] += 1
+        try:
+            await endpoint(WebSocket(scope, receive, send), self.runtime)
+        finally:
+            self.websockets[key] -= 1
+            if not self.websockets[key]:
+                del self.websockets[key]
+
+    @staticmethod
+    async def close_at_once(
+        scope: Scope, receive: Receive, send: Send, context: RequestContext, error: ServiceError, code: int
+    ) -> None:
+        """Accept, say why in one message, and close with `code`."""
+        socket = WebSocket(scope, receive, send)
+        await socket.accept(subprotocol=context.subprotocol)
+        await socket.send_text(dumps(v1_error_body(error, context.request_id)).decode())
+        await socket.close(code=code, reason=error.code)
 
     @staticmethod
     async def refuse_upgrade(scope: Scope, send: Send, error: ServiceError) -> None:
@@ -136,8 +213,13 @@ class Frame:
         if "websocket.http.response" not in scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = dumps({"error": {"code": error.code, "message": error.message}})
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        context: RequestContext = scope[RequestContext.SCOPE_KEY]
+        body = dumps(v1_error_body(error, context.request_id))
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", context.request_id.encode()),
+        ]
         await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": body})
 

@@ -41,6 +41,7 @@ ROUTES = [
         V1,
         "Liveness: the process answers",
         "health",
+        public=True,
         replies=(Reply(200, "alive", (Content("application/json", schemas.Health),)),),
     ),
     Route(
@@ -50,6 +51,7 @@ ROUTES = [
         V1,
         "Readiness: models warm, not draining, session store reachable",
         "health",
+        public=True,
         replies=(
             Reply(200, "ready", (Content("application/json", schemas.Ready),)),
             V1.error(503, "`not_ready`: loading, draining after SIGTERM, or the session store is down"),

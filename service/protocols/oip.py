@@ -31,7 +31,7 @@ from lstm_serve.protocols.oip_requests import (
     decode_inference,
     input_names,
 )
-from lstm_serve.protocols.routing import OIP, Content, Reply, Route
+from lstm_serve.protocols.routing import OIP, Content, Reply, Route, context
 from lstm_serve.protocols.tensors import HEADER_LENGTH, OutputTensor, write_response
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "sequence"]
@@ -116,9 +116,12 @@ def resolve(runtime: Runtime, params: dict[str, str]) -> LoadedModel:
 
 
 # -- request -> sequences ------------------------------------------------------------------------
-async def run_sequence(runtime: Runtime, model: LoadedModel, sequence: Sequence, chunk: Chunk) -> tuple[Output, int]:
-    """One request of a sequence: start = fresh state, otherwise continue it; end = free it afterwards."""
-    engine, session_id = runtime.engine, sequence.session_id(model.name)
+async def run_sequence(
+    runtime: Runtime, model: LoadedModel, sequence: Sequence, chunk: Chunk, owner: str
+) -> tuple[Output, int]:
+    """One request of a sequence: start = fresh state, otherwise continue it; end = free it afterwards.
+    Sequence ids are the caller's own: two API keys may both use sequence_id 1."""
+    engine, session_id = runtime.engine, sequence.session_id(model.name, owner)
     if sequence.start and sequence.end:  # the whole sequence in one request: nothing to keep
         (out,) = await engine.classify(model, [chunk])
         with contextlib.suppress(SessionNotFound):
@@ -126,7 +129,7 @@ async def run_sequence(runtime: Runtime, model: LoadedModel, sequence: Sequence,
         return out, len(chunk)
     try:
         if sequence.start:
-            result = await engine.restart(model, session_id, chunk)
+            result = await engine.restart(model, session_id, chunk, owner)
         else:
             result = await engine.step(session_id, lambda _: chunk, None, True)
     except SessionNotFound:
@@ -216,7 +219,8 @@ async def infer(request: Request, runtime: Runtime) -> Response:
     if inference.sequence is None:
         outs = await runtime.engine.classify(model, inference.chunks)
     else:
-        out, steps = await run_sequence(runtime, model, inference.sequence, inference.chunks[0])
+        owner = context(request).caller.owner
+        out, steps = await run_sequence(runtime, model, inference.sequence, inference.chunks[0], owner)
         outs = [out]
         head["parameters"] = {"sequence_id": inference.sequence.id, "sequence_steps": steps}
     content, header_length = write_response(head, output_tensors(model, outs, inference.wanted))
@@ -351,6 +355,7 @@ ROUTES = [
         "Server live",
         "open inference protocol",
         replies=(Reply(200, "live"),),
+        public=True,
     ),
     Route(
         "GET",
@@ -360,6 +365,7 @@ ROUTES = [
         "Server ready",
         "open inference protocol",
         replies=(Reply(200, "ready"), OIP.error(503, "loading, draining, or the session store is unreachable")),
+        public=True,
     ),
     *model_routes(MODEL, MODEL_PARAMETERS),
     *model_routes(VERSION, VERSION_PARAMETERS),

@@ -93,9 +93,10 @@ class Sequence:
     start: bool
     end: bool
 
-    def session_id(self, model: str) -> str:
+    def session_id(self, model: str, owner: str) -> str:
+        """The store key: per protocol, per owner (API key), per model; ints and strings apart."""
         kind = "n" if isinstance(self.id, int) else "s"
-        return f"oip:{model}:{kind}:{self.id}"
+        return f"oip:{owner}:{model}:{kind}:{self.id}"
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, Any]) -> Sequence | None:

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
+from lstm_serve.core.access import RequestContext
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import ServiceError
 from lstm_serve.protocols.codec import JSON
@@ -30,6 +31,12 @@ Example = Callable[[Runtime], Any]
 def built(schema: Schema) -> bool:
     """Whether a schema is a function of the runtime rather than a type."""
     return callable(schema) and not isinstance(schema, type) and getattr(schema, "__origin__", None) is None
+
+
+def context(request: Request | WebSocket) -> RequestContext:
+    """Who the request is from, its id, and where its endpoint notes the session it touched."""
+    found: RequestContext = request.scope[RequestContext.SCOPE_KEY]
+    return found
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class Reply:
 class ErrorBody(BaseModel):
     code: str
     message: str
+    request_id: str | None = None  # the X-Request-ID of the request, to find it in the server's log
     expected_seq: int | None = None
 
 
@@ -59,6 +67,7 @@ class ErrorResponse(BaseModel):
 
 class OipError(BaseModel):
     error: str
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,22 +76,29 @@ class Protocol:
 
     name: str
     error_schema: type[BaseModel]
-    render: Callable[[ServiceError], Response]
+    render: Callable[[ServiceError, str | None], Response]
 
     def error(self, status: int, description: str, headers: tuple[str, ...] = ()) -> Reply:
         """A documented error response of this protocol."""
         return Reply(status, description, (Content("application/json", self.error_schema),), headers)
 
 
-def render_v1_error(error: ServiceError) -> Response:
-    body = {"error": {"code": error.code, "message": error.message, **error.details}}
-    return JSON(body, status_code=error.status, headers=error.headers)
+def v1_error_body(error: ServiceError, request_id: str | None) -> dict[str, Any]:
+    described = {"code": error.code, "message": error.message, **error.details}
+    if request_id is not None:
+        described["request_id"] = request_id
+    return {"error": described}
 
 
-def render_oip_error(error: ServiceError) -> Response:
+def render_v1_error(error: ServiceError, request_id: str | None = None) -> Response:
+    return JSON(v1_error_body(error, request_id), status_code=error.status, headers=error.headers)
+
+
+def render_oip_error(error: ServiceError, request_id: str | None = None) -> Response:
     """The Open Inference Protocol's {"error": "<message>"}; what the client can fix is a 400, as in Triton."""
     status = 400 if error.status == 422 else error.status
-    return JSON({"error": error.message}, status_code=status, headers=error.headers)
+    body = {"error": error.message} if request_id is None else {"error": error.message, "request_id": request_id}
+    return JSON(body, status_code=status, headers=error.headers)
 
 
 V1 = Protocol("v1", ErrorResponse, render_v1_error)
@@ -105,6 +121,7 @@ class Route:
     description: str = ""
     in_schema: bool = True  # documented in OpenAPI (WebSockets are, in AsyncAPI, instead)
     channel: Callable[[Runtime], dict[str, Any]] | None = None  # a WebSocket's AsyncAPI channel
+    public: bool = False  # served without an API key and to any Origin: health checks only
 
     @property
     def reads_body(self) -> bool:

@@ -33,6 +33,9 @@ class ClassifyRequest(Request):
 
 class SessionCreateRequest(Request):
     model: str | None = Field(None, description="model name; the server's default when omitted")
+    state: dict[str, Any] | None = Field(
+        None, description="a state from GET /v1/sessions/{id}/state: the new session continues from it"
+    )
 
 
 class StepRequest(Request):
@@ -71,7 +74,19 @@ class SessionCreated(BaseModel):
     session_id: str
     model: str
     version: int
+    steps: int
     expires_at: float
+
+
+class SessionState(BaseModel):
+    """A session's recurrent state, to resume it elsewhere with POST /v1/sessions {"state": ...}."""
+
+    model: str
+    version: int
+    steps: int
+    state: dict[str, str] = Field(description="tensor name -> base64 of its little-endian float32 bytes")
+    shape: dict[str, list[int]]
+    sha256: str = Field(description="sha256 of model, version, steps and the tensors (see the README)")
 
 
 class StepResponse(BaseModel):
@@ -162,7 +177,13 @@ def session_create_schema(runtime: Runtime) -> dict[str, Any]:
         "title": "SessionCreateRequest",
         "type": "object",
         "additionalProperties": False,
-        "properties": {"model": {"anyOf": [{"enum": names}, {"type": "null"}]}},
+        "properties": {
+            "model": {"anyOf": [{"enum": names}, {"type": "null"}]},
+            "state": {
+                "anyOf": [{"$ref": "#/components/schemas/SessionState"}, {"type": "null"}],
+                "description": "a state from GET /v1/sessions/{id}/state: the new session continues from it",
+            },
+        },
     }
 
 

@@ -8,27 +8,41 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.websockets import WebSocket
 
+from lstm_serve.core import session_state
 from lstm_serve.core.engine import LoadedModel, Prediction, StepResult
 from lstm_serve.core.inputs import chunk_from_lists
 from lstm_serve.core.runtime import Runtime
-from lstm_serve.errors import SessionNotFound
+from lstm_serve.core.session_state import Exported
+from lstm_serve.errors import InvalidInput, SessionNotFound
 from lstm_serve.protocols import schemas
 from lstm_serve.protocols.codec import JSON, parse
-from lstm_serve.protocols.routing import V1, Content, Reply, Route
+from lstm_serve.protocols.routing import V1, Content, Reply, Route, context
 from lstm_serve.state.sessions import SessionRecord, new_session_id
 
-# /v1 session ids live in their own part of the store: a client's id is never another protocol's key.
+# /v1 session ids live in their own part of the store, and each key's in its own part of that: a client's
+# id is never another protocol's key, and a session is unknown (404) to every key but its owner's.
 SESSION_PREFIX = "v1:"
 PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SESSION_ID = {"type": "string", "pattern": f"^{PUBLIC_ID.pattern}$"}
 
 
-def store_key(session_id: str) -> str:
-    """The store key of a /v1 session id; an id /v1 never hands out is unknown, whatever the store holds."""
+def store_key(session_id: str, owner: str) -> str:
+    """The store key of a /v1 session id for its owner; an id /v1 never hands out is unknown, whatever the
+    store holds."""
     if not PUBLIC_ID.fullmatch(session_id):
         raise SessionNotFound(f"no session {session_id[:80]!r} (never created, deleted, or expired)")
-    return SESSION_PREFIX + session_id
+    return f"{SESSION_PREFIX}{owner}:{session_id}"
+
+
+def public_id(key: str) -> str:
+    return key.rsplit(":", 1)[1]
+
+
+def session_key(request: Request | WebSocket) -> str:
+    """The store key of the session a request names, for the request's caller."""
+    return store_key(request.path_params["session_id"], context(request).caller.owner)
 
 
 # -- rendering -----------------------------------------------------------------------------------
@@ -57,7 +71,7 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
 def describe_session(runtime: Runtime, record: SessionRecord) -> dict[str, Any]:
     last = record.last_probabilities
     return {
-        "session_id": record.session_id.removeprefix(SESSION_PREFIX),
+        "session_id": public_id(record.session_id),
         "model": record.model,
         "version": record.version,
         "steps": record.steps,
@@ -99,27 +113,51 @@ async def classify(request: Request, runtime: Runtime) -> Response:
 
 
 async def create_session(request: Request, runtime: Runtime) -> Response:
+    """A new session from zero state, or (with `state`) from a state exported by GET .../state."""
     raw = await request.body()
     body = parse(schemas.SessionCreateRequest, raw) if raw.strip() else schemas.SessionCreateRequest()
-    model = runtime.engine.model(body.model)
-    record = await runtime.engine.create_session(model, SESSION_PREFIX + new_session_id())
+    caller = context(request).caller
+    session_id = new_session_id()
+    key = store_key(session_id, caller.owner)
+    if body.state is not None:
+        model, exported = checked_import(runtime, body.model, body.state)
+        record = await runtime.engine.import_session(model, key, caller.owner, exported)
+    else:
+        model = runtime.engine.model(body.model)
+        record = await runtime.engine.create_session(model, key, caller.owner)
+    context(request).session_id = session_id
     info = describe_session(runtime, record)
-    return JSON({k: info[k] for k in ("session_id", "model", "version", "expires_at")}, status_code=201)
+    return JSON({k: info[k] for k in ("session_id", "model", "version", "steps", "expires_at")}, status_code=201)
 
 
 async def get_session(request: Request, runtime: Runtime) -> Response:
-    record = await runtime.engine.get_session(store_key(request.path_params["session_id"]))
+    record = await runtime.engine.get_session(session_key(request))
     return JSON(describe_session(runtime, record))
 
 
 async def delete_session(request: Request, runtime: Runtime) -> Response:
-    await runtime.engine.delete_session(store_key(request.path_params["session_id"]))
+    await runtime.engine.delete_session(session_key(request))
     return Response(status_code=204)
+
+
+async def export_state(request: Request, runtime: Runtime) -> Response:
+    record = await runtime.engine.get_session(session_key(request))
+    model = runtime.engine.session_model(record)
+    return JSON(session_state.export(model.entry, record))
+
+
+def checked_import(runtime: Runtime, named: str | None, state: dict[str, Any]) -> tuple[LoadedModel, Exported]:
+    """The model an exported state is for (it must be served, at its version) and its checked tensors."""
+    name = state.get("model") if isinstance(state, dict) else None
+    if named is not None and name is not None and named != name:
+        raise InvalidInput(f"the body names model {named!r} but the state is of {name!r}")
+    model = runtime.engine.model(name if isinstance(name, str) else None)
+    return model, session_state.check(model.entry, state)
 
 
 async def step(request: Request, runtime: Runtime) -> Response:
     session_id = request.path_params["session_id"]
-    key = store_key(session_id)
+    key = session_key(request)
     raw = await request.body()
     body = await runtime.decoder.run(len(raw), schemas.decode_step, raw)
     result = await runtime.engine.step(
@@ -203,10 +241,28 @@ ROUTES = [
             NOT_JSON,
             INVALID,
             V1.error(
-                429, "`too_many_sessions`: the server holds max_sessions; retry after Retry-After", ("Retry-After",)
+                429,
+                "`too_many_sessions`: the server holds max_sessions, or the API key max_sessions_per_key; retry "
+                "after Retry-After",
+                ("Retry-After",),
             ),
             STORE_DOWN,
         ),
+        description="Starts from zero state, or with `state` (from GET /v1/sessions/{session_id}/state, on any "
+        "server of the same model version) continues from it under a new id. A state that does not fit the model, "
+        "or does not match its sha256, is refused with 422 saying what.",
+    ),
+    Route(
+        "GET",
+        "/v1/sessions/{session_id}/state",
+        export_state,
+        V1,
+        "Export a session's state",
+        "sessions",
+        replies=(ok(schemas.SessionState), NO_SESSION, STORE_DOWN),
+        parameters=SESSION,
+        description="The recurrent state (h and c) with the frames consumed: POST it to /v1/sessions as `state` "
+        "to continue the session on another server, after a restart, or in another region.",
     ),
     Route(
         "GET",

@@ -1,8 +1,11 @@
 """Streaming a /v1 session over a WebSocket: each message is one chunk, each reply the steps response.
 
 A message is JSON like the steps body ({"inputs": [[...]], "seq": n, "return_steps": b}) or binary,
-little-endian float32 frames, T x D, row by row. A bad message gets an error reply and the socket stays
-open; an unknown, deleted or expired session gets an error reply and close code 4404.
+little-endian float32 frames, T x D, row by row. A bad message (or one over the caller's rate_limit) gets
+an error reply and the socket stays open; an unknown, deleted or expired session (or another key's) gets
+an error reply and close code 4404. With API keys, send `Authorization: Bearer <key>`, or from a browser
+the subprotocol `bearer.<key>`; without a valid key the socket closes with 4401, and over the caller's
+rate or max_websockets_per_key with 4429. A page from an origin not in cors_origins is refused (403).
 """
 
 from __future__ import annotations
@@ -17,25 +20,27 @@ from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import ServiceError, SessionNotFound
 from lstm_serve.protocols import schemas
 from lstm_serve.protocols.codec import dumps, parse
-from lstm_serve.protocols.routing import V1, Route
-from lstm_serve.protocols.v1 import SESSION_ID, SESSION_PREFIX, step_response, store_key
+from lstm_serve.protocols.routing import V1, Route, context, v1_error_body
+from lstm_serve.protocols.v1 import SESSION_ID, step_response, store_key
 
 PATH = "/v1/sessions/{session_id}/stream"
 CLOSE_UNKNOWN_SESSION = 4404
 CLOSE_POLICY = 1008
 
 
-def error_reply(error: ServiceError) -> str:
-    return dumps({"error": {"code": error.code, "message": error.message, **error.details}}).decode()
+def error_reply(error: ServiceError, request_id: str | None = None) -> str:
+    return dumps(v1_error_body(error, request_id)).decode()
 
 
 async def stream(websocket: WebSocket, runtime: Runtime) -> None:
     session_id = websocket.path_params["session_id"]
-    await websocket.accept()
+    caller = context(websocket).caller
+    await websocket.accept(subprotocol=context(websocket).subprotocol)
     try:
-        model = runtime.engine.session_model(await runtime.engine.get_session(store_key(session_id)))
+        key = store_key(session_id, caller.owner)
+        model = runtime.engine.session_model(await runtime.engine.get_session(key))
     except ServiceError as error:
-        await websocket.send_text(error_reply(error))
+        await websocket.send_text(error_reply(error, context(websocket).request_id))
         await websocket.close(code=CLOSE_UNKNOWN_SESSION if isinstance(error, SessionNotFound) else CLOSE_POLICY)
         return
     count = runtime.metrics.requests
@@ -45,10 +50,11 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
             if message["type"] == "websocket.disconnect":
                 return
             try:
-                reply = dumps(await stream_step(runtime, model, session_id, message)).decode()
+                await runtime.check_rate(caller)
+                reply = dumps(await stream_step(runtime, model, session_id, key, message)).decode()
                 status = "200"
             except ServiceError as error:
-                reply, status = error_reply(error), str(error.status)
+                reply, status = error_reply(error, context(websocket).request_id), str(error.status)
                 if isinstance(error, SessionNotFound):
                     await websocket.send_text(reply)
                     await websocket.close(code=CLOSE_UNKNOWN_SESSION)
@@ -59,8 +65,8 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
         return
 
 
-async def stream_step(runtime: Runtime, model: LoadedModel, session_id: str, message: Any) -> dict[str, Any]:
-    key, limits = SESSION_PREFIX + session_id, runtime.limits
+async def stream_step(runtime: Runtime, model: LoadedModel, session_id: str, key: str, message: Any) -> dict[str, Any]:
+    limits = runtime.limits
     payload = message.get("bytes")
     if payload is not None:
         check_body_size(len(payload), limits, "the WebSocket message")

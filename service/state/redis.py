@@ -5,7 +5,9 @@ the state tensors as float32 bytes, what a retry of the last chunk needs (its se
 probabilities after it, the state before it), the incarnation and a revision number. Commits are a Lua
 compare-and-set on (incarnation, revision), so two replicas stepping one session at the same moment
 both apply, in some order, each exactly once, and a step never lands on a restarted session. Idle
-expiry is a Redis TTL on the hash; a sorted set of last-use times counts live sessions and expired ones.
+expiry is a Redis TTL on the hash; sorted sets of last-use times count live sessions, in all and per
+owner (API key), and expired ones. Request-rate buckets per caller live here too, so limits hold across
+replicas.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lstm_serve.errors import SessionNotFound, StoreUnavailable, TooManySessions
-from lstm_serve.state.sessions import KeyedLocks, SessionRecord
+from lstm_serve.errors import SessionNotFound, StoreUnavailable
+from lstm_serve.state.sessions import KeyedLocks, SessionRecord, owner_full, server_full
 
 log = logging.getLogger("lstm_serve")
 T = TypeVar("T")
@@ -31,21 +33,26 @@ P = ParamSpec("P")
 PREFIX = "lstm-serve:"
 INDEX = PREFIX + "sessions"  # sorted set: session id -> last use (unix seconds)
 
-# KEYS[1] session hash, KEYS[2] index; ARGV: now, ttl, max, id, fields... -> 1 stored, -1 when full.
+# KEYS[1] session hash, KEYS[2] index, KEYS[3] the owner's index; ARGV: now, ttl, max, max per owner, id,
+# fields... -> 1 stored, -1 when the store is full, -2 when the owner's share is.
 # A restart (the id exists) keeps its slot; the record's new incarnation tells it from the old one.
 CREATE = """
 local replacing = redis.call('EXISTS', KEYS[1]) == 1
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1] - ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1] - ARGV[2])
 if not replacing and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+if not replacing and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return -2 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[5])
+redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[2])))
 return 1
 """
 
-# KEYS[1] session hash, KEYS[2] index; ARGV: expected incarnation, expected revision, now, ttl, id, fields...
-# -> 1 committed, 0 lost the race (moved on or replaced), -1 session gone
+# KEYS[1] session hash, KEYS[2] index, KEYS[3] the owner's index; ARGV: expected incarnation, expected
+# revision, now, ttl, id, fields... -> 1 committed, 0 lost the race (moved on or replaced), -1 session gone
 COMMIT = """
 local stored = redis.call('HMGET', KEYS[1], 'incarnation', 'revision')
 if not stored[2] then return -1 end
@@ -53,12 +60,35 @@ if stored[1] ~= ARGV[1] or stored[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
+redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[4])))
 return 1
+"""
+
+# KEYS[1] a caller's bucket; ARGV: rate (per second), burst -> "0" when a request was taken, else the
+# seconds until one can be. Redis's clock, so replicas with skewed clocks share one bucket fairly.
+TAKE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local stored = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(stored[1]) or burst
+local at = tonumber(stored[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens < 1 then wait = (1 - tokens) / rate else tokens = tokens - 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return tostring(wait)
 """
 
 
 def session_key(session_id: str) -> str:
     return f"{PREFIX}s:{session_id}"
+
+
+def owner_index(owner: str) -> str:
+    return f"{PREFIX}o:{owner}"
 
 
 class OutageLog:
@@ -132,6 +162,7 @@ def encode(record: SessionRecord) -> dict[str, bytes | str]:
         "last_digest": record.last_digest or "",
         "last_probabilities": encode_arrays(None if last is None else (last,)),
         "previous_state": encode_arrays(record.previous_state),
+        "owner": record.owner,
     }
 
 
@@ -152,6 +183,7 @@ def decode(session_id: str, fields: dict[bytes, bytes]) -> SessionRecord:
         last_probabilities=None if last is None else last[0],
         previous_state=decode_arrays(text["previous_state"]),
         revision=int(text["revision"]),
+        owner=text.get("owner", b"").decode(),
     )
 
 
@@ -167,8 +199,10 @@ class RedisSessionStore:
         max_sessions: int,
         on_expired: Callable[[int], None] = lambda n: None,
         timeout_s: float = 2.0,
+        max_per_owner: int | None = None,
     ) -> None:
         self.ttl_s, self.max_sessions, self.on_expired = ttl_s, max_sessions, on_expired
+        self.max_per_owner = max_per_owner or max_sessions
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10
         )
@@ -182,15 +216,20 @@ class RedisSessionStore:
     async def create(self, record: SessionRecord) -> SessionRecord:
         fields = {**encode(record), "revision": str(record.revision)}
         stored = await self._create(
-            keys=[session_key(record.session_id), INDEX],
-            args=[record.last_used, self.ttl_s, self.max_sessions, record.session_id, *flatten(fields)],
+            keys=[session_key(record.session_id), INDEX, owner_index(record.owner)],
+            args=[
+                record.last_used,
+                self.ttl_s,
+                self.max_sessions,
+                self.max_per_owner,
+                record.session_id,
+                *flatten(fields),
+            ],
         )
-        if stored < 0:
-            raise TooManySessions(
-                f"the store holds its maximum of {self.max_sessions} sessions; delete finished sessions "
-                "or retry after idle ones expire",
-                headers={"Retry-After": str(max(1, round(self.ttl_s / 10)))},
-            )
+        if stored == -1:
+            raise server_full(self.max_sessions, self.ttl_s)
+        if stored == -2:
+            raise owner_full(self.max_per_owner, self.ttl_s)
         return record
 
     @reachable
@@ -204,7 +243,7 @@ class RedisSessionStore:
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
         fields = {**encode(record), "revision": str(expected.revision + 1)}
         result = await self._commit(
-            keys=[session_key(record.session_id), INDEX],
+            keys=[session_key(record.session_id), INDEX, owner_index(record.owner)],
             args=[
                 expected.incarnation,
                 str(expected.revision),
@@ -222,10 +261,12 @@ class RedisSessionStore:
 
     @reachable
     async def delete(self, session_id: str) -> None:
+        owner = cast(bytes | None, await self.client.hget(session_key(session_id), "owner"))
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(session_key(session_id))
             pipe.zrem(INDEX, session_id)
-            deleted, _ = await pipe.execute()
+            pipe.zrem(owner_index((owner or b"").decode()), session_id)
+            deleted, _, _ = await pipe.execute()
         if not deleted:
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
 
@@ -250,3 +291,18 @@ class RedisSessionStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+class RedisTokenBuckets:
+    """The rate limit shared by every replica: one bucket per caller in Redis (state/quotas.py)."""
+
+    def __init__(self, store: RedisSessionStore, rate: float, burst: int) -> None:
+        self.store, self.rate, self.burst = store, rate, burst
+        self._take = store.client.register_script(TAKE)
+
+    async def take(self, key: str) -> float:
+        try:
+            return float(await self._take(keys=[f"{PREFIX}r:{key}"], args=[self.rate, self.burst]))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            self.store.outages.error(error)
+            return 0.0  # the limit fails open: an outage of Redis must not refuse every request

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -27,7 +27,7 @@ class SessionRecord:
     """A session's whole state. Its size is bounded by the model, never by what a request asked for: the
     recurrent state twice (after and before the last chunk) and one row of class probabilities."""
 
-    session_id: str  # the store key; protocols namespace it (service/api.py, service/oip.py)
+    session_id: str  # the store key; protocols namespace it by protocol and owner (protocols/v1.py, oip.py)
     model: str
     version: int
     created_at: float  # unix seconds
@@ -42,6 +42,7 @@ class SessionRecord:
     last_probabilities: np.ndarray | None = None  # (C,) after the last applied chunk
     previous_state: tuple[np.ndarray, ...] | None = None  # the state the last applied chunk started from
     revision: int = 0  # bumped by every commit; commits are compare-and-set on (incarnation, revision)
+    owner: str = ""  # the key (by id) it belongs to; sessions per owner are capped
 
     def advanced(self, **changes: Any) -> SessionRecord:
         return replace(self, **changes)
@@ -64,6 +65,22 @@ def new_record(
         last_used=now,
         incarnation=secrets.token_hex(8),
         **fields,
+    )
+
+
+def server_full(max_sessions: int, ttl_s: float) -> TooManySessions:
+    return TooManySessions(
+        f"the server holds its maximum of {max_sessions} sessions; delete finished sessions "
+        "or retry after idle ones expire",
+        headers={"Retry-After": str(max(1, round(ttl_s / 10)))},
+    )
+
+
+def owner_full(max_per_owner: int, ttl_s: float) -> TooManySessions:
+    return TooManySessions(
+        f"this API key (or client address) holds its maximum of {max_per_owner} sessions; delete finished "
+        "sessions or retry after idle ones expire",
+        headers={"Retry-After": str(max(1, round(ttl_s / 10)))},
     )
 
 
@@ -126,34 +143,45 @@ class InMemorySessionStore:
         max_sessions: int,
         on_expired: Callable[[int], None] = lambda n: None,
         clock: Callable[[], float] = time.time,
+        max_per_owner: int | None = None,
     ) -> None:
         self.ttl_s, self.max_sessions = ttl_s, max_sessions
+        self.max_per_owner = max_per_owner or max_sessions
         self.on_expired, self.clock = on_expired, clock
         self._sessions: OrderedDict[str, SessionRecord] = OrderedDict()
+        self._owned: Counter[str] = Counter()  # live sessions per owner
         self.lock = KeyedLocks()
 
     def _expired(self, record: SessionRecord, now: float) -> bool:
         return now - record.last_used >= self.ttl_s
 
     async def create(self, record: SessionRecord) -> SessionRecord:
-        replacing = self._sessions.pop(record.session_id, None) is not None
-        if not replacing and len(self._sessions) >= self.max_sessions:
-            await self.sweep()
-        if not replacing and len(self._sessions) >= self.max_sessions:
-            raise TooManySessions(
-                f"the server holds its maximum of {self.max_sessions} sessions; delete finished sessions "
-                "or retry after idle ones expire",
-                headers={"Retry-After": str(max(1, round(self.ttl_s / 10)))},
-            )
+        replacing = record.session_id in self._sessions
+        if not replacing:
+            full = len(self._sessions) >= self.max_sessions or self._owned[record.owner] >= self.max_per_owner
+            if full:
+                await self.sweep()
+            if len(self._sessions) >= self.max_sessions:
+                raise server_full(self.max_sessions, self.ttl_s)
+            if self._owned[record.owner] >= self.max_per_owner:
+                raise owner_full(self.max_per_owner, self.ttl_s)
+            self._owned[record.owner] += 1
+        self._sessions.pop(record.session_id, None)
         self._sessions[record.session_id] = record
         return record
+
+    def _remove(self, session_id: str) -> None:
+        record = self._sessions.pop(session_id)
+        self._owned[record.owner] -= 1
+        if not self._owned[record.owner]:
+            del self._owned[record.owner]
 
     async def load(self, session_id: str) -> SessionRecord:
         record = self._sessions.get(session_id)
         if record is None:
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
         if self._expired(record, self.clock()):
-            del self._sessions[session_id]
+            self._remove(session_id)
             self.on_expired(1)
             raise SessionNotFound(f"session {session_id!r} expired after {self.ttl_s:g} s idle")
         return record
@@ -172,7 +200,7 @@ class InMemorySessionStore:
 
     async def delete(self, session_id: str) -> None:
         await self.load(session_id)  # 404 for unknown and expired ids alike
-        del self._sessions[session_id]
+        self._remove(session_id)
 
     async def sweep(self) -> int:
         now, expired = self.clock(), 0
@@ -180,7 +208,7 @@ class InMemorySessionStore:
             oldest = next(iter(self._sessions.values()))
             if not self._expired(oldest, now):
                 break
-            self._sessions.popitem(last=False)
+            self._remove(oldest.session_id)
             expired += 1
         if expired:
             self.on_expired(expired)
@@ -194,3 +222,4 @@ class InMemorySessionStore:
 
     async def close(self) -> None:
         self._sessions.clear()
+        self._owned.clear()

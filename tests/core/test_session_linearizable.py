@@ -96,7 +96,7 @@ async def perform(engine: Engine, key: str, op: Op) -> None:
             result = await engine.step(key, lambda _: chunk, None, False)
             op.result = history(result.probabilities)
         elif op.kind == "restart":
-            op.result = history((await engine.restart(model, key, chunk)).probabilities)
+            op.result = history((await engine.restart(model, key, chunk, "open")).probabilities)
         else:
             await engine.delete_session(key)
         op.outcome = "ok"
@@ -155,7 +155,7 @@ operations = st.lists(
 
 async def run_interleaving(engines: list[Engine], spec: list) -> list[Op]:
     key = f"test:{uuid.uuid4().hex}"
-    await engines[0].create_session(engines[0].model("fake"), key)
+    await engines[0].create_session(engines[0].model("fake"), key, "open")
     tags = itertools.count(1)
     ops = [
         Op(kind, tuple(next(tags) for _ in range(n)), replica % len(engines), delay) for kind, n, replica, delay in spec
@@ -239,7 +239,7 @@ def test_a_step_never_lands_on_a_session_that_replaced_its_own(kind, replacement
         gate = GatedRunner()
         a.models["fake"].batcher.run_batch = gate.run
         key = f"test:{uuid.uuid4().hex}"
-        await a.create_session(a.model("fake"), key)
+        await a.create_session(a.model("fake"), key, "open")
         step = asyncio.create_task(a.step(key, lambda _: Chunk(np.array([[1.0]], np.float32)), None, False))
         await asyncio.to_thread(gate.entered.wait, 10)
         # the other replica, which holds no lock of a's (the store's writes are all it shares)

@@ -57,7 +57,7 @@ def test_an_idle_session_in_memory_holds_a_bounded_number_of_bytes():
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-        ids = [(await engine.create_session(model, f"v1:{i}")).session_id for i in range(5)]
+        ids = [(await engine.create_session(model, f"v1:{i}", "open")).session_id for i in range(5)]
         for session_id in ids:
             await engine.step(session_id, lambda _: first, 0, False)
             await engine.step(session_id, lambda _: frames, 1, True)  # the largest step there is
@@ -87,7 +87,7 @@ def test_an_idle_session_in_redis_holds_a_bounded_number_of_bytes(start_server, 
         c.post(f"/v1/sessions/{small}/steps", json={"inputs": frames[:1], "seq": 1})
         retried = c.post(f"/v1/sessions/{big}/steps", json={"inputs": frames, "seq": 1, "return_steps": True})
     client = redis.Redis.from_url(redis_server.url)
-    usage = {sid: client.memory_usage(f"lstm-serve:s:v1:{sid}", samples=0) for sid in (big, small)}
+    usage = {sid: client.memory_usage(f"lstm-serve:s:v1:open:{sid}", samples=0) for sid in (big, small)}
     client.close()
     print(f"idle session in Redis: {usage}")
     # h and c (2 layers x 192 units), twice, in Redis's allocation classes, plus the other fields

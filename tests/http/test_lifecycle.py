@@ -76,7 +76,7 @@ def test_sigterm_finishes_in_flight_work_then_exits(start_server):
     assert response.status_code == 200 and len(response.json()["predictions"]) == 16
     # uvicorn re-raises the signal after a clean shutdown, so the exit status says "terminated"
     assert server.proc.wait(30) in (0, -signal.SIGTERM)
-    log = server.proc.stdout.read().decode()
+    log = server.output()
     assert "Finished server process" in log and "Traceback" not in log
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/healthz", timeout=1)
@@ -107,7 +107,7 @@ def test_sigterm_drains_readiness_first_then_stops_accepting(start_server):
     assert seen and all(ready == v2_ready == 503 and classify == 200 for _, ready, v2_ready, classify in seen), seen
     assert seen[-1][0] >= 1.7 and 1.9 <= refused_after <= 4, (seen[-1], refused_after)
     assert server.proc.wait(10) in (0, -signal.SIGTERM)
-    assert "draining for 2 s" in server.proc.stdout.read().decode()
+    assert "draining for 2 s" in server.output()
 
 
 def run_serve(*flags: str) -> subprocess.CompletedProcess:
@@ -179,7 +179,7 @@ def test_the_serving_runtime_never_imports_torch():
 def test_no_process_outlives_a_killed_server(start_server):
     """The decode process exits with its server, even one killed with SIGKILL: nothing is left holding the
     server's output open (a supervisor reading it would wait forever) or using memory."""
-    server = start_server()
+    server = start_server(pipe=True)
     server.proc.kill()
     server.proc.wait(10)
     reader = threading.Thread(target=server.proc.stdout.read, daemon=True)

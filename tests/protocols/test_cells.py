@@ -107,4 +107,4 @@ def test_without_japanese_vowels_the_default_is_the_first_model_by_name(cell_ser
 def test_an_explicit_default_model_that_is_missing_stops_the_start(start_server, cell_repository):
     server = start_server("--model-repository", str(cell_repository), "--default-model", "japanese-vowels", wait=False)
     assert server.proc.wait(60) != 0
-    assert "default model 'japanese-vowels' is not in" in server.proc.stdout.read().decode()
+    assert "default model 'japanese-vowels' is not in" in server.output()

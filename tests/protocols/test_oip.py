@@ -220,7 +220,8 @@ def x_tensor(shape, data=None, datatype="FP32", **extra):
 def test_bad_requests_get_the_spec_error(client, body, status, message):
     response = infer_raw(client, body)
     assert response.status_code == status
-    assert set(response.json()) == {"error"} and message in response.json()["error"]
+    assert set(response.json()) == {"error", "request_id"} and message in response.json()["error"]
+    assert response.json()["request_id"] == response.headers["x-request-id"]
 
 
 def test_unknown_model_version_endpoint_and_method(client):

@@ -103,7 +103,7 @@ def test_redis_down_gives_clean_503s_classify_keeps_working_and_service_resumes(
         sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
         assert httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}).json()["steps"] == 1
         a.stop()
-        assert f"127.0.0.1:{redis_server.port}" in a.proc.stdout.read().decode(), "the server log names the store"
+        assert f"127.0.0.1:{redis_server.port}" in a.output(), "the server log names the store"
     finally:
         redis_server.stop()
 
