@@ -1,7 +1,10 @@
 # syntax=docker/dockerfile:1
-# Runtime image: onnxruntime + FastAPI, the shipped model repository, no PyTorch.
+# Runtime image: onnxruntime, the shipped model repository, no PyTorch. It needs API keys: it binds
+# 0.0.0.0, so it refuses to start without them (set LSTM_SERVE_API_KEYS_FILE= to run open on purpose).
 #   docker build -t lstm-serve .
-#   docker run -p 8000:8000 lstm-serve
+#   python -c "import secrets; print(secrets.token_urlsafe(32))" > api_keys    # one key per line
+#   docker run -p 8000:8000 -v "$PWD/api_keys:/run/secrets/api_keys:ro" lstm-serve
+#   curl -H "Authorization: Bearer $(head -1 api_keys)" http://localhost:8000/v1/models
 
 ARG PYTHON_VERSION=3.11
 
@@ -15,11 +18,15 @@ COPY service/ service/
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
+# the ENV holds the path of the key file, never a key
+# hadolint ignore=DL3064
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LSTM_SERVE_HOST=0.0.0.0 \
     LSTM_SERVE_PORT=8000 \
-    LSTM_SERVE_MODEL_REPOSITORY=/app/models
+    LSTM_SERVE_MODEL_REPOSITORY=/app/models \
+    LSTM_SERVE_API_KEYS_FILE=/run/secrets/api_keys \
+    LSTM_SERVE_MAX_SESSIONS_PER_KEY=1000
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin lstm
 COPY --from=build /install /usr/local
 COPY --chown=10001:10001 models/ /app/models/

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         description="comma-separated origins (https://app.example) whose pages may call this server; a request "
         "with any other Origin (but the server's own) is refused with 403",
     )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description="proxies (comma-separated addresses, or *) whose X-Forwarded-For names the client, "
+        "for limits per client address and the logs",
+    )
     header_timeout_s: float = Field(5.0, gt=0, le=600, description="time a client gets to send a request's headers")
     body_timeout_s: float = Field(15.0, gt=0, le=3600, description="time a client gets to send a request's body")
     keep_alive_s: float = Field(5.0, gt=0, le=600, description="an idle keep-alive connection closes after this")
@@ -113,6 +118,11 @@ class Settings(BaseSettings):
     @property
     def origins(self) -> frozenset[str]:
         return frozenset(o.strip().rstrip("/").lower() for o in self.cors_origins.split(",") if o.strip())
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def rate_limit_reads(self) -> Settings:

@@ -96,6 +96,11 @@ def split_keys(text: str) -> list[str]:
 def read_key_file(path: Path) -> list[bytes]:
     try:
         lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"api_keys_file {path} does not exist: put your API keys there, one per line (or sha256:<hex>), "
+            "or set LSTM_SERVE_API_KEYS_FILE to empty to run without keys"
+        ) from None
     except OSError as error:
         raise KeyFileError(f"api_keys_file {path}: {error.strerror or error}") from None
     digests = []

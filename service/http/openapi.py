@@ -71,13 +71,47 @@ def response(reply: Reply, components: Components) -> dict[str, Any]:
     return described
 
 
+def frame_replies(route: Route, runtime: Runtime) -> list[Reply]:
+    """What the frame answers before the endpoint runs (http/frame.py), as this server is configured."""
+    protocol, settings = route.protocol, runtime.settings
+    replies: list[Reply] = []
+    if route.public:
+        return replies
+    if runtime.keys.enabled:
+        replies.append(protocol.error(401, "`unauthorized`: no valid API key", ("WWW-Authenticate",)))
+    replies.append(protocol.error(403, "`forbidden_origin`: sent from a page on an origin not in cors_origins"))
+    if route.reads_body:
+        replies.append(protocol.error(408, "`request_timeout`: the body did not arrive within body_timeout_s"))
+    if settings.rate_limit is not None:
+        replies.append(protocol.error(429, "`rate_limited`: over rate_limit for this key", ("Retry-After",)))
+    return replies
+
+
+def merged(replies: list[Reply]) -> dict[int, Reply]:
+    """One reply per status; two for one status (429 for sessions and for rate) say both."""
+    by_status: dict[int, Reply] = {}
+    for reply in replies:
+        known = by_status.get(reply.status)
+        if known is None:
+            by_status[reply.status] = reply
+        else:
+            headers = tuple(dict.fromkeys(known.headers + reply.headers))
+            by_status[reply.status] = Reply(
+                reply.status, f"{known.description}; or {reply.description}", known.content, headers
+            )
+    return dict(sorted(by_status.items()))
+
+
 def operation(route: Route, components: Components) -> dict[str, Any]:
+    replies = merged([*route.replies, *frame_replies(route, components.runtime)])
     described: dict[str, Any] = {
         "summary": route.summary,
         "operationId": route.method.lower() + "_" + re.sub(r"\W+", "_", route.path).strip("_"),
         "tags": [route.tag],
-        "responses": {str(reply.status): response(reply, components) for reply in route.replies},
+        "responses": {str(status): response(reply, components) for status, reply in replies.items()},
     }
+    if components.runtime.keys.enabled and not route.public:
+        described["security"] = [{"bearer": []}]
     if route.description:
         described["description"] = route.description
     if route.parameters:
@@ -99,11 +133,14 @@ def openapi_document(table: RouteTable, runtime: Runtime, version: str) -> dict[
     for route in table.routes:
         if route.in_schema and route.method != "WEBSOCKET":
             paths.setdefault(route.path, {})[route.method.lower()] = operation(route, components)
+    described: dict[str, Any] = {"schemas": components.schemas}
+    if runtime.keys.enabled:
+        described["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "lstm-serve", "version": version, "description": DESCRIPTION},
         "paths": paths,
-        "components": {"schemas": components.schemas},
+        "components": described,
     }
 
 

@@ -34,6 +34,7 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]  # a float works
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works
         limit_concurrency=settings.max_connections,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         access_log=False,  # the frame logs every request itself (http/logs.py)
         log_config=log_config,
         log_level="info",

@@ -115,7 +115,7 @@ async def classify(request: Request, runtime: Runtime) -> Response:
 async def create_session(request: Request, runtime: Runtime) -> Response:
     """A new session from zero state, or (with `state`) from a state exported by GET .../state."""
     raw = await request.body()
-    body = parse(schemas.SessionCreateRequest, raw) if raw.strip() else schemas.SessionCreateRequest()
+    body = parse(schemas.SessionCreateRequest, raw) if raw else schemas.SessionCreateRequest()
     caller = context(request).caller
     session_id = new_session_id()
     key = store_key(session_id, caller.owner)

@@ -83,20 +83,47 @@ def test_the_gpu_profile_reserves_an_nvidia_device():
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
 
 
-def test_the_compose_topology_runs_without_containers(start_server, redis_server, test_sequences):
-    """Redis + 2 replicas started with the compose file's environment (Redis and paths made local)."""
+def test_the_containers_run_with_api_keys_from_a_secret():
+    for name in ("lstm-serve", "lstm-serve-gpu"):
+        service = COMPOSE["services"][name]
+        assert service["secrets"] == ["api_keys"]
+        assert service["environment"]["LSTM_SERVE_API_KEYS_FILE"] == "/run/secrets/api_keys"
+    assert COMPOSE["secrets"]["api_keys"]["file"] == "./secrets/api_keys"
+    for dockerfile in DOCKERFILES:
+        assert "LSTM_SERVE_API_KEYS_FILE=/run/secrets/api_keys" in (ROOT / dockerfile).read_text()
+    assert "secrets/" in (ROOT / ".dockerignore").read_text().split(), "keys must never be baked into an image"
+
+
+def test_the_image_refuses_to_start_without_its_keys(tmp_path):
+    """The image's settings with no key file mounted: one line that says what to do, exit 2."""
+    env = {"LSTM_SERVE_API_KEYS_FILE": str(tmp_path / "absent"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lstm_serve.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "does not exist" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_the_compose_topology_runs_without_containers(start_server, redis_server, test_sequences, tmp_path):
+    """Redis + 2 replicas started with the compose file's environment (Redis, paths and keys made local)."""
+    key = "compose-key-0123456789"
+    (tmp_path / "api_keys").write_text(f"{key}\n")
     env = dict(COMPOSE["services"]["lstm-serve"]["environment"])
     env["LSTM_SERVE_REDIS_URL"] = redis_server.url
     env["LSTM_SERVE_MODEL_REPOSITORY"] = str(ROOT / "models")
     env["LSTM_SERVE_HOST"] = "127.0.0.1"
+    env["LSTM_SERVE_API_KEYS_FILE"] = str(tmp_path / "api_keys")
     a, b = start_server(env=env), start_server(env=env)
     frames = test_sequences[5]
-    sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.post(f"{a.url}/v1/sessions", json={}).status_code == 401
+    sid = httpx.post(f"{a.url}/v1/sessions", json={}, headers=headers).json()["session_id"]
     for t, frame in enumerate(frames):
-        reply = httpx.post(f"{(a, b)[t % 2].url}/v1/sessions/{sid}/steps", json={"inputs": [frame.tolist()]})
+        url = f"{(a, b)[t % 2].url}/v1/sessions/{sid}/steps"
+        reply = httpx.post(url, json={"inputs": [frame.tolist()]}, headers=headers)
         assert reply.status_code == 200
-    expected = httpx.post(f"{b.url}/v1/classify", json={"sequences": [frames.tolist()]}).json()
+    expected = httpx.post(f"{b.url}/v1/classify", json={"sequences": [frames.tolist()]}, headers=headers).json()
     np.testing.assert_allclose(
         reply.json()["prediction"]["probabilities"], expected["predictions"][0]["probabilities"], atol=1e-5
     )
-    assert httpx.get(f"{a.url}/v1/models").json()[0]["execution_provider"] == "CPUExecutionProvider"
+    models = httpx.get(f"{a.url}/v1/models", headers=headers).json()
+    assert models[0]["execution_provider"] == "CPUExecutionProvider"

@@ -69,7 +69,7 @@ def test_every_route_of_the_table_is_documented_once():
 
     app = create_app()
     documented = [(r.method, r.path) for r in app.table.routes if r.in_schema]
-    assert len(documented) == len(set(documented)) == 21
+    assert len(documented) == len(set(documented)) == 22
     sockets = [r.path for r in app.table.routes if r.method == "WEBSOCKET"]
     assert sockets == ["/v1/sessions/{session_id}/stream"]
 

@@ -186,3 +186,70 @@ def test_no_process_outlives_a_killed_server(start_server):
     reader.start()
     reader.join(10)
     assert not reader.is_alive(), "something the server started still holds its stdout open"
+
+
+def test_sigterm_under_load_loses_no_accepted_request(start_server):
+    """32 clients classify and step while SIGTERM arrives: every request sent before the drain delay ends
+    completes with 200, /readyz says 503 meanwhile, then new connections are refused, and the process
+    exits within the drain delay plus shutdown_timeout_s."""
+    drain_s, shutdown_s = 1.5, 5.0
+    server = start_server("--drain-delay-s", str(drain_s), "--shutdown-timeout-s", str(shutdown_s))
+    rng = np.random.default_rng(11)
+    outcomes: list[tuple[float, str, object]] = []  # (sent at, what, status or error)
+    signalled = asyncio.Event()
+    signalled_at = [0.0]
+
+    async def worker(index: int) -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            session_id = (await c.post("/v1/sessions", json={})).json()["session_id"]
+            steps = 0
+            while True:
+                frames = rng.normal(size=(int(rng.integers(1, 40)), 12)).tolist()
+                sent = time.perf_counter()
+                try:
+                    if index % 2:
+                        reply = await c.post("/v1/classify", json={"sequences": [frames]})
+                    else:
+                        reply = await c.post(f"/v1/sessions/{session_id}/steps", json={"inputs": frames, "seq": steps})
+                        if reply.status_code == 200:
+                            steps = reply.json()["steps"]
+                    outcomes.append((sent, "request", reply.status_code))
+                except httpx.TransportError as error:
+                    outcomes.append((sent, "request", type(error).__name__))
+                    if signalled.is_set():
+                        return
+                if signalled.is_set() and time.perf_counter() - signalled_at[0] > drain_s + shutdown_s + 5:
+                    return
+
+    async def probe_readiness() -> list[tuple[float, object]]:
+        seen = []
+        while True:
+            await asyncio.sleep(0.1)
+            try:
+                async with httpx.AsyncClient(timeout=2) as c:
+                    seen.append((time.perf_counter(), (await c.get(f"{server.url}/readyz")).status_code))
+            except httpx.TransportError:
+                seen.append((time.perf_counter(), "refused"))
+                return seen
+
+    async def main() -> list[tuple[float, object]]:
+        workers = [asyncio.create_task(worker(i)) for i in range(32)]
+        await asyncio.sleep(1.0)
+        server.proc.send_signal(signal.SIGTERM)
+        signalled_at[0] = time.perf_counter()
+        signalled.set()
+        readiness = await probe_readiness()
+        await asyncio.gather(*workers)
+        return readiness
+
+    readiness = asyncio.run(main())
+    t0 = signalled_at[0]
+    exit_code = server.proc.wait(drain_s + shutdown_s + 5)
+    exited_after = time.perf_counter() - t0
+    assert exit_code in (0, -signal.SIGTERM)
+    assert exited_after < drain_s + shutdown_s + 3, exited_after
+    accepted = [status for sent, _, status in outcomes if sent < t0 + drain_s - 0.2]
+    assert len(accepted) > 100 and set(accepted) == {200}, {s: accepted.count(s) for s in set(accepted)}
+    during = [status for at, status in readiness if at < t0 + drain_s - 0.2]
+    assert during and set(during) == {503}, readiness
+    assert readiness[-1][1] == "refused" and readiness[-1][0] - t0 >= drain_s - 0.2

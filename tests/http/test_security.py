@@ -3,6 +3,7 @@ Origin checks and CORS, request ids and logs. Every refusal has its status, its 
 
 import hashlib
 import json
+import socket
 import time
 
 import httpx
@@ -272,3 +273,55 @@ def test_request_ids_are_echoed_or_made_and_logged_as_json(start_server):
     )
     assert "trace-42.a" not in requests, "2xx are logged only with access_log"
     assert all("time" in line and "message" in line for line in lines), "every line is JSON with a time"
+
+
+def test_the_openapi_document_describes_the_keys_and_what_the_frame_refuses(start_server):
+    server = start_server(env={**KEYS, "LSTM_SERVE_RATE_LIMIT": "100/s"})
+    document = httpx.get(f"{server.url}/openapi.json", headers=auth(ALICE)).json()
+    assert document["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    public = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
+    for path, operations in document["paths"].items():
+        for method, described in operations.items():
+            if path in public:
+                assert "security" not in described and "401" not in described["responses"], path
+                continue
+            assert described["security"] == [{"bearer": []}], (method, path)
+            assert {"401", "403", "429"} <= set(described["responses"]), (method, path)
+            assert "WWW-Authenticate" in described["responses"]["401"]["headers"]
+    create = document["paths"]["/v1/sessions"]["post"]["responses"]
+    assert (
+        "408" in create
+        and "rate_limit" in create["429"]["description"]
+        and "max_sessions" in create["429"]["description"]
+    )
+
+
+def test_tritonclient_works_with_a_key(start_server):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    server = start_server(env=KEYS)
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=30)
+    frames = np.asarray([FRAMES], np.float32)
+    x = triton.InferInput("x", list(frames.shape), "FP32")
+    x.set_data_from_numpy(frames, binary_data=True)
+    result = client.infer(MODEL, [x], headers=auth(ALICE), sequence_id=7, sequence_start=True)
+    assert result.as_numpy("probabilities").shape == (1, 9)
+    assert client.is_server_ready()  # health needs no key
+    with pytest.raises(InferenceServerException, match="API key"):
+        client.infer(MODEL, [x])
+    with pytest.raises(InferenceServerException):
+        client.infer(MODEL, [x], headers=auth(BOB), sequence_id=7)  # Bob never started sequence 7
+
+
+def test_connections_over_max_connections_get_503(start_server):
+    server = start_server("--max-connections", "4")
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+    try:
+        time.sleep(0.2)
+        assert httpx.get(f"{server.url}/v1/models").status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)
+    assert httpx.get(f"{server.url}/v1/models").status_code == 200

@@ -1,0 +1,124 @@
+"""Slow and idle clients cannot hold the server: headers and bodies have deadlines (408, then the connection
+closes), idle keep-alive connections close, and while many clients trickle, others are served."""
+
+import socket
+import time
+
+import httpx
+import pytest
+
+DEADLINES = ("--header-timeout-s", "1", "--body-timeout-s", "1.5", "--keep-alive-s", "1")
+
+
+@pytest.fixture
+def strict(start_server):
+    return start_server(*DEADLINES)
+
+
+def connect(server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed it."""
+    started, received = time.perf_counter(), b""
+    sock.settimeout(limit_s)
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            return received, float("inf")
+        if not chunk:
+            return received, time.perf_counter() - started
+        received += chunk
+
+
+def test_a_client_trickling_its_headers_gets_408_and_is_cut_off(strict):
+    sock = connect(strict)
+    started = time.perf_counter()
+    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+    for byte in b"X-Slow: 1234567890":
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(0.2)
+        if time.perf_counter() - started > 3:
+            break
+    answer, _ = read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.perf_counter() - started < 3.5, "the header deadline (1 s) was not kept"
+
+
+def test_a_client_that_connects_and_sends_nothing_is_closed(strict):
+    sock = connect(strict)
+    answer, closed_after = read_until_closed(sock, 5)
+    assert closed_after < 3 and (answer == b"" or answer.startswith(b"HTTP/1.1 408")), answer[:200]
+
+
+def test_a_client_trickling_its_body_gets_408_in_its_protocol_and_is_cut_off(strict):
+    for path, shape in (
+        ("/v1/classify", b'"code":"request_timeout"'),
+        ("/v2/models/japanese-vowels/infer", b'"error"'),
+    ):
+        sock = connect(strict)
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        sock.sendall(head.encode() + b'{"sequences": [[[')
+        started = time.perf_counter()
+        answer, closed_after = b"", float("inf")
+        while time.perf_counter() - started < 5:
+            try:
+                sock.sendall(b"0")
+            except OSError:
+                break
+            sock.settimeout(0.25)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            answer += chunk
+            if not chunk or b"request_timeout" in answer or b"did not arrive" in answer:
+                break
+        rest, closed_after = read_until_closed(sock, 3)
+        answer += rest
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert shape in answer and b"body_timeout_s" in answer, answer[:300]
+        assert closed_after < 3, "the connection stayed open after the 408"
+        assert time.perf_counter() - started < 4.5
+
+
+def test_an_idle_keep_alive_connection_closes(strict):
+    sock = connect(strict)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    rest, closed_after = read_until_closed(sock, 5)
+    assert rest == b"" and closed_after < 3
+
+
+def test_while_many_clients_trickle_others_are_served_and_the_tricklers_are_dropped(strict):
+    tricklers = []
+    for _ in range(200):
+        sock = connect(strict)
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        tricklers.append(sock)
+    try:
+        with httpx.Client(base_url=strict.url, timeout=5) as c:
+            body = {"sequences": [[[0.1] * 12] * 20]}
+            for _ in range(20):
+                assert c.post("/v1/classify", json=body).status_code == 200
+        time.sleep(2.5)  # past the header deadline
+        still_open = 0
+        for sock in tricklers:
+            sock.settimeout(0.5)
+            try:
+                data = sock.recv(65536)
+                still_open += 0 if (data == b"" or data.startswith(b"HTTP/1.1 408")) else 1
+            except TimeoutError:
+                still_open += 1
+            except ConnectionResetError:
+                pass
+        assert still_open == 0, f"{still_open} of 200 trickling clients were still held after the deadline"
+    finally:
+        for sock in tricklers:
+            sock.close()
