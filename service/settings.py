@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         None, ge=1, description="live sessions one key (or client address) may hold; default: max_sessions"
     )
     max_websockets_per_key: int = Field(
-        64, ge=1, description="open WebSockets one key (or client address) may hold, per server process"
+        1024, ge=1, description="open WebSockets one key (or client address) may hold, per server process"
     )
     cors_origins: str = Field(
         "",
