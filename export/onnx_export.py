@@ -24,7 +24,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from lstm_serve.model.data import load_dataset
+from lstm_serve.model.data import DESCRIPTIONS, FEATURES, load_dataset
 from lstm_serve.model.model import ModelConfig, SequenceClassifier
 from lstm_serve.model.train import load_checkpoint
 
@@ -220,6 +220,8 @@ def model_config(model: SequenceClassifier, checkpoint: dict, name: str, version
         "ensemble": cfg.ensemble,  # K member networks of hidden_size / K each, side by side
         "num_classes": cfg.num_classes,
         "labels": checkpoint["labels"],
+        "description": checkpoint.get("description") or DESCRIPTIONS.get(checkpoint["dataset"], ""),
+        "feature_names": checkpoint.get("feature_names") or FEATURES.get(checkpoint["dataset"], []),
         "inputs": [
             {"name": "x", "datatype": fp32, "shape": [-1, -1, cfg.input_dim]},
             *({"name": n, "datatype": fp32, "shape": [L, -1, H]} for n in state_inputs),
@@ -238,7 +240,7 @@ def model_config(model: SequenceClassifier, checkpoint: dict, name: str, version
             "test_sequences": metrics["split"]["test"],
             "per_class_accuracy": metrics["per_class_accuracy"],
         },
-        "example": example_sequence(checkpoint["dataset"]),
+        "example": checkpoint.get("example") or example_sequence(checkpoint["dataset"]),
         "parameters": model.num_parameters(),
         "opset": OPSET,
         "exported_with": f"torch {torch.__version__}",

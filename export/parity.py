@@ -10,7 +10,7 @@ import onnxruntime as ort
 import torch
 
 from lstm_serve.export.onnx_export import sha256
-from lstm_serve.model.data import load_dataset, pad_batch
+from lstm_serve.model.data import Split, load_dataset, pad_batch, user_dataset
 from lstm_serve.model.train import load_checkpoint
 
 
@@ -61,20 +61,30 @@ def torch_probabilities(checkpoint: str | Path, sequences: list[np.ndarray]) -> 
     return torch.softmax(logits, -1).numpy()
 
 
+def test_split(checkpoint: str | Path) -> Split:
+    """The test split the checkpoint was scored on: a bundled set's, or the one held out of the user's data
+    (the same file, fraction and seed give the same split)."""
+    _, saved = load_checkpoint(checkpoint)
+    cfg = saved["metrics"]["train_config"]
+    if cfg.get("data"):
+        return user_dataset(cfg["data"], cfg.get("test"), cfg.get("test_fraction", 0.2), cfg["seed"]).test
+    return load_dataset(saved["dataset"]).test
+
+
 def check_entry(checkpoint: str | Path, entry: str | Path) -> list[str]:
     """ORT vs PyTorch on the whole test split; the recorded sha256 and accuracy. Raises on failure."""
     entry = Path(entry)
     config = json.loads((entry / "config.json").read_text())
     assert sha256(entry / "model.onnx") == config["sha256"], "model.onnx does not match the sha256 in config.json"
-    data = load_dataset(config["metrics"]["dataset"])
-    ours = last_step_probabilities(ort_session(entry / "model.onnx"), data.test.sequences)
-    reference = torch_probabilities(checkpoint, data.test.sequences)
+    test = test_split(checkpoint)
+    ours = last_step_probabilities(ort_session(entry / "model.onnx"), test.sequences)
+    reference = torch_probabilities(checkpoint, test.sequences)
     max_diff = float(np.abs(ours - reference).max())
     assert max_diff <= 1e-4, f"onnxruntime and PyTorch differ by {max_diff:.2e} > 1e-4"
     assert (ours.argmax(1) == reference.argmax(1)).all(), "onnxruntime and PyTorch disagree on a class"
-    accuracy = float((ours.argmax(1) == data.test.labels).mean())
+    accuracy = float((ours.argmax(1) == test.labels).mean())
     assert abs(accuracy - config["metrics"]["test_accuracy"]) < 1e-9, "accuracy differs from the recorded one"
     return [
-        f"parity: max |p_ort - p_torch| = {max_diff:.2e} over {len(data.test)} test sequences, argmax identical",
+        f"parity: max |p_ort - p_torch| = {max_diff:.2e} over {len(test)} test sequences, argmax identical",
         f"accuracy with onnxruntime: {accuracy:.4f} (recorded {config['metrics']['test_accuracy']:.4f})",
     ]

@@ -1,9 +1,11 @@
-"""UEA multivariate data sets, read from the files that ship inside the `aeon` wheel (no network)."""
+"""The data a model learns from: the bundled UEA multivariate sets (read from the files inside the `aeon`
+wheel, no network) or the user's own file (.npz or long-format CSV, see the README)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +13,16 @@ import numpy as np
 DATASETS = {
     "japanese-vowels": ("load_japanese_vowels", "speaker-"),
     "basic-motions": ("load_basic_motions", ""),
+}
+FEATURES = {
+    "japanese-vowels": [f"lpc_cepstrum_{k}" for k in range(1, 13)],
+    "basic-motions": [f"{sensor}_{axis}" for sensor in ("accelerometer", "gyroscope") for axis in "xyz"],
+}
+DESCRIPTIONS = {
+    "japanese-vowels": "Which of 9 male speakers uttered the Japanese vowel /ae/: one frame per 6.7 ms of "
+    "speech, 12 LPC cepstrum coefficients per frame (UEA JapaneseVowels).",
+    "basic-motions": "Which activity (badminton, running, standing, walking) a wrist-worn smartwatch recorded: "
+    "one frame per 0.1 s, 3-axis accelerometer and 3-axis gyroscope (UEA BasicMotions).",
 }
 
 
@@ -29,6 +41,8 @@ class Dataset:
     label_names: list[str]  # class id -> label
     train: Split
     test: Split
+    feature_names: list[str] = field(default_factory=list)  # what each of the D numbers of a frame is
+    description: str = ""
 
     @property
     def input_dim(self) -> int:
@@ -56,6 +70,8 @@ def load_dataset(name: str) -> Dataset:
         label_names=[f"{prefix}{c}" for c in classes],
         train=to_split(*raw["train"]),
         test=to_split(*raw["test"]),
+        feature_names=FEATURES[name],
+        description=DESCRIPTIONS[name],
     )
 
 
@@ -78,3 +94,191 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     held_out = np.sort(np.array(held))
     keep = np.setdiff1d(np.arange(len(labels)), held_out)
     return keep, held_out
+
+
+# -- the user's own data ---------------------------------------------------------------------------------
+class DataError(ValueError):
+    """A data file that cannot be trained on; the message is one line that says what and where."""
+
+
+@dataclass
+class UserData:
+    """Sequences and labels read from the user's file, before they are split."""
+
+    sequences: list[np.ndarray]  # (T_i, D) float32
+    labels: list[str]  # one per sequence, as written in the file
+    feature_names: list[str]
+
+
+def read_user_data(path: str | Path) -> UserData:
+    """An .npz (X, y, optional lengths and feature_names) or a long-format CSV (sequence_id, t, one
+    column per feature, label); anything malformed raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix.lower() == ".npz":
+        data = read_npz(path)
+    elif path.suffix.lower() == ".csv":
+        data = read_csv(path)
+    else:
+        raise DataError(f"{path}: expected a .npz or a .csv file (see the README's data formats)")
+    check_sequences(path, data)
+    return data
+
+
+def read_npz(path: Path) -> UserData:
+    try:
+        archive = np.load(path, allow_pickle=True)  # X as an object array of (T_i, D) needs pickle
+    except Exception as error:  # a corrupt archive raises zipfile, pickle or value errors
+        raise DataError(f"{path}: not a readable .npz ({error})") from None
+    for key in ("X", "y"):
+        if key not in archive.files:
+            raise DataError(f"{path}: no array {key!r} (it has {sorted(archive.files)})")
+    X, y = archive["X"], archive["y"]
+    if X.dtype == object:
+        sequences = [np.asarray(seq) for seq in X]
+    elif X.ndim == 3:
+        if "lengths" not in archive.files:
+            raise DataError(f"{path}: X is a padded [N, T, D] array, so 'lengths' [N] is needed")
+        lengths = archive["lengths"]
+        if lengths.shape != (len(X),) or (lengths < 1).any() or (lengths > X.shape[1]).any():
+            raise DataError(f"{path}: lengths must be N={len(X)} whole numbers between 1 and T={X.shape[1]}")
+        sequences = [X[i, : int(n)] for i, n in enumerate(lengths)]
+    else:
+        raise DataError(f"{path}: X must be an object array of [T_i, D] arrays or a padded [N, T, D] array")
+    if y.ndim != 1 or len(y) != len(sequences):
+        raise DataError(f"{path}: y must hold one label per sequence ({len(sequences)}), it has shape {list(y.shape)}")
+    for i, seq in enumerate(sequences):
+        if seq.ndim != 2:
+            raise DataError(f"{path}: sequence {i} has shape {list(seq.shape)}, not [T, D]")
+        if not np.issubdtype(seq.dtype, np.number):
+            raise DataError(f"{path}: sequence {i} holds {seq.dtype} values, not numbers")
+    width = sequences[0].shape[1] if sequences else 0
+    names = [str(n) for n in archive["feature_names"]] if "feature_names" in archive.files else []
+    if names and len(names) != width:
+        raise DataError(f"{path}: {len(names)} feature_names for {width} features")
+    labels = [str(label) for label in y.tolist()]
+    if any(label in ("", "nan", "None") for label in labels):
+        raise DataError(
+            f"{path}: sequence {next(i for i, v in enumerate(labels) if v in ('', 'nan', 'None'))} has no label"
+        )
+    return UserData([np.asarray(s, np.float32) for s in sequences], labels, names or [f"f{k}" for k in range(width)])
+
+
+CSV_COLUMNS = ("sequence_id", "t", "label")
+
+
+def read_csv(path: Path) -> UserData:
+    import csv
+
+    with path.open(newline="") as file:
+        reader = csv.reader(file)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file")
+        header = [name.strip() for name in header]
+        missing = [c for c in CSV_COLUMNS if c not in header]
+        if missing:
+            raise DataError(
+                f"{path}: no column {', '.join(missing)} (a long-format CSV has sequence_id, t, label and "
+                "one column per feature)"
+            )
+        features = [name for name in header if name not in CSV_COLUMNS]
+        if not features:
+            raise DataError(f"{path}: no feature columns besides sequence_id, t and label")
+        at = {name: header.index(name) for name in header}
+        frames: dict[str, list[tuple[float, list[float]]]] = {}
+        labels: dict[str, str] = {}
+        for line, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
+            sequence_id, label = row[at["sequence_id"]].strip(), row[at["label"]].strip()
+            if not label:
+                raise DataError(f"{path} line {line}: no label")
+            try:
+                t = float(row[at["t"]])
+                values = [float(row[at[name]]) for name in features]
+            except ValueError:
+                raise DataError(f"{path} line {line}: t and every feature must be numbers") from None
+            if sequence_id in labels and labels[sequence_id] != label:
+                raise DataError(
+                    f"{path} line {line}: sequence {sequence_id!r} changes label "
+                    f"from {labels[sequence_id]!r} to {label!r}"
+                )
+            labels[sequence_id] = label
+            frames.setdefault(sequence_id, []).append((t, values))
+    sequences = []
+    for sequence_id, rows in frames.items():
+        times = [t for t, _ in rows]
+        if len(set(times)) != len(times):
+            raise DataError(f"{path}: sequence {sequence_id!r} has two frames at the same t")
+        sequences.append(np.array([values for _, values in sorted(rows, key=lambda r: r[0])], np.float32))
+    return UserData(sequences, [labels[s] for s in frames], features)
+
+
+def check_sequences(path: Path, data: UserData) -> None:
+    if not data.sequences:
+        raise DataError(f"{path}: no sequences")
+    width = data.sequences[0].shape[1]
+    for i, seq in enumerate(data.sequences):
+        if len(seq) == 0:
+            raise DataError(f"{path}: sequence {i} has no frames")
+        if seq.shape[1] != width:
+            raise DataError(f"{path}: sequence {i} has {seq.shape[1]} features per frame, the first has {width}")
+        bad = np.argwhere(~np.isfinite(seq))
+        if len(bad):
+            t, d = bad[0]
+            raise DataError(f"{path}: sequence {i} frame {t} feature {data.feature_names[d]!r} is NaN or infinite")
+    if len(set(data.labels)) < 2:
+        raise DataError(f"{path}: every sequence has label {data.labels[0]!r}; a classifier needs at least two classes")
+
+
+def label_order(labels: Iterable[str]) -> list[str]:
+    """Labels sorted as numbers when they all are, else as text."""
+    unique = set(labels)
+    try:
+        return sorted(unique, key=float)
+    except ValueError:
+        return sorted(unique)
+
+
+def user_dataset(
+    path: str | Path, test_path: str | Path | None = None, test_fraction: float = 0.2, seed: int = 0
+) -> Dataset:
+    """The user's data as a Dataset: the test split from `test_path`, else a stratified `test_fraction` of
+    the data, held out before anything is trained or selected."""
+    data = read_user_data(path)
+    names = label_order(data.labels)
+    if test_path is not None:
+        test = read_user_data(test_path)
+        if test.sequences[0].shape[1] != data.sequences[0].shape[1]:
+            raise DataError(
+                f"{test_path}: {test.sequences[0].shape[1]} features per frame, {path} has {data.sequences[0].shape[1]}"
+            )
+        unknown = sorted(set(test.labels) - set(names))
+        if unknown:
+            raise DataError(f"{test_path}: labels {unknown[:5]} do not occur in {path}")
+        train_split = Split(data.sequences, np.array([names.index(label) for label in data.labels], np.int64))
+        test_split = Split(test.sequences, np.array([names.index(label) for label in test.labels], np.int64))
+    else:
+        ids = np.array([names.index(label) for label in data.labels], np.int64)
+        counts = np.bincount(ids, minlength=len(names))
+        if counts.min() < 3:
+            rare = names[int(counts.argmin())]
+            raise DataError(
+                f"{path}: class {rare!r} has {counts.min()} sequences; with no --test file each class needs at "
+                "least 3 (training, validation and test)"
+            )
+        keep, held = stratified_split(ids, test_fraction, seed)
+        train_split = Split([data.sequences[i] for i in keep], ids[keep])
+        test_split = Split([data.sequences[i] for i in held], ids[held])
+    counts = np.bincount(train_split.labels, minlength=len(names))
+    if counts.min() < 2:
+        raise DataError(
+            f"{path}: class {names[int(counts.argmin())]!r} has fewer than 2 training sequences; "
+            "a validation split needs 2"
+        )
+    description = f"Trained on {Path(path).name}: {len(names)} classes, {len(data.feature_names)} features per frame."
+    return Dataset(Path(path).stem, names, train_split, test_split, data.feature_names, description)

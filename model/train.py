@@ -23,13 +23,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lstm_serve.model.data import Dataset, Split, load_dataset, pad_batch, stratified_split
+from lstm_serve.model.data import Dataset, Split, load_dataset, pad_batch, stratified_split, user_dataset
 from lstm_serve.model.model import ModelConfig, SequenceClassifier, combine_members
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "japanese-vowels"  # a name from lstm_serve.model.data.DATASETS
+    dataset: str = "japanese-vowels"  # a name from lstm_serve.model.data.DATASETS (unless data is given)
+    data: str | None = None  # the user's .npz or long-format CSV, instead of a bundled data set
+    test: str | None = None  # the user's test file; without it a stratified test_fraction of data is held out
+    test_fraction: float = 0.2  # of each class of `data`, held out as the test split when no test file is given
     out_dir: str = "runs/japanese-vowels"  # where checkpoint, metrics and plot go
     seed: int = 0  # seeds data split, init, shuffling and augmentation
     epochs: int = 100  # passes over the training part (per ensemble member)
@@ -152,11 +155,22 @@ def train_member(
     return model.eval(), history, best_epoch
 
 
+def load_data(cfg: TrainConfig) -> Dataset:
+    """The bundled data set, or the user's file (DataError, one line, when it cannot be trained on)."""
+    if cfg.data is None:
+        return load_dataset(cfg.dataset)
+    cfg.data = str(Path(cfg.data).resolve())  # recorded in the checkpoint: the export checks re-read it
+    cfg.test = None if cfg.test is None else str(Path(cfg.test).resolve())
+    data = user_dataset(cfg.data, cfg.test, cfg.test_fraction, cfg.seed)
+    cfg.dataset = data.name
+    return data
+
+
 def train(cfg: TrainConfig) -> dict:
     started = time.time()
     torch.set_num_threads(cfg.threads)
     assert cfg.model.ensemble == 1, "members are trained one by one: set --ensemble K, not --model.ensemble"
-    data: Dataset = load_dataset(cfg.dataset)
+    data = load_data(cfg)
     cfg.model.input_dim, cfg.model.num_classes = data.input_dim, len(data.label_names)
     fit_idx, val_idx = stratified_split(data.train.labels, cfg.val_fraction, cfg.seed)
     members = [
@@ -214,12 +228,22 @@ def save(cfg: TrainConfig, data: Dataset, model: SequenceClassifier, metrics: di
             "state_dict": model.state_dict(),
             "labels": data.label_names,
             "dataset": cfg.dataset,
+            "feature_names": data.feature_names,
+            "description": data.description,
+            "example": example_of(data),
             "metrics": {k: v for k, v in metrics.items() if k != "history"},
         },
         out / "checkpoint.pt",
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot(metrics, out / "training.png")
+
+
+def example_of(data: Dataset) -> dict:
+    """The first test sequence with its true label: what a caller can send to try the model. Each number is
+    the shortest decimal that reads back as the same float32."""
+    frames = [[float(str(np.float32(value))) for value in frame] for frame in data.test.sequences[0]]
+    return {"label": data.label_names[int(data.test.labels[0])], "frames": frames}
 
 
 def plot(metrics: dict, path: Path) -> None:

@@ -139,7 +139,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, instance: Any, prefix: 
                 flag, dest=f"{prefix}{field.name}", action=argparse.BooleanOptionalAction, default=value
             )
         else:
-            parser.add_argument(flag, dest=f"{prefix}{field.name}", type=type(value), default=value)
+            kind = str if value is None else type(value)  # an optional path or name: None unless given
+            parser.add_argument(flag, dest=f"{prefix}{field.name}", type=kind, default=value)
 
 
 def apply_flags(instance: Any, args: argparse.Namespace, prefix: str = "") -> Any:
@@ -160,7 +161,10 @@ def train_config(argv: Sequence[str]) -> Any:
     dataset.add_argument("--dataset", default=TrainConfig().dataset)
     defaults = config_for(dataset.parse_known_args(argv)[0].dataset)
     parser = argparse.ArgumentParser(
-        "lstm-serve train", description="Train a classifier on a UEA data set.", formatter_class=HELP
+        "lstm-serve train",
+        description="Train a classifier on a bundled UEA data set (--dataset) or on your own file (--data, "
+        "with --test for a test file; see the README's data formats).",
+        formatter_class=HELP,
     )
     add_dataclass_flags(parser, defaults)
     return apply_flags(defaults, parser.parse_args(argv))
@@ -168,10 +172,15 @@ def train_config(argv: Sequence[str]) -> Any:
 
 def cmd_train(argv: Sequence[str]) -> None:
     has_torch("train", argv)
+    from lstm_serve.model.data import DataError
     from lstm_serve.model.train import train
 
     cfg = train_config(argv)
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except DataError as error:
+        fail("train", str(error))
+        return
     print(
         f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['split']['test']} sequences, "
         f"{metrics['wall_time_s']} s; wrote {cfg.out_dir}/checkpoint.pt, metrics.json, training.png"

@@ -37,6 +37,15 @@ class ModelEntry:
         return self.config.get("lengths_input")
 
     @property
+    def description(self) -> str:
+        return self.config.get("description", "")
+
+    @property
+    def feature_names(self) -> list[str]:
+        """What each of the input_dim numbers of a frame is (f0, f1, ... when the model does not say)."""
+        return self.config.get("feature_names") or [f"f{k}" for k in range(self.input_dim)]
+
+    @property
     def example(self) -> dict | None:
         """{"label": ..., "frames": [[...], ...]}: a real sequence of the data, to try the model with."""
         return self.config.get("example")

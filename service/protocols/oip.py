@@ -65,6 +65,11 @@ def metadata(model: LoadedModel) -> dict[str, Any]:
             {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, C]},
             {"name": LOGITS, "datatype": "FP32", "shape": [-1, -1, C]},
         ],
+        "parameters": {
+            "description": model.entry.description,
+            "feature_names": model.entry.feature_names,
+            "labels": model.entry.labels,
+        },
     }
 
 
@@ -100,6 +105,8 @@ def configuration(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
         },
         "parameters": {
             "labels": {"string_value": ",".join(model.entry.labels)},
+            "feature_names": {"string_value": ",".join(model.entry.feature_names)},
+            "description": {"string_value": model.entry.description},
             "cell": {"string_value": model.entry.config.get("cell", "lstm")},
         },
     }

@@ -62,6 +62,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[MetadataTensor]
     outputs: list[MetadataTensor]
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="description, feature_names (what each number of a frame is), labels"
+    )
 
 
 class ServerMetadata(BaseModel):

@@ -114,8 +114,10 @@ class Example(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: int
+    description: str
     labels: list[str]
     input_dim: int
+    feature_names: list[str] = Field(description="what each of the input_dim numbers of a frame is")
     cell: str
     hidden_size: int | None
     num_layers: int | None

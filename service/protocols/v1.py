@@ -56,8 +56,10 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
     return {
         "name": model.name,
         "version": model.version,
+        "description": model.entry.description,
         "labels": model.entry.labels,
         "input_dim": model.entry.input_dim,
+        "feature_names": model.entry.feature_names,
         "cell": config.get("cell", "lstm"),
         "hidden_size": config.get("hidden_size"),
         "num_layers": config.get("num_layers"),

@@ -1,0 +1,77 @@
+"""From the example CSV to a served model, with the documented commands: train, export, serve; then classify
+and a chunked session through HTTP equal onnxruntime on the exported graph, and the model describes itself."""
+
+import json
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+
+from lstm_serve.model.data import read_user_data
+from tests.conftest import ROOT
+
+CSV = ROOT / "model" / "examples" / "speakers.csv"
+
+
+def lstm_serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lstm_serve.cli", *args], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+
+
+def onnx_probabilities(path, frames: np.ndarray) -> np.ndarray:
+    """The exported graph alone, in onnxruntime: zero state, the whole sequence, the last frame's softmax."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"x": frames[None].astype(np.float32), "lengths": np.array([len(frames)], np.int64)}
+    for spec in session.get_inputs():
+        if spec.name not in feeds:
+            feeds[spec.name] = np.zeros((spec.shape[0], 1, spec.shape[2]), np.float32)
+    logits = session.run(None, feeds)[0][0, -1]
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
+
+
+def test_train_export_and_serve_the_example_csv(tmp_path, start_server):
+    run, repository = tmp_path / "run", tmp_path / "repository"
+    trained = lstm_serve("train", "--data", str(CSV), "--epochs", "20", "--ensemble", "1", "--out-dir", str(run))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    exported = lstm_serve(
+        "export", "--checkpoint", str(run / "checkpoint.pt"), "--repository", str(repository), "--name", "speakers"
+    )
+    assert exported.returncode == 0 and "parity" in exported.stdout, exported.stderr[-2000:]
+    graph = repository / "speakers" / "1" / "model.onnx"
+    server = start_server("--model-repository", str(repository))
+    data = read_user_data(CSV)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        described = c.get("/v1/models/speakers").json()
+        assert described["feature_names"] == data.feature_names and described["input_dim"] == 12
+        assert (
+            described["labels"] == ["speaker-1", "speaker-2", "speaker-3"]
+            and "speakers.csv" in described["description"]
+        )
+        example = described["example"]
+        assert example["label"] in described["labels"] and len(example["frames"][0]) == 12
+        oip = c.get("/v2/models/speakers").json()
+        assert oip["parameters"]["feature_names"] == data.feature_names
+        for frames in data.sequences[:5]:
+            expected = onnx_probabilities(graph, frames)
+            reply = c.post("/v1/classify", json={"model": "speakers", "sequences": [frames.tolist()]})
+            np.testing.assert_allclose(reply.json()["predictions"][0]["probabilities"], expected, atol=1e-6)
+            session_id = c.post("/v1/sessions", json={"model": "speakers"}).json()["session_id"]
+            for start in range(0, len(frames), 4):
+                step = c.post(f"/v1/sessions/{session_id}/steps", json={"inputs": frames[start : start + 4].tolist()})
+            np.testing.assert_allclose(step.json()["prediction"]["probabilities"], expected, atol=1e-5)
+        tried = c.post("/v1/classify", json={"model": "speakers", "sequences": [example["frames"]]})
+        assert tried.status_code == 200
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_config"]["data"] == str(CSV) and metrics["split"]["test"] == 6
+
+
+def test_a_bad_data_file_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sequence_id,t,a,label\ns1,0,1,x\ns1,1,2,y\n")
+    done = lstm_serve("train", "--data", str(bad), "--out-dir", str(tmp_path / "run"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "line 3: sequence 's1' changes label from 'x' to 'y'" in done.stderr
