@@ -190,9 +190,25 @@ def cmd_train(argv: Sequence[str]) -> None:
 def cmd_export(argv: Sequence[str]) -> None:
     has_torch("export", argv)
     parser = argparse.ArgumentParser(
-        "lstm-serve export", description="Checkpoint -> <repository>/<name>/<version>/.", formatter_class=HELP
+        "lstm-serve export",
+        description="A checkpoint of `lstm-serve train` (--checkpoint), or your own PyTorch module (--module, "
+        "see the README's module contract) -> <repository>/<name>/<version>/.",
+        formatter_class=HELP,
     )
     parser.add_argument("--checkpoint", default="runs/japanese-vowels/checkpoint.pt")
+    parser.add_argument("--module", default=None, help="package.module:factory returning your torch.nn.Module")
+    parser.add_argument(
+        "--labels", default=None, help="with --module: the class names, comma-separated, in logit order"
+    )
+    parser.add_argument("--feature-names", default=None, help="with --module: what each number of a frame is")
+    parser.add_argument("--input-dim", type=int, default=None, help="with --module: D, if no --feature-names")
+    parser.add_argument("--description", default="", help="with --module: what the model tells apart")
+    parser.add_argument(
+        "--example-data",
+        default=None,
+        help="with --module: a .csv or .npz (README formats) of real sequences: checked for parity, and the "
+        "first, with its label, is the example callers can try",
+    )
     parser.add_argument("--repository", default="models", help="model repository folder")
     parser.add_argument("--name", default="japanese-vowels")
     parser.add_argument("--version", type=int, default=1)
@@ -203,6 +219,9 @@ def cmd_export(argv: Sequence[str]) -> None:
         help="run the parity checks on the exported graph",
     )
     args = parser.parse_args(argv)
+    if args.module is not None:
+        export_user_module(args)
+        return
     from lstm_serve.export.onnx_export import export_checkpoint
 
     entry = export_checkpoint(args.checkpoint, args.repository, args.name, args.version)
@@ -212,6 +231,43 @@ def cmd_export(argv: Sequence[str]) -> None:
 
         for line in check_entry(args.checkpoint, entry):
             print(line)
+
+
+def export_user_module(args: argparse.Namespace) -> None:
+    import os
+
+    from lstm_serve.export.user_module import ContractError, export_module, load_factory
+    from lstm_serve.model.data import DataError, read_user_data
+
+    sys.path.insert(0, os.getcwd())  # the module is importable from the current folder, as with python -m
+    if not args.labels:
+        fail("export", "--module needs --labels (the class names, in logit order)")
+    feature_names = args.feature_names.split(",") if args.feature_names else None
+    sequences, example = [], None
+    try:
+        if args.example_data:
+            data = read_user_data(args.example_data)
+            sequences = data.sequences[:8]
+            example = {"label": data.labels[0], "frames": data.sequences[0].tolist()}
+            feature_names = feature_names or data.feature_names
+        entry, report = export_module(
+            load_factory(args.module),
+            args.labels.split(","),
+            args.repository,
+            args.name,
+            args.version,
+            input_dim=args.input_dim,
+            feature_names=feature_names,
+            description=args.description,
+            example=example,
+            check_sequences=sequences,
+        )
+    except (ContractError, DataError) as error:
+        fail("export", str(error))
+        return
+    print(f"wrote {entry}/model.onnx and config.json")
+    for line in report:
+        print(line)
 
 
 def cmd_report(argv: Sequence[str]) -> None:

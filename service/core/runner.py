@@ -75,7 +75,11 @@ class OnnxRunner:
         return self.session.get_providers()[0]
 
     def run(self, items: list[Item]) -> list[Output]:
-        """One onnxruntime call for all items: right-pad to the longest, pass lengths, split back."""
+        """One onnxruntime call for all items: right-pad to the longest, pass lengths, split back. A graph
+        without a lengths input (an exported user module) gets one call per length instead: padding would
+        run its state through the pad frames."""
+        if not self.lengths_input and len({len(item.frames) for item in items}) > 1:
+            return self.run_by_length(items)
         B = len(items)
         lengths = np.fromiter((len(item.frames) for item in items), np.int64, B)
         T = int(lengths.max())
@@ -85,8 +89,6 @@ class OnnxRunner:
         feeds: dict[str, np.ndarray] = {self.frames_input: x}
         if self.lengths_input:
             feeds[self.lengths_input] = lengths
-        elif (lengths != T).any():
-            raise ValueError("this graph has no lengths input; items of different lengths cannot share a call")
         for k, spec in enumerate(self.state_specs):
             L, H = spec["shape"]
             stacked = np.zeros((L, B, H), np.float32)
@@ -106,6 +108,16 @@ class OnnxRunner:
             )
             for row in range(B)
         ]
+
+    def run_by_length(self, items: list[Item]) -> list[Output]:
+        groups: dict[int, list[int]] = {}
+        for row, item in enumerate(items):
+            groups.setdefault(len(item.frames), []).append(row)
+        outputs: list[Output | None] = [None] * len(items)
+        for rows in groups.values():
+            for row, output in zip(rows, self.run([items[r] for r in rows]), strict=True):
+                outputs[row] = output
+        return [output for output in outputs if output is not None]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,0 +1,185 @@
+"""The user's own PyTorch module, written outside the project: trained by the user's loop on the example CSV,
+exported with `lstm-serve export --module`, served and streamed; and modules that break the contract are
+refused saying which property failed."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from websockets.sync.client import connect
+
+from lstm_serve.export.user_module import ContractError, export_module
+from lstm_serve.model.data import read_user_data
+from tests.conftest import ROOT
+
+CSV = ROOT / "model" / "examples" / "speakers.csv"
+OUTSIDE = ROOT / "tests" / "byo" / "outside" / "speaker_lstm.py"
+LABELS = ["speaker-1", "speaker-2", "speaker-3"]
+
+
+def graph_probabilities(path, frames: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"x": frames[None].astype(np.float32)}
+    for spec in session.get_inputs()[1:]:
+        feeds[spec.name] = np.zeros((spec.shape[0], 1, spec.shape[2]), np.float32)
+    logits = session.run(None, feeds)[0][0, -1]
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
+
+
+def test_a_user_module_is_trained_exported_served_and_streamed(tmp_path, start_server):
+    workdir, repository = tmp_path / "work", tmp_path / "repository"
+    workdir.mkdir()
+    shutil.copy(OUTSIDE, workdir / "speaker_lstm.py")
+    data = read_user_data(CSV)
+    labels = [LABELS.index(label) for label in data.labels]
+    trainer = (
+        "import sys; import numpy as np; from speaker_lstm import train; "
+        "d = np.load(sys.argv[1], allow_pickle=True); train(list(d['X']), list(d['y']))"
+    )
+    np.savez(tmp_path / "train.npz", X=np.array(data.sequences, dtype=object), y=np.array(labels))
+    trained = subprocess.run(
+        [sys.executable, "-c", trainer, str(tmp_path / "train.npz")],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    command = [
+        sys.executable, "-m", "lstm_serve.cli", "export", "--module", "speaker_lstm:trained",
+        "--labels", ",".join(LABELS), "--example-data", str(CSV), "--description", "who said /ae/",
+        "--repository", str(repository), "--name", "speaker-lstm", "--version", "3",
+    ]  # fmt: skip
+    exported = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    for property_checked in ("parity", "streaming", "batch independence", "causality"):
+        assert property_checked in exported.stdout
+    graph = repository / "speaker-lstm" / "3" / "model.onnx"
+    config = json.loads(graph.with_name("config.json").read_text())
+    assert config["feature_names"] == data.feature_names and config["example"]["label"] == data.labels[0]
+
+    server = start_server("--model-repository", str(repository))
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        described = c.get("/v1/models/speaker-lstm").json()
+        assert described["version"] == 3 and described["cell"] == "lstm" and described["description"] == "who said /ae/"
+        # sequences of different lengths in one request: a graph without lengths runs one call per length
+        sequences = data.sequences[:6]
+        reply = c.post("/v1/classify", json={"sequences": [s.tolist() for s in sequences]})
+        for got, frames in zip(reply.json()["predictions"], sequences, strict=True):
+            np.testing.assert_allclose(got["probabilities"], graph_probabilities(graph, frames), atol=1e-6)
+        frames = data.sequences[7]
+        expected = graph_probabilities(graph, frames)
+        session_id = c.post("/v1/sessions", json={}).json()["session_id"]
+        for start in range(0, len(frames), 5):
+            step = c.post(f"/v1/sessions/{session_id}/steps", json={"inputs": frames[start : start + 5].tolist()})
+        np.testing.assert_allclose(step.json()["prediction"]["probabilities"], expected, atol=1e-5)
+        streamed = c.post("/v1/sessions", json={}).json()["session_id"]
+        with connect(f"{server.url.replace('http', 'ws')}/v1/sessions/{streamed}/stream") as ws:
+            for frame in frames:
+                ws.send(frame.astype("<f4").tobytes())
+                last = json.loads(ws.recv())
+        np.testing.assert_allclose(last["prediction"]["probabilities"], expected, atol=1e-5)
+        body = {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, *frames.shape], "data": frames.ravel().tolist()}],
+            "outputs": [{"name": "probabilities"}],
+        }
+        oip = c.post("/v2/models/speaker-lstm/infer", json=body).json()
+        np.testing.assert_allclose(oip["outputs"][0]["data"], expected, atol=1e-6)
+
+
+class Leaky(nn.Module):
+    """Normalises with the batch's statistics: a row's answer depends on the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, state=None):
+        out, state = self.rnn(x - x.mean(0, keepdim=True), state)
+        return self.head(out), state
+
+
+class Peeking(nn.Module):
+    """Adds the sequence's last frame to every frame: the logits see the future."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, state=None):
+        out, state = self.rnn(x + x[:, -1:], state)
+        return self.head(out), state
+
+
+class Forgetful(nn.Module):
+    """Returns a state that is not what it carries between frames (always zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, state=None):
+        out, (h, c) = self.rnn(x, state)
+        return self.head(out), (torch.zeros_like(h), torch.zeros_like(c))
+
+
+class WrongShape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, state=None):
+        out, state = self.rnn(x, state)
+        return self.head(out[:, -1]), state  # [B, C]: only the last step
+
+
+@pytest.mark.parametrize(
+    ("module", "says"),
+    [
+        (Leaky, "batch independence: changing the other rows of a batch changed row 0's outputs by"),
+        (Peeking, "causality: changing frames from t=20 on changed the logits before t=20 by"),
+        (Forgetful, "streaming: the sequence fed in chunks"),
+        (WrongShape, "logits must be [B, T, C] = [2, 5, 2]"),
+    ],
+)
+def test_a_module_that_breaks_the_contract_is_refused_saying_which_property(tmp_path, module, says):
+    torch.manual_seed(0)
+    with pytest.raises(ContractError) as refused:
+        export_module(module(), ["a", "b"], tmp_path, "bad", feature_names=["w", "x", "y", "z"])
+    assert says in str(refused.value), str(refused.value)
+    assert not (tmp_path / "bad" / "1" / "model.onnx").exists(), "a refused module left an entry behind"
+
+
+def test_a_gru_module_exports_with_h_alone(tmp_path):
+    class Gru(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 5, num_layers=2, batch_first=True), nn.Linear(5, 4)
+
+        def forward(self, x, state=None):
+            out, state = self.rnn(x, state)
+            return self.head(out), state
+
+    entry, report = export_module(Gru(), list("abcd"), tmp_path, "gru", input_dim=3)
+    config = json.loads((entry / "config.json").read_text())
+    assert config["cell"] == "gru" and config["state"] == [{"input": "h0", "output": "hn", "shape": [2, 5]}]
+    assert config["feature_names"] == ["f0", "f1", "f2"] and len(report) == 5
+
+
+def test_the_export_cli_refuses_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "lstm_serve.cli", "export", "--module", "nowhere:factory", "--labels", "a,b"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "nowhere" in done.stderr, done.stderr
