@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +166,65 @@ def load_data(cfg: TrainConfig) -> Dataset:
     return data
 
 
-def train(cfg: TrainConfig) -> dict:
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """`folds` disjoint index sets, each holding about 1/folds of every class."""
+    rng = np.random.default_rng(seed)
+    assigned: list[list[int]] = [[] for _ in range(folds)]
+    for c in np.unique(labels):
+        for k, i in enumerate(rng.permutation(np.flatnonzero(labels == c))):
+            assigned[k % folds].append(int(i))
+    return [np.sort(np.array(fold)) for fold in assigned]
+
+
+def cross_validate(cfg: TrainConfig, data: Dataset, candidates: list[dict[str, Any]], folds: int) -> list[dict]:
+    """Score each candidate recipe by k-fold cross-validation on the training split alone: one member per
+    fold, its epoch chosen on a validation part of the other folds, scored on the fold. The test split is
+    never read."""
+    fold_idx = stratified_folds(data.train.labels, folds, cfg.seed)
+    results = []
+    for number, candidate in enumerate(candidates, start=1):
+        recipe = replace(cfg, **candidate, ensemble=1, progress=False)
+        accuracies, losses = [], []
+        for k, held in enumerate(fold_idx):
+            rest = np.concatenate([f for j, f in enumerate(fold_idx) if j != k])
+            keep, val = stratified_split(data.train.labels[rest], cfg.val_fraction, cfg.seed + k)
+            member, _, _ = train_member(recipe, data, rest[keep], rest[val], cfg.seed + k, f"candidate {number}")
+            loss, accuracy, _ = evaluate(member, data.train, held)
+            accuracies.append(accuracy)
+            losses.append(loss)
+        results.append(
+            {"recipe": candidate, "cv_accuracy": float(np.mean(accuracies)), "cv_loss": float(np.mean(losses))}
+        )
+        print(
+            f"candidate {number}/{len(candidates)} {candidate}: cv accuracy {results[-1]['cv_accuracy']:.4f}, "
+            f"cv loss {results[-1]['cv_loss']:.4f}",
+            flush=True,
+        )
+    return results
+
+
+def train(cfg: TrainConfig, candidates: list[dict[str, Any]] | None = None, folds: int = 5) -> dict:
+    """Train and score once on the test split. With `candidates` (recipes: TrainConfig fields to vary), the
+    recipe is first chosen by cross-validation on the training split (best mean accuracy, then loss)."""
+    selection = None
+    if candidates:
+        data = load_data(cfg)
+        cfg.model.input_dim, cfg.model.num_classes = data.input_dim, len(data.label_names)
+        selection = cross_validate(cfg, data, candidates, folds)
+        best = max(selection, key=lambda r: (r["cv_accuracy"], -r["cv_loss"]))
+        cfg = replace(cfg, **best["recipe"])
+    metrics = train_once(cfg)
+    if selection is not None:
+        metrics["selection"] = {"folds": folds, "candidates": selection, "chosen": cfg_fields(cfg, selection)}
+        Path(cfg.out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def cfg_fields(cfg: TrainConfig, selection: list[dict]) -> dict[str, Any]:
+    return {key: getattr(cfg, key) for key in selection[0]["recipe"]}
+
+
+def train_once(cfg: TrainConfig) -> dict:
     started = time.time()
     torch.set_num_threads(cfg.threads)
     assert cfg.model.ensemble == 1, "members are trained one by one: set --ensemble K, not --model.ensemble"

@@ -153,8 +153,9 @@ def apply_flags(instance: Any, args: argparse.Namespace, prefix: str = "") -> An
     return instance
 
 
-def train_config(argv: Sequence[str]) -> Any:
-    """Flags over the data set's recipe: `--dataset basic-motions` alone gives its batch size and epochs."""
+def train_config(argv: Sequence[str]) -> tuple[Any, list[dict[str, Any]], int]:
+    """Flags over the data set's recipe: `--dataset basic-motions` alone gives its batch size and epochs.
+    Also the candidate recipes of --select (their cartesian product) and --folds."""
     from lstm_serve.model.train import TrainConfig, config_for
 
     dataset = argparse.ArgumentParser(add_help=False)
@@ -167,7 +168,34 @@ def train_config(argv: Sequence[str]) -> Any:
         formatter_class=HELP,
     )
     add_dataclass_flags(parser, defaults)
-    return apply_flags(defaults, parser.parse_args(argv))
+    parser.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="choose this training setting among the values by k-fold cross-validation on the training "
+        "split (repeatable: every combination is a candidate); the test split is scored once, at the end",
+    )
+    parser.add_argument("--folds", type=int, default=5, help="folds of the cross-validation of --select")
+    args = parser.parse_args(argv)
+    return apply_flags(defaults, args), candidates(defaults, args.select), args.folds
+
+
+def candidates(defaults: Any, selects: list[str]) -> list[dict[str, Any]]:
+    import itertools
+
+    choices = []
+    for select in selects:
+        name, _, values = select.partition("=")
+        if not hasattr(defaults, name) or dataclasses.is_dataclass(getattr(defaults, name)) or not values:
+            fail("train", f"--select {select!r}: expected FIELD=V1,V2 with FIELD a training setting")
+        kind = type(getattr(defaults, name))
+        parse = (lambda text: text.lower() in ("1", "true", "yes")) if kind is bool else kind
+        try:
+            choices.append([(name, parse(value)) for value in values.split(",")])
+        except ValueError:
+            fail("train", f"--select {select!r}: {name} takes {kind.__name__} values")
+    return [dict(combination) for combination in itertools.product(*choices)] if choices else []
 
 
 def cmd_train(argv: Sequence[str]) -> None:
@@ -175,9 +203,9 @@ def cmd_train(argv: Sequence[str]) -> None:
     from lstm_serve.model.data import DataError
     from lstm_serve.model.train import train
 
-    cfg = train_config(argv)
+    cfg, recipes, folds = train_config(argv)
     try:
-        metrics = train(cfg)
+        metrics = train(cfg, recipes, folds)
     except DataError as error:
         fail("train", str(error))
         return

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from lstm_serve.model.train import load_checkpoint, random_crop
+from tests.conftest import ROOT
 
 
 def test_training_writes_checkpoint_metrics_and_plot(tiny_run):
@@ -56,10 +57,43 @@ def test_a_data_sets_recipe_is_the_default_and_flags_still_win():
     from lstm_serve.cli import train_config
 
     shipped = json.loads((Path(__file__).parents[2] / "models/basic-motions/training/metrics.json").read_text())
-    recipe = asdict(train_config(["--dataset", "basic-motions"]))
+    recipe = asdict(train_config(["--dataset", "basic-motions"])[0])
     ignored = {"out_dir", "progress", "model"}  # where it was written, a progress bar, dims filled in by train()
-    assert {k: v for k, v in recipe.items() if k not in ignored} == {
+    newer = {"data": None, "test": None, "test_fraction": 0.2}  # fields the shipped run predates, at their defaults
+    assert {k: v for k, v in recipe.items() if k not in ignored and k not in newer} == {
         k: v for k, v in shipped["train_config"].items() if k not in ignored
     }
-    assert train_config(["--dataset", "basic-motions", "--epochs", "5"]).epochs == 5
-    assert train_config([]).batch_size == 32 and train_config([]).dataset == "japanese-vowels"
+    assert {k: recipe[k] for k in newer} == newer
+    assert train_config(["--dataset", "basic-motions", "--epochs", "5"])[0].epochs == 5
+    assert train_config([])[0].batch_size == 32 and train_config([])[0].dataset == "japanese-vowels"
+    cfg, candidates, folds = train_config(["--select", "noise_sigma=0,0.5", "--select", "crop=1.0,0.7", "--folds", "4"])
+    assert folds == 4 and len(candidates) == 4 and {"noise_sigma": 0.0, "crop": 0.7} in candidates
+
+
+def test_selection_is_by_cross_validation_and_the_test_split_is_scored_once(tmp_path, monkeypatch):
+    from lstm_serve.model import train as training
+
+    scored = []
+    real_evaluate = training.evaluate
+
+    def spy(model, split, indices):
+        scored.append(split)
+        return real_evaluate(model, split, indices)
+
+    monkeypatch.setattr(training, "evaluate", spy)
+    loaded = []
+    real_load = training.load_data
+    monkeypatch.setattr(training, "load_data", lambda cfg: loaded.append(real_load(cfg)) or loaded[-1])
+    cfg = training.TrainConfig(
+        data=str(ROOT / "model" / "examples" / "speakers.csv"),
+        epochs=2,
+        ensemble=1,
+        progress=False,
+        out_dir=str(tmp_path),
+    )
+    metrics = training.train(cfg, [{"noise_sigma": 0.0}, {"noise_sigma": 0.5}], folds=3)
+    selection = metrics["selection"]
+    assert selection["folds"] == 3 and len(selection["candidates"]) == 2
+    assert selection["chosen"] in [c["recipe"] for c in selection["candidates"]]
+    tests = [split for split in scored if any(split is data.test for data in loaded)]
+    assert len(tests) == 1 and scored[-1] is tests[0], "the test split was read before the final score"
