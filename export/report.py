@@ -66,9 +66,11 @@ def train_one(job: tuple[str, str, int, int, int]) -> dict:
     from lstm_serve.model.train import config_for, train
 
     dataset, cell, seed, hidden, epochs = job
+    own_data = {"data": dataset} if is_data_file(dataset) else {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_for(
-            dataset,
+            Path(dataset).stem if own_data else dataset,
+            **own_data,
             out_dir=tmp,
             seed=seed,
             ensemble=1,
@@ -77,7 +79,7 @@ def train_one(job: tuple[str, str, int, int, int]) -> dict:
             **({"epochs": epochs} if epochs else {}),
         )
         metrics = train(cfg)
-        entry = export_checkpoint(Path(tmp) / "checkpoint.pt", Path(tmp) / "repo", f"{dataset}-{cell}", 1)
+        entry = export_checkpoint(Path(tmp) / "checkpoint.pt", Path(tmp) / "repo", f"{cfg.dataset}-{cell}", 1)
         onnx_bytes = (entry / "model.onnx").read_bytes()
         config = json.loads((entry / "config.json").read_text())
     return {
@@ -90,6 +92,11 @@ def train_one(job: tuple[str, str, int, int, int]) -> dict:
         "train_seconds": metrics["wall_time_s"],
         "onnx": onnx_bytes if seed == 0 else None,
     }
+
+
+def is_data_file(dataset: str) -> bool:
+    """A user's .csv or .npz (lstm-serve report --datasets my.csv), rather than a bundled set's name."""
+    return dataset.lower().endswith((".csv", ".npz"))
 
 
 def step_latency_us(onnx_bytes: bytes, batch: int, runs: int) -> float:
@@ -275,7 +282,7 @@ def markdown(rows: list[dict], flow: dict, cfg: ReportConfig, wall_s: float) -> 
     ]
     for dataset in cfg.datasets:
         lines += [
-            f"## {dataset}",
+            f"## {Path(dataset).name if is_data_file(dataset) else dataset}",
             "",
             "| cell | test accuracy (mean ± sd) | min–max | parameters | ONNX size | step, batch 1 | "
             "step, batch 64 | per sequence at 64 | train time |",
@@ -288,8 +295,9 @@ def markdown(rows: list[dict], flow: dict, cfg: ReportConfig, wall_s: float) -> 
                 f"{r['step_us_batch1']:.0f} µs | {r['step_us_batch64']:.0f} µs | {r['step_us_batch64'] / 64:.1f} µs | "
                 f"{r['train_seconds']:.0f} s |"
             )
-        lines += ["", "Published results on the same split (quoted, not re-run here):", ""]
-        lines += [f"- {name}: {accuracy:.3f} [{ref}]" for name, accuracy, ref in PUBLISHED[dataset]]
+        if dataset in PUBLISHED:
+            lines += ["", "Published results on the same split (quoted, not re-run here):", ""]
+            lines += [f"- {name}: {accuracy:.3f} [{ref}]" for name, accuracy, ref in PUBLISHED[dataset]]
         lines.append("")
 
     def reach(gradients: list[float]) -> str:

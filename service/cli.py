@@ -13,6 +13,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -307,11 +308,16 @@ def cmd_report(argv: Sequence[str]) -> None:
     )
     defaults = ReportConfig()
     parser.add_argument("--out-dir", default=defaults.out_dir)
-    parser.add_argument("--datasets", nargs="+", default=defaults.datasets)
+    parser.add_argument("--datasets", nargs="*", default=defaults.datasets)
+    parser.add_argument(
+        "--data", nargs="+", default=[], help="your own .csv or .npz files (see the README), reported beside --datasets"
+    )
     parser.add_argument("--cells", nargs="+", default=defaults.cells)
     for name in ("seeds", "hidden_size", "epochs", "gradient_steps", "workers", "latency_runs"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    path = report(ReportConfig(**vars(parser.parse_args(argv))))
+    args = vars(parser.parse_args(argv))
+    args["datasets"] = [*args["datasets"], *(str(Path(path).resolve()) for path in args.pop("data"))]
+    path = report(ReportConfig(**args))
     print(f"wrote {path} and its plots")
 
 

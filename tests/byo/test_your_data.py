@@ -75,3 +75,13 @@ def test_a_bad_data_file_is_one_line_and_exit_2(tmp_path):
     done = lstm_serve("train", "--data", str(bad), "--out-dir", str(tmp_path / "run"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "line 3: sequence 's1' changes label from 'x' to 'y'" in done.stderr
+
+
+def test_the_model_report_covers_your_data(tmp_path):
+    done = lstm_serve(
+        "report", "--datasets", "--data", str(CSV), "--cells", "lstm", "gru", "--seeds", "1", "--epochs", "2",
+        "--gradient-steps", "5", "--workers", "1", "--latency-runs", "5", "--out-dir", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "## speakers.csv" in report and "| lstm |" in report and "| gru |" in report
