@@ -22,7 +22,7 @@ from lstm_serve.core.runner import Output
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import ModelNotFound, ServiceError, SessionNotFound
 from lstm_serve.protocols import oip_schemas as schemas
-from lstm_serve.protocols.codec import JSON
+from lstm_serve.protocols.codec import JSON, dumps
 from lstm_serve.protocols.oip_requests import (
     LOGITS,
     PROBABILITIES,
@@ -69,6 +69,7 @@ def metadata(model: LoadedModel) -> dict[str, Any]:
             "description": model.entry.description,
             "feature_names": model.entry.feature_names,
             "labels": model.entry.labels,
+            "example": model.entry.example,
         },
     }
 
@@ -107,6 +108,7 @@ def configuration(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
             "labels": {"string_value": ",".join(model.entry.labels)},
             "feature_names": {"string_value": ",".join(model.entry.feature_names)},
             "description": {"string_value": model.entry.description},
+            "example": {"string_value": dumps(model.entry.example).decode()},
             "cell": {"string_value": model.entry.config.get("cell", "lstm")},
         },
     }

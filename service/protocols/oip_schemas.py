@@ -63,7 +63,9 @@ class ModelMetadata(BaseModel):
     inputs: list[MetadataTensor]
     outputs: list[MetadataTensor]
     parameters: dict[str, Any] = Field(
-        default_factory=dict, description="description, feature_names (what each number of a frame is), labels"
+        default_factory=dict,
+        description="description, feature_names (what each number of a frame is), labels, and example: a real "
+        "sequence with its true label",
     )
 
 
