@@ -10,6 +10,7 @@ a task that needs a 100-step memory. Writes REPORT.md, report.json and two PNGs.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -337,7 +338,8 @@ def report(cfg: ReportConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(d, c, s, cfg.hidden_size, cfg.epochs) for d in cfg.datasets for c in cfg.cells for s in range(cfg.seeds)]
-    with ProcessPoolExecutor(cfg.workers) as pool:
+    # spawn, not fork: a forked child of a process with threads (onnxruntime, torch) can inherit a held lock
+    with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         runs = list(pool.map(train_one, jobs))
     rows = summarise(runs, cfg)  # latency after training: no other run competes for the cores
     flow = gradient_flow(train_steps=cfg.gradient_steps)

@@ -1,11 +1,14 @@
 """Streaming a /v1 session over a WebSocket: each message is one chunk, each reply the steps response.
 
 A message is JSON like the steps body ({"inputs": [[...]], "seq": n, "return_steps": b}) or binary,
-little-endian float32 frames, T x D, row by row. A bad message (or one over the caller's rate_limit) gets
-an error reply and the socket stays open; an unknown, deleted or expired session (or another key's) gets
-an error reply and close code 4404. With API keys, send `Authorization: Bearer <key>`, or from a browser
-the subprotocol `bearer.<key>`; without a valid key the socket closes with 4401, and over the caller's
-rate or max_websockets_per_key with 4429. A page from an origin not in cors_origins is refused (403).
+little-endian float32 frames, T x D, row by row, optionally after a 12-byte header that carries `seq`:
+the bytes 53 51 c0 7f (a NaN as float32, so never a frame) and seq as a little-endian uint64; with it,
+a binary chunk resent after a dropped socket is answered, not applied twice. A bad message (or one over
+the caller's rate_limit) gets an error reply and the socket stays open; an unknown, deleted or expired
+session (or another key's) gets an error reply and close code 4404. With API keys, send
+`Authorization: Bearer <key>`, or from a browser the subprotocol `bearer.<key>`; without a valid key the
+socket closes with 4401, and over the caller's rate or max_websockets_per_key with 4429. A page from an
+origin not in cors_origins is refused (403).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from lstm_serve.core.engine import LoadedModel
 from lstm_serve.core.inputs import Chunk, check_body_size, chunk_from_bytes, chunk_from_lists
 from lstm_serve.core.runtime import Runtime
-from lstm_serve.errors import ServiceError, SessionNotFound
+from lstm_serve.errors import InvalidInput, ServiceError, SessionNotFound
 from lstm_serve.protocols import schemas
 from lstm_serve.protocols.codec import dumps, parse
 from lstm_serve.protocols.routing import V1, Route, context, v1_error_body
@@ -26,6 +29,20 @@ from lstm_serve.protocols.v1 import SESSION_ID, step_response, store_key
 PATH = "/v1/sessions/{session_id}/stream"
 CLOSE_UNKNOWN_SESSION = 4404
 CLOSE_POLICY = 1008
+
+
+# A binary message may start with this 4-byte mark and the seq as a little-endian uint64: the mark is a NaN
+# as float32, which no valid frame holds, so a message without it is read as frames alone, as before.
+SEQ_MARK = b"\x53\x51\xc0\x7f"
+SEQ_HEADER = len(SEQ_MARK) + 8
+
+
+def split_seq_header(payload: bytes) -> tuple[int | None, bytes]:
+    if payload[: len(SEQ_MARK)] != SEQ_MARK:
+        return None, payload
+    if len(payload) < SEQ_HEADER:
+        raise InvalidInput("a binary message that starts with the seq mark needs 8 bytes of seq after it")
+    return int.from_bytes(payload[len(SEQ_MARK) : SEQ_HEADER], "little"), payload[SEQ_HEADER:]
 
 
 def error_reply(error: ServiceError, request_id: str | None = None) -> str:
@@ -70,8 +87,9 @@ async def stream_step(runtime: Runtime, model: LoadedModel, session_id: str, key
     payload = message.get("bytes")
     if payload is not None:
         check_body_size(len(payload), limits, "the WebSocket message")
-        chunk = chunk_from_bytes(payload, model.entry, limits, "binary message")
-        return step_response(session_id, await runtime.engine.step(key, lambda _: chunk, None, False), False)
+        seq, frames = split_seq_header(payload)
+        chunk = chunk_from_bytes(frames, model.entry, limits, "binary message")
+        return step_response(session_id, await runtime.engine.step(key, lambda _: chunk, seq, False), False)
     text = message.get("text") or ""
     check_body_size(len(text), limits, "the WebSocket message")
     body = parse(schemas.StepRequest, text, "message")
@@ -100,7 +118,8 @@ def asyncapi_channel(runtime: Runtime) -> dict[str, Any]:
                     "type": "string",
                     "format": "binary",
                     "description": f"T x D little-endian float32 frames, D = the session model's input_dim "
-                    f"(one of {widths}); no seq: a binary chunk is applied as it comes",
+                    f"(one of {widths}); optionally after a 12-byte seq header: 53 51 c0 7f, then seq as a "
+                    "little-endian uint64",
                 },
             },
             "reply": {

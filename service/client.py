@@ -1,0 +1,292 @@
+"""The Python client for lstm-serve: classify sequences, and stream sessions exactly once.
+
+    from lstm_serve.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key=None) as client:
+        print(client.classify([frames])[0].label)            # frames: [T, D] array or nested lists
+        with client.session() as session:                     # deleted on exit
+            for chunk in chunks:
+                prediction = session.step(chunk)              # tracks seq; retries are exactly once
+        with client.session() as session:
+            for prediction in session.stream(chunks):         # WebSocket, binary frames with seq
+                ...
+
+A step carries `seq`, the frames the session has consumed before it. After a dropped connection, a 503 or
+a 429 (waiting `Retry-After`), the client sends the same chunk with the same `seq` again: if the server had
+applied it, it answers without applying it twice. `session.stream` does the same over the WebSocket,
+reconnecting and resending the chunk that was not acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+SEQ_MARK = b"\x53\x51\xc0\x7f"  # the binary seq header of protocols/websocket.py
+Frames = np.ndarray | Sequence[Sequence[float]]
+
+
+# -- results ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    class_id: int
+    probabilities: np.ndarray  # (C,) float
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> Prediction:
+        return cls(body["label"], int(body["class_id"]), np.asarray(body["probabilities"], np.float64))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: int
+    labels: list[str]
+    input_dim: int
+    feature_names: list[str]
+    description: str
+    example: dict[str, Any] | None  # {"label": ..., "frames": [[...], ...]}: a real sequence to try
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> ModelInfo:
+        return cls(
+            body["name"],
+            body["version"],
+            body["labels"],
+            body["input_dim"],
+            body.get("feature_names") or [],
+            body.get("description", ""),
+            body.get("example"),
+        )
+
+
+# -- errors ----------------------------------------------------------------------------------------
+class ServerError(Exception):
+    """An error answer: its HTTP status, the server's code and message, and the request id to find it in
+    the server's log."""
+
+    def __init__(self, status: int, code: str, message: str, request_id: str | None = None, **details: Any):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.request_id, self.details = status, code, message, request_id, details
+
+
+class InvalidInput(ServerError): ...
+
+
+class MalformedRequest(ServerError): ...
+
+
+class Unauthorized(ServerError): ...
+
+
+class ForbiddenOrigin(ServerError): ...
+
+
+class NotFound(ServerError): ...
+
+
+class ModelNotFound(NotFound): ...
+
+
+class SessionNotFound(NotFound): ...
+
+
+class SequenceConflict(ServerError):
+    @property
+    def expected_seq(self) -> int:
+        return int(self.details["expected_seq"])
+
+
+class SessionRestarted(ServerError): ...
+
+
+class TooManySessions(ServerError): ...
+
+
+class RateLimited(ServerError): ...
+
+
+class Overloaded(ServerError): ...
+
+
+class StoreUnavailable(ServerError): ...
+
+
+class NotReady(ServerError): ...
+
+
+ERRORS: dict[str, type[ServerError]] = {
+    "invalid_input": InvalidInput,
+    "malformed_request": MalformedRequest,
+    "unauthorized": Unauthorized,
+    "forbidden_origin": ForbiddenOrigin,
+    "not_found": NotFound,
+    "model_not_found": ModelNotFound,
+    "session_not_found": SessionNotFound,
+    "seq_conflict": SequenceConflict,
+    "session_restarted": SessionRestarted,
+    "too_many_sessions": TooManySessions,
+    "rate_limited": RateLimited,
+    "overloaded": Overloaded,
+    "session_store_unavailable": StoreUnavailable,
+    "not_ready": NotReady,
+}
+RETRIED = (RateLimited, Overloaded, StoreUnavailable, NotReady)
+
+
+def error_of(status: int, body: dict[str, Any]) -> ServerError:
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    if not isinstance(error, dict):  # an /v2 error: {"error": "..."}
+        return ServerError(status, "error", str(error), body.get("request_id"))
+    fields = dict(error)
+    code, message = fields.pop("code", "error"), fields.pop("message", "")
+    return ERRORS.get(code, ServerError)(status, code, message, fields.pop("request_id", None), **fields)
+
+
+def as_frames(frames: Frames) -> np.ndarray:
+    array = np.asarray(frames, np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"frames must be [T, D]; got shape {list(array.shape)}")
+    return array
+
+
+# -- the client ------------------------------------------------------------------------------------
+class Client:
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url, self.api_key, self.retries = url.rstrip("/"), api_key, retries
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, body: Any = None, retry: bool = False) -> Any:
+        """One call; with `retry`, the same request again after a dropped connection, a 503 or a 429
+        (after Retry-After), up to `retries` times. Only requests that are safe to repeat are retried."""
+        attempt = 0
+        while True:
+            try:
+                content = None if body is None else json.dumps(body).encode()
+                headers = {"Content-Type": "application/json"} if content is not None else {}
+                reply = self.http.request(method, path, content=content, headers=headers)
+            except httpx.TransportError:
+                if not retry or attempt >= self.retries:
+                    raise
+                attempt += 1
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+                continue
+            if reply.status_code < 400:
+                return reply.json() if reply.content else None
+            error = error_of(reply.status_code, reply.json() if reply.content else {})
+            if retry and isinstance(error, RETRIED) and attempt < self.retries:
+                attempt += 1
+                time.sleep(float(reply.headers.get("Retry-After", 0.05 * 2**attempt)))
+                continue
+            raise error
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo.of(body) for body in self.request("GET", "/v1/models", retry=True)]
+
+    def model(self, name: str) -> ModelInfo:
+        return ModelInfo.of(self.request("GET", f"/v1/models/{name}", retry=True))
+
+    def classify(self, sequences: Iterable[Frames], model: str | None = None) -> list[Prediction]:
+        """One prediction per sequence (each [T, D]), from zero state."""
+        body: dict[str, Any] = {"sequences": [as_frames(s).tolist() for s in sequences]}
+        if model is not None:
+            body["model"] = model
+        reply = self.request("POST", "/v1/classify", body, retry=True)  # stateless: safe to repeat
+        return [Prediction.of(p) for p in reply["predictions"]]
+
+    def session(self, model: str | None = None) -> Session:
+        body = {} if model is None else {"model": model}
+        return Session(self, self.request("POST", "/v1/sessions", body))
+
+    def resume(self, state: dict[str, Any]) -> Session:
+        """A new session that continues from `Session.state()`, exported here or on another server."""
+        return Session(self, self.request("POST", "/v1/sessions", {"state": state}))
+
+
+class Session:
+    """A streaming session; use it as a context manager to delete it on exit."""
+
+    def __init__(self, client: Client, created: dict[str, Any]) -> None:
+        self.client, self.id = client, created["session_id"]
+        self.model, self.version, self.steps = created["model"], created["version"], created.get("steps", 0)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+    def step(self, frames: Frames) -> Prediction:
+        """Feed the next frames; the prediction after them. Exactly once, whatever is retried."""
+        body = {"inputs": as_frames(frames).tolist(), "seq": self.steps}
+        reply = self.client.request("POST", f"/v1/sessions/{self.id}/steps", body, retry=True)
+        self.steps = reply["steps"]
+        return Prediction.of(reply["prediction"])
+
+    def state(self) -> dict[str, Any]:
+        """The session's recurrent state, for `Client.resume` here or on another server."""
+        exported: dict[str, Any] = self.client.request("GET", f"/v1/sessions/{self.id}/state", retry=True)
+        return exported
+
+    def delete(self) -> None:
+        with contextlib.suppress(SessionNotFound):  # already gone: a retry got through first, or it expired
+            self.client.request("DELETE", f"/v1/sessions/{self.id}", retry=True)
+
+    def stream(self, chunks: Iterable[Frames], reconnects: int = 5) -> Iterator[Prediction]:
+        """Each chunk over the WebSocket as binary float32 frames with its seq; a prediction per chunk. A
+        dropped socket is reopened and the unacknowledged chunk sent again: applied once either way."""
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake
+        from websockets.sync.client import connect
+
+        url = self.client.url.replace("http", "ws", 1) + f"/v1/sessions/{self.id}/stream"
+        headers = {"Authorization": f"Bearer {self.client.api_key}"} if self.client.api_key else {}
+        socket, dropped = None, 0
+        try:
+            for chunk in chunks:
+                frames = as_frames(chunk)
+                message = SEQ_MARK + self.steps.to_bytes(8, "little") + frames.astype("<f4").tobytes()
+                while True:
+                    try:
+                        if socket is None:
+                            socket = connect(url, additional_headers=headers, max_size=None)
+                        socket.send(message)
+                        reply = json.loads(socket.recv())
+                        break
+                    except (ConnectionClosed, InvalidHandshake, OSError):
+                        socket = None
+                        dropped += 1
+                        if dropped > reconnects:
+                            raise
+                        time.sleep(min(2.0, 0.05 * 2**dropped))
+                if "error" in reply:
+                    raise error_of(400, reply)  # the WebSocket carries the code, not an HTTP status
+                self.steps = reply["steps"]
+                yield Prediction.of(reply["prediction"])
+        finally:
+            if socket is not None:
+                socket.close()

@@ -1,0 +1,148 @@
+"""The Python client against a real server: typed results and errors, and sessions that stay exactly once
+through a connection dropped mid-step and a WebSocket dropped mid-stream."""
+
+import contextlib
+import socket
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from lstm_serve.client import Client, InvalidInput, ModelNotFound, SequenceConflict, SessionNotFound, Unauthorized
+
+MODEL = "japanese-vowels"
+
+
+def test_models_and_classify_return_typed_results(server, test_sequences):
+    with Client(server.url) as client:
+        models = {m.name: m for m in client.models()}
+        assert models[MODEL].input_dim == 12 and len(models[MODEL].feature_names) == 12
+        example = client.model(MODEL).example
+        predictions = client.classify([test_sequences[0], example["frames"]], model=MODEL)
+        assert predictions[1].label == example["label"]
+        assert predictions[0].probabilities.shape == (9,) and abs(predictions[0].probabilities.sum() - 1) < 1e-5
+        with pytest.raises(InvalidInput):
+            client.classify([np.zeros((3, 5))])
+        with pytest.raises(ModelNotFound):
+            client.model("nope")
+
+
+def test_a_session_streams_exactly_and_is_deleted_on_exit(server, test_sequences):
+    frames = test_sequences[4]
+    with Client(server.url) as client:
+        expected = client.classify([frames])[0]
+        with client.session() as session:
+            for start in range(0, len(frames), 3):
+                last = session.step(frames[start : start + 3])
+            assert session.steps == len(frames)
+            np.testing.assert_allclose(last.probabilities, expected.probabilities, atol=1e-5)
+            with pytest.raises(SequenceConflict) as conflict:
+                client.request("POST", f"/v1/sessions/{session.id}/steps", {"inputs": frames[:1].tolist(), "seq": 0})
+            assert conflict.value.expected_seq == len(frames)
+            resumed = client.resume(session.state())
+        with pytest.raises(SessionNotFound):
+            client.request("GET", f"/v1/sessions/{session.id}")
+        assert resumed.steps == len(frames)
+        resumed.delete()
+
+
+class DropsOneReply(httpx.HTTPTransport):
+    """Sends the n-th steps request to the server, then loses the answer, as a dropped connection would."""
+
+    def __init__(self, drop_at: int) -> None:
+        super().__init__()
+        self.steps_seen, self.drop_at, self.dropped = 0, drop_at, False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.url.path.endswith("/steps"):
+            self.steps_seen += 1
+            if self.steps_seen == self.drop_at:
+                response.read()
+                self.dropped = True
+                raise httpx.ReadError("connection dropped after the server answered")
+        return response
+
+
+def test_a_step_whose_answer_was_lost_is_retried_exactly_once(server, test_sequences):
+    frames = test_sequences[9]
+    transport = DropsOneReply(drop_at=2)
+    with Client(server.url, transport=transport) as client:
+        expected = client.classify([frames])[0]
+        with client.session() as session:
+            for start in range(0, len(frames), 4):
+                last = session.step(frames[start : start + 4])
+    assert transport.dropped and transport.steps_seen == len(range(0, len(frames), 4)) + 1
+    assert session.steps == len(frames), "the retried chunk was applied twice"
+    np.testing.assert_allclose(last.probabilities, expected.probabilities, atol=1e-5)
+
+
+class Proxy:
+    """A TCP proxy that can lose the next answer the server sends (and drop the connection with it)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.drop_next_reply = threading.Event()
+        self.drops = 0
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self.pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(upstream, client, True), daemon=True).start()
+
+    def pipe(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_server and self.drop_next_reply.is_set():
+                    self.drop_next_reply.clear()
+                    self.drops += 1
+                    break  # the server's answer is lost with the connection
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):  # shutdown first: a close() alone does not wake the other direction's recv
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_websocket_dropped_mid_stream_resumes_exactly(server, test_sequences):
+    frames = test_sequences[12]
+    chunks = [frames[i : i + 2] for i in range(0, len(frames), 2)]
+    proxy = Proxy(server.port)
+    try:
+        with Client(f"http://127.0.0.1:{proxy.port}") as client:
+            expected = client.classify([frames])[0]
+            with client.session() as session:
+                predictions = []
+                for k, prediction in enumerate(session.stream(chunks)):
+                    predictions.append(prediction)
+                    if k in (1, 4):
+                        proxy.drop_next_reply.set()  # the server applies the next chunk; its answer is lost
+                assert proxy.drops == 2 and len(predictions) == len(chunks)
+                assert session.steps == len(frames), "a resent chunk was applied twice"
+                np.testing.assert_allclose(predictions[-1].probabilities, expected.probabilities, atol=1e-5)
+    finally:
+        proxy.close()
+
+
+def test_the_client_sends_its_key(start_server, test_sequences):
+    server = start_server(env={"LSTM_SERVE_API_KEYS": "client-key-1"})
+    with pytest.raises(Unauthorized):
+        Client(server.url).models()
+    with Client(server.url, api_key="client-key-1") as client:
+        with client.session() as session:
+            (prediction,) = list(session.stream([test_sequences[0]]))
+        assert prediction.label == client.classify([test_sequences[0]])[0].label
