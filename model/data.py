@@ -110,31 +110,32 @@ class UserData:
     feature_names: list[str]
 
 
-def read_user_data(path: str | Path) -> UserData:
+def read_user_data(path: str | Path, training: bool = True) -> UserData:
     """An .npz (X, y, optional lengths and feature_names) or a long-format CSV (sequence_id, t, one
-    column per feature, label); anything malformed raises DataError."""
+    column per feature, label); anything malformed raises DataError. Not for training, the labels may
+    be missing (then "") and one class is fine."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix.lower() == ".npz":
-        data = read_npz(path)
+        data = read_npz(path, training)
     elif path.suffix.lower() == ".csv":
-        data = read_csv(path)
+        data = read_csv(path, training)
     else:
         raise DataError(f"{path}: expected a .npz or a .csv file (see the README's data formats)")
-    check_sequences(path, data)
+    check_sequences(path, data, training)
     return data
 
 
-def read_npz(path: Path) -> UserData:
+def read_npz(path: Path, training: bool = True) -> UserData:
     try:
         archive = np.load(path, allow_pickle=True)  # X as an object array of (T_i, D) needs pickle
     except Exception as error:  # a corrupt archive raises zipfile, pickle or value errors
         raise DataError(f"{path}: not a readable .npz ({error})") from None
-    for key in ("X", "y"):
+    for key in ("X", "y") if training else ("X",):
         if key not in archive.files:
             raise DataError(f"{path}: no array {key!r} (it has {sorted(archive.files)})")
-    X, y = archive["X"], archive["y"]
+    X = archive["X"]
     if X.dtype == object:
         sequences = [np.asarray(seq) for seq in X]
     elif X.ndim == 3:
@@ -146,6 +147,7 @@ def read_npz(path: Path) -> UserData:
         sequences = [X[i, : int(n)] for i, n in enumerate(lengths)]
     else:
         raise DataError(f"{path}: X must be an object array of [T_i, D] arrays or a padded [N, T, D] array")
+    y = archive["y"] if "y" in archive.files else np.full(len(sequences), "")
     if y.ndim != 1 or len(y) != len(sequences):
         raise DataError(f"{path}: y must hold one label per sequence ({len(sequences)}), it has shape {list(y.shape)}")
     for i, seq in enumerate(sequences):
@@ -158,7 +160,7 @@ def read_npz(path: Path) -> UserData:
     if names and len(names) != width:
         raise DataError(f"{path}: {len(names)} feature_names for {width} features")
     labels = [str(label) for label in y.tolist()]
-    if any(label in ("", "nan", "None") for label in labels):
+    if training and any(label in ("", "nan", "None") for label in labels):
         raise DataError(
             f"{path}: sequence {next(i for i, v in enumerate(labels) if v in ('', 'nan', 'None'))} has no label"
         )
@@ -168,7 +170,7 @@ def read_npz(path: Path) -> UserData:
 CSV_COLUMNS = ("sequence_id", "t", "label")
 
 
-def read_csv(path: Path) -> UserData:
+def read_csv(path: Path, training: bool = True) -> UserData:
     import csv
 
     with path.open(newline="") as file:
@@ -177,7 +179,7 @@ def read_csv(path: Path) -> UserData:
         if header is None:
             raise DataError(f"{path}: empty file")
         header = [name.strip() for name in header]
-        missing = [c for c in CSV_COLUMNS if c not in header]
+        missing = [c for c in CSV_COLUMNS if c not in header and (training or c != "label")]
         if missing:
             raise DataError(
                 f"{path}: no column {', '.join(missing)} (a long-format CSV has sequence_id, t, label and "
@@ -194,8 +196,8 @@ def read_csv(path: Path) -> UserData:
                 continue
             if len(row) != len(header):
                 raise DataError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
-            sequence_id, label = row[at["sequence_id"]].strip(), row[at["label"]].strip()
-            if not label:
+            sequence_id, label = row[at["sequence_id"]].strip(), row[at["label"]].strip() if "label" in at else ""
+            if training and not label:
                 raise DataError(f"{path} line {line}: no label")
             try:
                 t = float(row[at["t"]])
@@ -218,7 +220,7 @@ def read_csv(path: Path) -> UserData:
     return UserData(sequences, [labels[s] for s in frames], features)
 
 
-def check_sequences(path: Path, data: UserData) -> None:
+def check_sequences(path: Path, data: UserData, training: bool = True) -> None:
     if not data.sequences:
         raise DataError(f"{path}: no sequences")
     width = data.sequences[0].shape[1]
@@ -231,7 +233,7 @@ def check_sequences(path: Path, data: UserData) -> None:
         if len(bad):
             t, d = bad[0]
             raise DataError(f"{path}: sequence {i} frame {t} feature {data.feature_names[d]!r} is NaN or infinite")
-    if len(set(data.labels)) < 2:
+    if training and len(set(data.labels)) < 2:
         raise DataError(f"{path}: every sequence has label {data.labels[0]!r}; a classifier needs at least two classes")
 
 

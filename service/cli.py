@@ -1,4 +1,5 @@
-"""`lstm-serve`: one command line for operators and callers: serve, train, export, report, bench.
+"""`lstm-serve`: one command line for operators and callers: serve, train, export, report, bench; classify,
+stream, models (callers.py).
 
 Training, export and the report need the `train` extra (torch); they are imported only when asked for,
 so the serving image, which carries onnxruntime and no torch, runs `lstm-serve serve` unchanged.
@@ -327,12 +328,24 @@ def cmd_bench(argv: Sequence[str]) -> None:
     main(list(argv))
 
 
+def caller_command(name: str) -> Callable[[Sequence[str]], None]:
+    def run(argv: Sequence[str]) -> None:
+        from lstm_serve.callers import run as run_caller
+
+        run_caller(name, argv, HELP)
+
+    return run
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "serve": (cmd_serve, "serve the model repository over HTTP, WebSocket and the Open Inference Protocol"),
     "train": (cmd_train, "train a classifier (needs the train extra: torch)"),
     "export": (cmd_export, "export a checkpoint to the model repository as ONNX, with parity checks"),
     "report": (cmd_report, "measure every cell on every data set (models/REPORT.md)"),
     "bench": (cmd_bench, "benchmark a server against the afternoon baseline"),
+    "classify": (caller_command("classify"), "classify the sequences in a file, here (onnxruntime) or on a server"),
+    "stream": (caller_command("stream"), "stream a file's sequence through a session, printing each prediction"),
+    "models": (caller_command("models"), "list the models, of the repository here or of a server"),
 }
 
 
