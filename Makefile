@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint model report bench clean
+.PHONY: serve test lint model report bench clean browser
 SHELL := /bin/bash
 # mypy reads the package through the editable install's links; say where the files are in the repository
 REPOSITORY_PATHS := sed -E -e 's|^.*build/__editable__[^/]*/lstm_serve/(model\|export)/|\1/|' \
@@ -32,9 +32,16 @@ $(VENV)/.dev: pyproject.toml $(PACKAGE_DIRS) | $(BIN)/python
 serve: $(VENV)/.runtime
 	$(BIN)/lstm-serve serve
 
-# lint, format, types and the import direction of the layers, then the suite
-test: lint $(VENV)/.dev
-	$(BIN)/python -m pytest -q
+# lint, format, types and the import direction of the layers, then the suite (-rs prints why a test skipped)
+test: lint $(VENV)/.dev browser
+	$(BIN)/python -m pytest -q -rs
+
+# a headless browser for the live page's test: Debian's chromium and its driver, installed when apt can;
+# without them that one test is skipped, saying why
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+		 echo "no chromium: the live page test will be skipped (apt-get install chromium chromium-driver)")
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -31,6 +31,9 @@ ASSET_TYPES = {
 ASSET_URL = "/docs/assets/{name}"
 
 
+LIVE_PAGE = Path(__file__).with_name("static") / "live.html"
+
+
 def server_version() -> str:
     try:
         return version("lstm-serve")
@@ -83,6 +86,11 @@ class Documents:
             raise NotFound(f"no asset {name[:80]!r}")
         return FileResponse(ASSETS / name, media_type=ASSET_TYPES[name], headers={"Cache-Control": "max-age=86400"})
 
+    @staticmethod
+    async def live(request: Request, runtime: Runtime) -> Response:
+        """The live page: a session streamed frame by frame, its probabilities plotted (static/live.html)."""
+        return FileResponse(LIVE_PAGE, media_type="text/html; charset=utf-8")
+
     def routes(self) -> list[Route]:
         def page(path: str, endpoint: Any, summary: str, media_type: str) -> Route:
             reply = Reply(200, "OK", (Content(media_type),))
@@ -94,4 +102,16 @@ class Documents:
             page("/docs", self.swagger, "Swagger UI", "text/html"),
             page("/redoc", self.redoc, "ReDoc", "text/html"),
             page(ASSET_URL, self.asset, "Swagger UI and ReDoc assets", "*/*"),
+            # static HTML and JS with no data in it: it loads without a key, and every call it makes sends one
+            Route(
+                "GET",
+                "/",
+                self.live,
+                V1,
+                "The live page: stream a sequence and watch the prediction",
+                "docs",
+                replies=(Reply(200, "OK", (Content("text/html"),)),),
+                in_schema=False,
+                public=True,
+            ),
         ]
