@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,3 +290,136 @@ class Session:
         finally:
             if socket is not None:
                 socket.close()
+
+
+# -- the async flavour -----------------------------------------------------------------------------
+class AsyncClient:
+    """`Client` for asyncio: the same calls, awaited; sessions are async context managers.
+
+    async with AsyncClient(url) as client, await client.session() as session:
+        prediction = await session.step(frames)
+        async for prediction in session.stream(chunks): ...
+    """
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 5,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url, self.api_key, self.retries = url.rstrip("/"), api_key, retries
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers, transport=transport)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def request(self, method: str, path: str, body: Any = None, retry: bool = False) -> Any:
+        """As Client.request."""
+        import asyncio
+
+        attempt = 0
+        while True:
+            try:
+                content = None if body is None else json.dumps(body).encode()
+                headers = {"Content-Type": "application/json"} if content is not None else {}
+                reply = await self.http.request(method, path, content=content, headers=headers)
+            except httpx.TransportError:
+                if not retry or attempt >= self.retries:
+                    raise
+                attempt += 1
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+                continue
+            if reply.status_code < 400:
+                return reply.json() if reply.content else None
+            error = error_of(reply.status_code, reply.json() if reply.content else {})
+            if retry and isinstance(error, RETRIED) and attempt < self.retries:
+                attempt += 1
+                await asyncio.sleep(float(reply.headers.get("Retry-After", 0.05 * 2**attempt)))
+                continue
+            raise error
+
+    async def models(self) -> list[ModelInfo]:
+        return [ModelInfo.of(body) for body in await self.request("GET", "/v1/models", retry=True)]
+
+    async def model(self, name: str) -> ModelInfo:
+        return ModelInfo.of(await self.request("GET", f"/v1/models/{name}", retry=True))
+
+    async def classify(self, sequences: Iterable[Frames], model: str | None = None) -> list[Prediction]:
+        body: dict[str, Any] = {"sequences": [as_frames(s).tolist() for s in sequences]}
+        if model is not None:
+            body["model"] = model
+        reply = await self.request("POST", "/v1/classify", body, retry=True)
+        return [Prediction.of(p) for p in reply["predictions"]]
+
+    async def session(self, model: str | None = None) -> AsyncSession:
+        body = {} if model is None else {"model": model}
+        return AsyncSession(self, await self.request("POST", "/v1/sessions", body))
+
+    async def resume(self, state: dict[str, Any]) -> AsyncSession:
+        return AsyncSession(self, await self.request("POST", "/v1/sessions", {"state": state}))
+
+
+class AsyncSession:
+    def __init__(self, client: AsyncClient, created: dict[str, Any]) -> None:
+        self.client, self.id = client, created["session_id"]
+        self.model, self.version, self.steps = created["model"], created["version"], created.get("steps", 0)
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.delete()
+
+    async def step(self, frames: Frames) -> Prediction:
+        body = {"inputs": as_frames(frames).tolist(), "seq": self.steps}
+        reply = await self.client.request("POST", f"/v1/sessions/{self.id}/steps", body, retry=True)
+        self.steps = reply["steps"]
+        return Prediction.of(reply["prediction"])
+
+    async def state(self) -> dict[str, Any]:
+        exported: dict[str, Any] = await self.client.request("GET", f"/v1/sessions/{self.id}/state", retry=True)
+        return exported
+
+    async def delete(self) -> None:
+        with contextlib.suppress(SessionNotFound):
+            await self.client.request("DELETE", f"/v1/sessions/{self.id}", retry=True)
+
+    async def stream(self, chunks: Iterable[Frames], reconnects: int = 5) -> AsyncIterator[Prediction]:
+        """As Session.stream: binary frames with seq, reconnecting and resending the unacknowledged chunk."""
+        import asyncio
+
+        from websockets.asyncio.client import ClientConnection, connect
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+        url = self.client.url.replace("http", "ws", 1) + f"/v1/sessions/{self.id}/stream"
+        headers = {"Authorization": f"Bearer {self.client.api_key}"} if self.client.api_key else {}
+        socket: ClientConnection | None = None
+        dropped = 0
+        try:
+            for chunk in chunks:
+                message = SEQ_MARK + self.steps.to_bytes(8, "little") + as_frames(chunk).astype("<f4").tobytes()
+                while True:
+                    try:
+                        if socket is None:
+                            socket = await connect(url, additional_headers=headers, max_size=None)
+                        await socket.send(message)
+                        reply = json.loads(await socket.recv())
+                        break
+                    except (ConnectionClosed, InvalidHandshake, OSError):
+                        socket, dropped = None, dropped + 1
+                        if dropped > reconnects:
+                            raise
+                        await asyncio.sleep(min(2.0, 0.05 * 2**dropped))
+                if "error" in reply:
+                    raise error_of(400, reply)
+                self.steps = reply["steps"]
+                yield Prediction.of(reply["prediction"])
+        finally:
+            if socket is not None:
+                await socket.close()

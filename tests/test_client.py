@@ -146,3 +146,27 @@ def test_the_client_sends_its_key(start_server, test_sequences):
         with client.session() as session:
             (prediction,) = list(session.stream([test_sequences[0]]))
         assert prediction.label == client.classify([test_sequences[0]])[0].label
+
+
+def test_the_async_client_classifies_steps_and_streams_exactly(server, test_sequences):
+    import asyncio
+
+    from lstm_serve.client import AsyncClient
+
+    frames = test_sequences[21]
+
+    async def main():
+        async with AsyncClient(server.url) as client:
+            (expected,) = await client.classify([frames])
+            async with await client.session() as session:
+                for start in range(0, len(frames), 5):
+                    stepped = await session.step(frames[start : start + 5])
+            async with await client.session() as session:
+                streamed = [p async for p in session.stream(frames[i : i + 3] for i in range(0, len(frames), 3))]
+                steps = session.steps
+            return expected, stepped, streamed[-1], steps
+
+    expected, stepped, streamed, steps = asyncio.run(main())
+    assert steps == len(frames)
+    np.testing.assert_allclose(stepped.probabilities, expected.probabilities, atol=1e-5)
+    np.testing.assert_allclose(streamed.probabilities, expected.probabilities, atol=1e-5)
