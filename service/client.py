@@ -266,14 +266,14 @@ class Session:
         url = self.client.url.replace("http", "ws", 1) + f"/v1/sessions/{self.id}/stream"
         headers = {"Authorization": f"Bearer {self.client.api_key}"} if self.client.api_key else {}
         socket, dropped = None, 0
-        try:
+        with contextlib.ExitStack() as sockets:  # every socket opened, closed on the way out
             for chunk in chunks:
                 frames = as_frames(chunk)
                 message = SEQ_MARK + self.steps.to_bytes(8, "little") + frames.astype("<f4").tobytes()
                 while True:
                     try:
                         if socket is None:
-                            socket = connect(url, additional_headers=headers, max_size=None)
+                            socket = sockets.enter_context(connect(url, additional_headers=headers, max_size=None))
                         socket.send(message)
                         reply = json.loads(socket.recv())
                         break
@@ -287,9 +287,6 @@ class Session:
                     raise error_of(400, reply)  # the WebSocket carries the code, not an HTTP status
                 self.steps = reply["steps"]
                 yield Prediction.of(reply["prediction"])
-        finally:
-            if socket is not None:
-                socket.close()
 
 
 # -- the async flavour -----------------------------------------------------------------------------
