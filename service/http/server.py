@@ -31,6 +31,7 @@ def serve(settings: Settings) -> None:
         http=HeaderDeadline,
         ws=WebSocketHandshakeGuard,
         ws_max_size=2 * settings.max_body_bytes,
+        ws_per_message_deflate=False,  # replies are a few hundred bytes: compressing each costs more than it saves
         timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]  # a float works
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works
         limit_concurrency=settings.max_connections,
