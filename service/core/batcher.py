@@ -4,6 +4,11 @@ The loop takes everything already queued (up to max_batch_size), optionally wait
 for more, runs the batch in a worker thread (the event loop keeps serving), and resolves every
 future: with its own result, or with the batch's exception. While one batch runs, the next one
 gathers, so batches grow with load and a quiet server pays no wait.
+
+Nor the thread hand-off: a `cheap` item (a few frames, tens of microseconds of onnxruntime) that finds
+nothing queued or running first yields once to the event loop, so that requests arriving with it queue
+behind it; if it is still alone, it runs at once on the loop. Only one item at a time may try this:
+under load the others queue and are batched in the worker thread as before.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class Batcher(Generic[In, Out]):
         max_queue_length: int = 2048,
         observer: BatchObserver | None = None,
         name: str = "batcher",
+        cheap: Callable[[In], bool] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -50,6 +56,9 @@ class Batcher(Generic[In, Out]):
         self.queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue(max_queue_length)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.task: asyncio.Task | None = None
+        self.cheap = cheap
+        self.running = False  # a batch is in the worker thread
+        self.inline_pending = False  # an item is looking whether it may run inline
 
     @property
     def queued(self) -> int:
@@ -58,6 +67,14 @@ class Batcher(Generic[In, Out]):
     async def submit(self, item: In) -> Out:
         if self.task is None or self.task.done():
             raise Overloaded(f"{self.name} is not running", headers={"Retry-After": "1"})
+        if self.cheap is not None and not self.inline_pending and self.idle and self.cheap(item):
+            self.inline_pending = True
+            try:
+                await asyncio.sleep(0)  # whatever arrived with this item queues now, and is batched
+                if self.idle:
+                    return self.run_inline(item)
+            finally:
+                self.inline_pending = False
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(_Pending(item, future, time.perf_counter()))
@@ -67,6 +84,20 @@ class Batcher(Generic[In, Out]):
                 headers={"Retry-After": "1"},
             ) from None
         return await future
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing running, and no wait configured for batches to fill."""
+        return not self.running and self.queue.empty() and not self.max_delay_s
+
+    def run_inline(self, item: In) -> Out:
+        started = time.perf_counter()
+        try:
+            (result,) = self.run_batch([item])
+        finally:
+            if self.observer is not None:
+                self.observer.batch_done(1, [0.0], time.perf_counter() - started)
+        return result
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop(), name=self.name)
@@ -110,6 +141,7 @@ class Batcher(Generic[In, Out]):
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
         started = time.perf_counter()
+        self.running = True
         try:
             results = await loop.run_in_executor(self.executor, self.run_batch, [p.item for p in batch])
             if len(results) != len(batch):
@@ -120,6 +152,7 @@ class Batcher(Generic[In, Out]):
                     p.future.set_exception(error)
             return
         finally:
+            self.running = False
             if self.observer is not None:
                 self.observer.batch_done(
                     len(batch), [started - p.enqueued for p in batch], time.perf_counter() - started

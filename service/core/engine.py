@@ -74,6 +74,11 @@ def chunk_digest(frames: np.ndarray) -> str:
     return hashlib.blake2b(frames.tobytes(), digest_size=16).hexdigest()
 
 
+# A chunk this short may run on the event loop when its model's batcher is idle (core/batcher.py): tens
+# of microseconds of onnxruntime, less than handing it to the worker thread and back.
+INLINE_FRAMES = 8
+
+
 class Engine:
     def __init__(self, settings: Settings, store: SessionStore, metrics: Metrics) -> None:
         self.settings, self.store, self.metrics = settings, store, metrics
@@ -99,6 +104,7 @@ class Engine:
                 s.max_queue_length,
                 observer=self.metrics.observer(name),
                 name=f"{name}-batcher",
+                cheap=lambda item: len(item.frames) <= INLINE_FRAMES,
             )
             loaded.append(LoadedModel(entry, runner, batcher))
             log.info("loaded %s v%d on %s", name, entry.version, runner.provider)

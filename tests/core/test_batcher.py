@@ -118,3 +118,22 @@ def test_stop_finishes_queued_work_first():
         return [p.result() for p in pending]
 
     assert asyncio.run(main()) == [0, 10, 20, 30, 40, 50]
+
+
+def test_a_lone_cheap_item_runs_at_once_and_a_burst_is_still_batched():
+    async def main():
+        model = Recorder(delay=0.01)
+        batcher = await with_batcher(model, max_batch_size=8, cheap=lambda item: item < 100)
+        alone = await batcher.submit(3)  # idle and cheap: on the event loop, no hand-off
+        on_loop = threading.get_ident() in model.thread_ids
+        model.thread_ids.clear()
+        expensive = await batcher.submit(500)  # idle but not cheap: the worker thread
+        burst = await asyncio.gather(*(batcher.submit(i) for i in range(12)))
+        await batcher.stop()
+        return model, alone, on_loop, expensive, burst
+
+    model, alone, on_loop, expensive, burst = asyncio.run(main())
+    assert alone == 30 and on_loop, "a lone cheap item should run on the event loop"
+    assert expensive == 5000 and burst == [i * 10 for i in range(12)]
+    assert threading.get_ident() not in model.thread_ids, "an item of the burst ran on the event loop"
+    assert max(len(b) for b in model.batches[2:]) > 1, f"the burst was not batched: {model.batches}"
