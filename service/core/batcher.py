@@ -138,6 +138,7 @@ class Batcher(Generic[In, Out]):
             finally:
                 for _ in batch:
                     self.queue.task_done()
+            del batch, live  # the outputs are their callers' now: hold none of them while the next batch gathers
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
         started = time.perf_counter()
