@@ -32,16 +32,14 @@ $(VENV)/.dev: pyproject.toml $(PACKAGE_DIRS) | $(BIN)/python
 serve: $(VENV)/.runtime
 	$(BIN)/lstm-serve serve
 
-# lint, format, types and the import direction of the layers, then the suite (-rs prints why a test skipped)
+# lint, format, types and the import direction of the layers, then the suite (-rs: say why, were a test skipped)
 test: lint $(VENV)/.dev browser
 	$(BIN)/python -m pytest -q -rs
 
-# a headless browser for the live page's test: Debian's chromium and its driver, installed when apt can;
-# without them that one test is skipped, saying why
+# a headless browser for the live page's test: Debian's chromium and its driver
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
-		 echo "no chromium: the live page test will be skipped (apt-get install chromium chromium-driver)")
+		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 
 from lstm_serve.client import Client, Prediction, ServerError
-from lstm_serve.settings import DEFAULT_REPOSITORY
+from lstm_serve.settings import DEFAULT_REPOSITORY, Settings
 
 
 class InputError(ValueError):
@@ -72,7 +72,8 @@ def local_predictions(repository: Path, model: str | None, sequences: list[np.nd
     from lstm_serve.core.runner import Item, OnnxRunner
 
     entries = load_repository(repository)
-    name = model or ("japanese-vowels" if "japanese-vowels" in entries else next(iter(entries)))
+    default = Settings.model_fields["default_model"].default  # as the server picks it
+    name = model or (default if default in entries else next(iter(entries)))
     if name not in entries:
         raise InputError(f"no model {name!r} in {repository} (it has {', '.join(sorted(entries))})")
     entry = entries[name]

@@ -76,6 +76,7 @@ class ServerError(Exception):
     def __init__(self, status: int, code: str, message: str, request_id: str | None = None, **details: Any):
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message, self.request_id, self.details = status, code, message, request_id, details
+        self.retry_after: float | None = None  # seconds, when the server said when to try again
 
 
 class InvalidInput(ServerError): ...
@@ -151,6 +152,35 @@ def error_of(status: int, body: dict[str, Any]) -> ServerError:
     return ERRORS.get(code, ServerError)(status, code, message, fields.pop("request_id", None), **fields)
 
 
+def encoded(body: Any) -> tuple[bytes | None, dict[str, str]]:
+    if body is None:
+        return None, {}
+    return json.dumps(body).encode(), {"Content-Type": "application/json"}
+
+
+def answer(reply: httpx.Response) -> Any:
+    """The reply's JSON, or its error raised as the typed exception (with Retry-After when it has one)."""
+    body = reply.json() if reply.content else None
+    if reply.status_code < 400:
+        return body
+    error = error_of(reply.status_code, body or {})
+    error.retry_after = float(reply.headers["Retry-After"]) if "Retry-After" in reply.headers else None
+    raise error
+
+
+def retry_wait(retry: bool, attempt: int, retries: int, failure: Exception) -> float | None:
+    """Seconds to wait before sending the same request again, or None when it must not be retried: only
+    a dropped connection, or a 503 or a 429 (for its Retry-After), when retrying is allowed."""
+    if not retry or attempt >= retries:
+        return None
+    backoff = min(2.0, 0.05 * 2 ** (attempt + 1))
+    if isinstance(failure, httpx.TransportError):
+        return backoff
+    if isinstance(failure, RETRIED):
+        return failure.retry_after if failure.retry_after is not None else backoff
+    return None
+
+
 def as_frames(frames: Frames) -> np.ndarray:
     array = np.asarray(frames, np.float32)
     if array.ndim != 2:
@@ -184,26 +214,17 @@ class Client:
     def request(self, method: str, path: str, body: Any = None, retry: bool = False) -> Any:
         """One call; with `retry`, the same request again after a dropped connection, a 503 or a 429
         (after Retry-After), up to `retries` times. Only requests that are safe to repeat are retried."""
+        content, headers = encoded(body)
         attempt = 0
         while True:
             try:
-                content = None if body is None else json.dumps(body).encode()
-                headers = {"Content-Type": "application/json"} if content is not None else {}
-                reply = self.http.request(method, path, content=content, headers=headers)
-            except httpx.TransportError:
-                if not retry or attempt >= self.retries:
+                return answer(self.http.request(method, path, content=content, headers=headers))
+            except (httpx.TransportError, ServerError) as failure:
+                wait = retry_wait(retry, attempt, self.retries, failure)
+                if wait is None:
                     raise
-                attempt += 1
-                time.sleep(min(2.0, 0.05 * 2**attempt))
-                continue
-            if reply.status_code < 400:
-                return reply.json() if reply.content else None
-            error = error_of(reply.status_code, reply.json() if reply.content else {})
-            if retry and isinstance(error, RETRIED) and attempt < self.retries:
-                attempt += 1
-                time.sleep(float(reply.headers.get("Retry-After", 0.05 * 2**attempt)))
-                continue
-            raise error
+            attempt += 1
+            time.sleep(wait)
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo.of(body) for body in self.request("GET", "/v1/models", retry=True)]
@@ -320,26 +341,17 @@ class AsyncClient:
         """As Client.request."""
         import asyncio
 
+        content, headers = encoded(body)
         attempt = 0
         while True:
             try:
-                content = None if body is None else json.dumps(body).encode()
-                headers = {"Content-Type": "application/json"} if content is not None else {}
-                reply = await self.http.request(method, path, content=content, headers=headers)
-            except httpx.TransportError:
-                if not retry or attempt >= self.retries:
+                return answer(await self.http.request(method, path, content=content, headers=headers))
+            except (httpx.TransportError, ServerError) as failure:
+                wait = retry_wait(retry, attempt, self.retries, failure)
+                if wait is None:
                     raise
-                attempt += 1
-                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
-                continue
-            if reply.status_code < 400:
-                return reply.json() if reply.content else None
-            error = error_of(reply.status_code, reply.json() if reply.content else {})
-            if retry and isinstance(error, RETRIED) and attempt < self.retries:
-                attempt += 1
-                await asyncio.sleep(float(reply.headers.get("Retry-After", 0.05 * 2**attempt)))
-                continue
-            raise error
+            attempt += 1
+            await asyncio.sleep(wait)
 
     async def models(self) -> list[ModelInfo]:
         return [ModelInfo.of(body) for body in await self.request("GET", "/v1/models", retry=True)]

@@ -170,3 +170,16 @@ def test_the_async_client_classifies_steps_and_streams_exactly(server, test_sequ
     assert steps == len(frames)
     np.testing.assert_allclose(stepped.probabilities, expected.probabilities, atol=1e-5)
     np.testing.assert_allclose(streamed.probabilities, expected.probabilities, atol=1e-5)
+
+
+def test_a_rate_limited_call_is_retried_after_retry_after(start_server, test_sequences):
+    from lstm_serve.client import RateLimited
+
+    server = start_server(env={"LSTM_SERVE_RATE_LIMIT": "5/s", "LSTM_SERVE_RATE_BURST": "1"})
+    with Client(server.url) as client:
+        with pytest.raises(RateLimited) as refused:
+            for _ in range(3):
+                client.request("POST", "/v1/classify", {"sequences": [test_sequences[0].tolist()]})
+        assert refused.value.retry_after == 1.0, "the server's Retry-After reaches the exception"
+        labels = {client.classify([test_sequences[0]])[0].label for _ in range(3)}  # each waits out a 429
+    assert len(labels) == 1

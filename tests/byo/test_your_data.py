@@ -7,9 +7,9 @@ import sys
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 
 from lstm_serve.model.data import read_user_data
+from tests.byo.graphs import graph_probabilities
 from tests.conftest import ROOT
 
 CSV = ROOT / "model" / "examples" / "speakers.csv"
@@ -19,18 +19,6 @@ def lstm_serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lstm_serve.cli", *args], capture_output=True, text=True, timeout=600, cwd=ROOT
     )
-
-
-def onnx_probabilities(path, frames: np.ndarray) -> np.ndarray:
-    """The exported graph alone, in onnxruntime: zero state, the whole sequence, the last frame's softmax."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"x": frames[None].astype(np.float32), "lengths": np.array([len(frames)], np.int64)}
-    for spec in session.get_inputs():
-        if spec.name not in feeds:
-            feeds[spec.name] = np.zeros((spec.shape[0], 1, spec.shape[2]), np.float32)
-    logits = session.run(None, feeds)[0][0, -1]
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
 
 
 def test_train_export_and_serve_the_example_csv(tmp_path, start_server):
@@ -59,7 +47,7 @@ def test_train_export_and_serve_the_example_csv(tmp_path, start_server):
         assert json.loads(triton_config["example"]["string_value"]) == example
         assert triton_config["feature_names"]["string_value"].split(",") == data.feature_names
         for frames in data.sequences[:5]:
-            expected = onnx_probabilities(graph, frames)
+            expected = graph_probabilities(graph, frames)
             reply = c.post("/v1/classify", json={"model": "speakers", "sequences": [frames.tolist()]})
             np.testing.assert_allclose(reply.json()["predictions"][0]["probabilities"], expected, atol=1e-6)
             session_id = c.post("/v1/sessions", json={"model": "speakers"}).json()["session_id"]

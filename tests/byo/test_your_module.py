@@ -9,7 +9,6 @@ import sys
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -17,21 +16,12 @@ from websockets.sync.client import connect
 
 from lstm_serve.export.user_module import ContractError, export_module
 from lstm_serve.model.data import read_user_data
+from tests.byo.graphs import graph_probabilities
 from tests.conftest import ROOT
 
 CSV = ROOT / "model" / "examples" / "speakers.csv"
 OUTSIDE = ROOT / "tests" / "byo" / "outside" / "speaker_lstm.py"
 LABELS = ["speaker-1", "speaker-2", "speaker-3"]
-
-
-def graph_probabilities(path, frames: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"x": frames[None].astype(np.float32)}
-    for spec in session.get_inputs()[1:]:
-        feeds[spec.name] = np.zeros((spec.shape[0], 1, spec.shape[2]), np.float32)
-    logits = session.run(None, feeds)[0][0, -1]
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
 
 
 def test_a_user_module_is_trained_exported_served_and_streamed(tmp_path, start_server):

@@ -14,9 +14,9 @@ SCREENSHOT = os.environ.get("LSTM_SERVE_SCREENSHOT")  # set to a path to write t
 
 def browser():
     chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        print("\nSKIPPED the live page test: no chromium and chromedriver (apt-get install chromium chromium-driver)")
-        pytest.skip("no chromium and chromedriver: apt-get install chromium chromium-driver")
+    assert chromium and driver, (
+        "no chromium and chromedriver: make test installs them (apt-get install chromium chromium-driver)"
+    )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
