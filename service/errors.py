@@ -94,3 +94,19 @@ class NotReady(ServiceError):
 
 class StoreUnavailable(ServiceError):
     status, code = 503, "session_store_unavailable"
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
+class ModelVersionRetired(ServiceError):
+    status, code = 410, "model_version_retired"
+
+
+class ModelLoading(ServiceError):
+    status, code = 503, "model_loading"
+
+
+class LoadRefused(ServiceError):
+    status, code = 400, "load_refused"

@@ -32,6 +32,17 @@ def parse_rate(text: str) -> float:
     return float(found[1]) / PER_SECOND[found[2]]
 
 
+VERSION_POLICY = re.compile(r"\s*(?:latest(?::([1-9]\d{0,3}))?|(all))\s*")
+
+
+def parse_version_policy(text: str) -> int | None:
+    """'latest' -> 1, 'latest:N' -> N, 'all' -> None: how many of the newest versions of a model to serve."""
+    found = VERSION_POLICY.fullmatch(text)
+    if not found:
+        raise ValueError(f"version_policy {text!r} is not latest, latest:N (N >= 1) or all")
+    return None if found[2] else int(found[1] or 1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="ignore")
 
@@ -40,6 +51,22 @@ class Settings(BaseSettings):
         "japanese-vowels",
         description="model used when a request names none; if not set "
         "and the repository lacks it, the repository's first model by name",
+    )
+    version_policy: str = Field(
+        "latest", description="versions of each model served: latest (the newest), latest:N (the newest N) or all"
+    )
+    version_drain_s: float = Field(
+        600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="after a version is unloaded (or replaced), how long its live sessions are still served; "
+        "then they answer 410 model_version_retired",
+    )
+    repository_poll_s: float | None = Field(
+        None,
+        gt=0,
+        description="look for new model versions in the repository this often; none = only at start "
+        "and on POST /v2/repository/models/{name}/load",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime execution: auto = CUDA if onnxruntime-gpu sees a GPU, else CPU"
@@ -82,6 +109,12 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="a file of API keys, one per line; a line sha256:<hex> holds a key's hash, not the key"
     )
+    admin_keys: str = Field(
+        "",
+        repr=False,
+        description="comma-separated keys (or sha256:<hex>) for the repository API (load, unload, index); "
+        "without any, only loopback clients of a server without API keys may use it",
+    )
     rate_limit: str | None = Field(
         None, description="requests per key (per client address without keys), e.g. 200/s or 6000/min; none = off"
     )
@@ -123,6 +156,17 @@ class Settings(BaseSettings):
     @classmethod
     def empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("version_policy")
+    @classmethod
+    def version_policy_reads(cls, value: str) -> str:
+        parse_version_policy(value)
+        return value
+
+    @field_validator("repository_poll_s", mode="before")
+    @classmethod
+    def empty_poll_is_none(cls, value: object) -> object:
+        return None if value in ("", "0") else value
 
     @model_validator(mode="after")
     def rate_limit_reads(self) -> Settings:

@@ -205,3 +205,35 @@ def redis_server():
     process = RedisProcess().start()
     yield process
     process.stop()
+
+
+def copy_model(repository: Path, name: str = "japanese-vowels") -> Path:
+    """A model repository of one shipped model's version 1, to change under a running server."""
+    import shutil
+
+    shutil.copytree(ROOT / "models" / name / "1", repository / name / "1")
+    return repository
+
+
+def add_version(repository: Path, version: int, name: str = "japanese-vowels", shift: float = 0.7) -> Path:
+    """Version `version` of a model: version 1's graph with the classifier head's bias moved by a fixed random
+    vector, so the same contract gives other probabilities. Its config.json carries the new sha256."""
+    import hashlib
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    source, target = repository / name / "1", repository / name / str(version)
+    graph = onnx.load(source / "model.onnx")
+    for k, tensor in enumerate(graph.graph.initializer):
+        if tensor.name.endswith("head.bias"):
+            bias = numpy_helper.to_array(tensor)
+            moved = bias + shift * np.random.default_rng(version).standard_normal(bias.shape).astype(bias.dtype)
+            graph.graph.initializer[k].CopyFrom(numpy_helper.from_array(moved, tensor.name))
+    target.mkdir(parents=True)
+    onnx.save(graph, target / "model.onnx")
+    config = json.loads((source / "config.json").read_text())
+    config.update(version=version, sha256=hashlib.sha256((target / "model.onnx").read_bytes()).hexdigest())
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target

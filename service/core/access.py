@@ -72,6 +72,17 @@ class KeyRing:
             digests += read_key_file(settings.api_keys_file)
         return cls(list(dict.fromkeys(digests)))
 
+    @classmethod
+    def admin_from_settings(cls, settings: Settings) -> KeyRing:
+        """The keys of the repository API (load, unload): plain keys or sha256:<hex>, comma-separated."""
+        digests = []
+        for key in split_keys(settings.admin_keys):
+            hashed = HASHED.fullmatch(key)
+            if key.startswith("sha256:") and not hashed:
+                raise KeyFileError("admin_keys: sha256: must be followed by 64 hex digits")
+            digests.append(bytes.fromhex(hashed[1]) if hashed else sha256(key))
+        return cls(list(dict.fromkeys(digests)))
+
     @property
     def enabled(self) -> bool:
         return bool(self.digests)

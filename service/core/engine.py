@@ -16,47 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lstm_serve.core.batcher import Batcher
+from lstm_serve.core.fleet import Fleet, LoadedModel, Prediction
 from lstm_serve.core.inputs import Catalogue, Chunk, Limits
 from lstm_serve.core.metrics import Metrics
-from lstm_serve.core.repository import ModelEntry, load_repository
-from lstm_serve.core.runner import Item, OnnxRunner, Output
+from lstm_serve.core.runner import Item, Output
 from lstm_serve.core.session_state import Exported
-from lstm_serve.errors import ModelNotFound, SequenceConflict, SessionRestarted
+from lstm_serve.errors import SequenceConflict, SessionRestarted
 from lstm_serve.settings import Settings
+from lstm_serve.state.directory import LocalDirectory, ModelDirectory
 from lstm_serve.state.sessions import SessionRecord, SessionStore, new_record
 
+__all__ = ["Engine", "LoadedModel", "Prediction", "StepResult", "chunk_digest"]
 log = logging.getLogger("lstm_serve")
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    """The model's verdict after one frame."""
-
-    label: str
-    class_id: int
-    probabilities: np.ndarray  # (C,) float32
-
-
-@dataclass
-class LoadedModel:
-    entry: ModelEntry
-    runner: OnnxRunner
-    batcher: Batcher[Item, Output]
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    @property
-    def version(self) -> int:
-        return self.entry.version
-
-    def predict(self, probabilities: np.ndarray) -> Prediction:
-        """The prediction for one frame's probabilities (C,); the row is copied so that it does not keep
-        the whole batch's array alive."""
-        class_id = int(probabilities.argmax())
-        return Prediction(self.entry.labels[class_id], class_id, probabilities.copy())
 
 
 @dataclass(frozen=True)
@@ -74,68 +45,40 @@ def chunk_digest(frames: np.ndarray) -> str:
     return hashlib.blake2b(frames.tobytes(), digest_size=16).hexdigest()
 
 
-# A chunk this short may run on the event loop when its model's batcher is idle (core/batcher.py): tens
-# of microseconds of onnxruntime, less than handing it to the worker thread and back.
-INLINE_FRAMES = 8
-
-
 class Engine:
-    def __init__(self, settings: Settings, store: SessionStore, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, store: SessionStore, metrics: Metrics, directory: ModelDirectory | None = None
+    ) -> None:
         self.settings, self.store, self.metrics = settings, store, metrics
-        self.models: dict[str, LoadedModel] = {}
-        self.catalogue = Catalogue(Limits.from_settings(settings), {}, settings.default_model)
+        self.fleet = Fleet(settings, metrics, directory or LocalDirectory(), Limits.from_settings(settings))
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        s = self.settings
-        entries = load_repository(s.model_repository)
-        default_model = s.default_model
-        if default_model not in entries:
-            if "default_model" in s.model_fields_set:  # asked for explicitly: a typo must not go unnoticed
-                raise ModelNotFound(f"default model {s.default_model!r} is not in {s.model_repository}")
-            default_model = next(iter(entries))
-        loaded = []
-        for name, entry in entries.items():
-            runner = OnnxRunner(entry, s.providers, s.intra_op_threads)
-            batcher = Batcher(
-                runner.run,
-                s.max_batch_size,
-                s.max_queue_delay_ms / 1000,
-                s.max_queue_length,
-                observer=self.metrics.observer(name),
-                name=f"{name}-batcher",
-                cheap=lambda item: len(item.frames) <= INLINE_FRAMES,
-            )
-            loaded.append(LoadedModel(entry, runner, batcher))
-            log.info("loaded %s v%d on %s", name, entry.version, runner.provider)
-        self.serve(loaded, default_model)
-        await asyncio.to_thread(self.warm_up)
-        for model in self.models.values():
-            model.batcher.start()
-
-    def warm_up(self) -> None:
-        """Run each graph at the batch sizes it will see, so the first requests pay no set-up."""
-        for model in self.models.values():
-            frames = np.zeros((3, model.entry.input_dim), np.float32)
-            for batch_size in sorted({1, self.settings.max_batch_size}):
-                model.runner.run([Item(frames, None)] * batch_size)
+        await self.fleet.start()
 
     async def stop(self) -> None:
-        await asyncio.gather(*(m.batcher.stop() for m in self.models.values()))
+        await self.fleet.stop()
 
     # -- models ------------------------------------------------------------------------------
     def serve(self, models: list[LoadedModel], default_model: str) -> None:
         """Make these the served models; requests that name no model get `default_model`."""
-        self.models = {model.entry.name: model for model in models}
-        entries = {name: model.entry for name, model in self.models.items()}
-        self.catalogue = Catalogue(self.catalogue.limits, entries, default_model)
+        self.fleet.serve(models, default_model)
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """Each model's default version (its newest serving), by name."""
+        return self.fleet.models
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self.fleet.catalogue
 
     @property
     def default_model(self) -> str:
-        return self.catalogue.default_model
+        return self.fleet.default_model
 
-    def model(self, name: str | None = None) -> LoadedModel:
-        return self.models[self.catalogue.entry(name).name]
+    def model(self, name: str | None = None, version: int | None = None) -> LoadedModel:
+        return self.fleet.model(name, version)
 
     # -- classify ----------------------------------------------------------------------------
     async def classify(self, model: LoadedModel, chunks: list[Chunk]) -> list[Output]:
@@ -148,12 +91,14 @@ class Engine:
         return self.store.ttl_s
 
     async def create_session(self, model: LoadedModel, session_id: str, owner: str) -> SessionRecord:
+        self.fleet.check_new_session(model)
         return await self.store.create(new_record(model.name, model.version, session_id, owner=owner))
 
     async def import_session(
         self, model: LoadedModel, session_id: str, owner: str, exported: Exported
     ) -> SessionRecord:
         """A new session that continues from an exported state (core/session_state.py)."""
+        self.fleet.check_new_session(model)
         record = new_record(
             model.name, model.version, session_id, owner=owner, steps=exported.steps, state=exported.state
         )
@@ -167,17 +112,12 @@ class Engine:
             await self.store.delete(session_id)
 
     def session_model(self, record: SessionRecord) -> LoadedModel:
-        model = self.model(record.model)
-        if model.version != record.version:
-            raise ModelNotFound(
-                f"session {record.session_id!r} was started on {record.model} v{record.version}, "
-                f"which this server no longer serves (it has v{model.version})"
-            )
-        return model
+        return self.fleet.session_model(record.model, record.version)
 
     async def restart(self, model: LoadedModel, session_id: str, chunk: Chunk, owner: str) -> StepResult:
         """The session `session_id` from zero state with exactly this chunk, replacing any session of
         that id (a step still running on the old one fails instead of landing on this one)."""
+        self.fleet.check_new_session(model)
         async with self.store.lock(session_id):
             (out,) = await self.classify(model, [chunk])
             record = new_record(

@@ -7,14 +7,15 @@ bytes, OIP tensors) and hand the numbers here.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lstm_serve.core.repository import ModelEntry
-from lstm_serve.errors import BodyTooLarge, InvalidInput, ModelNotFound
+from lstm_serve.errors import BodyTooLarge, InvalidInput, ModelNotFound, ServiceError
 from lstm_serve.settings import Settings
 
 
@@ -35,15 +36,25 @@ class Catalogue:
     travels to a decode process (core/offload.py)."""
 
     limits: Limits
-    entries: dict[str, ModelEntry]
+    entries: dict[str, ModelEntry]  # each model's default version: its newest serving one
     default_model: str
+    versions: dict[tuple[str, int], ModelEntry] = field(default_factory=dict)  # every version taking work
+    # why a model (version None) or a version takes no work here: retired (410), loading (503), ...
+    refusals: dict[tuple[str, int | None], ServiceError] = field(default_factory=dict)
 
-    def entry(self, name: str | None = None) -> ModelEntry:
-        """The model a request names; the default when it names none."""
+    def entry(self, name: str | None = None, version: int | None = None) -> ModelEntry:
+        """The model a request names, at the version it names; the default model and its default version
+        when it names none."""
         name = self.default_model if name is None else name
-        if name not in self.entries:
-            raise ModelNotFound(f"no model {name!r}; this server has {sorted(self.entries)}")
-        return self.entries[name]
+        found = self.entries.get(name) if version is None else self.versions.get((name, version))
+        if found is not None:
+            return found
+        if (name, version) in self.refusals:
+            raise copy.copy(self.refusals[name, version])  # a fresh exception per request
+        if version is not None and any(n == name for n, _ in self.versions):
+            loaded = sorted(v for n, v in self.versions if n == name)
+            raise ModelNotFound(f"model {name!r} has no version {version}; this server serves versions {loaded}")
+        raise ModelNotFound(f"no model {name!r}; this server has {sorted(self.entries)}")
 
 
 @dataclass(frozen=True, slots=True)

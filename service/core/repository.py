@@ -71,6 +71,8 @@ def load_entry(version_dir: Path) -> ModelEntry:
     for key in ("name", "version", "labels", "input_dim", "state", "inputs", "outputs"):
         if key not in config:
             raise RepositoryError(f"{config_path} lacks {key!r}")
+    if is_version(version_dir.name) and str(config["version"]) != str(int(version_dir.name)):
+        raise RepositoryError(f"{config_path} says version {config['version']}, but its folder is {version_dir.name}")
     return ModelEntry(name=config["name"], version=int(config["version"]), path=version_dir, config=config)
 
 
@@ -79,15 +81,21 @@ def is_version(name: str) -> bool:
     return name.isascii() and name.isdigit()
 
 
-def load_repository(root: Path) -> dict[str, ModelEntry]:
-    """The newest version of every model under root, by name."""
+def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
+    """Every <name>/<version>/ folder under root, by name then version; nothing is read or checked yet."""
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} does not exist")
-    entries: dict[str, ModelEntry] = {}
+    found: dict[str, dict[int, Path]] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and is_version(p.name))
+        versions = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and is_version(p.name)}
         if versions:
-            entries[model_dir.name] = load_entry(versions[-1][1])
+            found[model_dir.name] = dict(sorted(versions.items()))
+    return found
+
+
+def load_repository(root: Path) -> dict[str, ModelEntry]:
+    """The newest version of every model under root, by name."""
+    entries = {name: load_entry(versions[max(versions)]) for name, versions in scan_repository(root).items()}
     if not entries:
         raise RepositoryError(f"model repository {root} holds no <name>/<version>/ entries")
     return entries

@@ -70,6 +70,28 @@ class OnnxRunner:
         self.state_specs = entry.state_specs
         self.output_names = [self.logits_output] + [s["output"] for s in self.state_specs]
 
+    def check_contract(self) -> None:
+        """The graph takes and gives what its config.json promises (RuntimeError saying what it lacks), and
+        one small batch from zero state and from a given state comes back in the promised shapes."""
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        wanted_in = {self.frames_input, *(s["input"] for s in self.state_specs)}
+        if self.lengths_input:
+            wanted_in.add(self.lengths_input)
+        if wanted_in - inputs or set(self.output_names) - outputs:
+            missing = sorted((wanted_in - inputs) | (set(self.output_names) - outputs))
+            has = sorted(inputs | outputs)
+            raise RuntimeError(f"the graph lacks {missing} that its config.json names (it has {has})")
+        C = len(self.entry.labels)
+        frames = np.zeros((3, self.input_dim), np.float32)
+        zero = [np.zeros(s["shape"], np.float32) for s in self.state_specs]
+        for out in self.run([Item(frames, None), Item(frames[:2], zero)]):
+            if out.logits.shape[1:] != (C,) or not np.isfinite(out.probabilities).all():
+                raise RuntimeError(f"the graph's logits are {list(out.logits.shape)} per item, not [T, {C}] labels")
+            shapes = [list(s.shape) for s in out.state]
+            if shapes != [list(s["shape"]) for s in self.state_specs]:
+                raise RuntimeError(f"the graph's state comes back as {shapes}, not as its config.json's state")
+
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]

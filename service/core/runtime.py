@@ -23,6 +23,7 @@ class Runtime:
     metrics: Metrics
     engine: Engine
     keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # none: the server is open
+    admin_keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # the repository API's; none: loopback only
     limiter: RateLimiter | None = None  # request rate per caller; None: no rate limit
     decoder: Decoder = field(default_factory=Decoder)  # large bodies are decoded off the event loop
     ready: bool = False  # every model loaded and warm

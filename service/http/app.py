@@ -9,7 +9,7 @@ import gc
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import FrameType
 
 from lstm_serve.core.access import KeyRing
@@ -22,8 +22,9 @@ from lstm_serve.http.connections import HeaderDeadline
 from lstm_serve.http.docs import Documents
 from lstm_serve.http.frame import Frame
 from lstm_serve.http.table import RouteTable
-from lstm_serve.protocols import health, oip, v1, websocket
+from lstm_serve.protocols import health, oip, repository, v1, websocket
 from lstm_serve.settings import Settings
+from lstm_serve.state.directory import LocalDirectory, ModelDirectory
 from lstm_serve.state.quotas import RateLimiter, TokenBuckets
 from lstm_serve.state.sessions import InMemorySessionStore, SessionStore
 
@@ -39,6 +40,16 @@ def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
             settings.redis_url, settings.session_ttl_s, settings.max_sessions, expired, max_per_owner=per_key
         )
     return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions, expired, max_per_owner=per_key)
+
+
+def make_directory(settings: Settings, store: SessionStore) -> ModelDirectory:
+    """Where replicas agree on the model versions: beside the sessions in Redis, else in this process."""
+    if settings.redis_url:
+        from lstm_serve.state.redis import RedisDirectory, RedisSessionStore
+
+        assert isinstance(store, RedisSessionStore)
+        return RedisDirectory(store)
+    return LocalDirectory()
 
 
 def make_limiter(settings: Settings, store: SessionStore) -> RateLimiter | None:
@@ -97,20 +108,29 @@ def drain_on_sigterm(runtime: Runtime, delay_s: float) -> Callable[[], None]:
     return undo
 
 
-async def sweep_forever(store: SessionStore, every_s: float) -> None:
+async def every(seconds: float, work: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run `work` every `seconds` until cancelled; a failed round is logged and retried the next."""
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(seconds)
         try:
-            await store.sweep()
+            await work()
         except ServiceError as error:  # e.g. Redis down: retried next round
-            log.warning("session sweep skipped: %s", error.message)
-        except Exception:  # a failed sweep is retried next round; it must not end the loop
-            log.exception("session sweep failed")
+            log.warning("%s skipped: %s", what, error.message)
+        except Exception:
+            log.exception("%s failed", what)
+
+
+async def sweep(engine: Engine) -> None:
+    """Expired sessions out of the store; the model versions the replicas agree on in."""
+    await engine.store.sweep()
+    await engine.fleet.refresh()
 
 
 def route_table(documents: Documents) -> RouteTable:
     """Every route, declared once, in the module of the protocol it belongs to."""
-    return RouteTable([*health.ROUTES, *v1.ROUTES, *websocket.ROUTES, *oip.ROUTES, *documents.routes()])
+    return RouteTable(
+        [*health.ROUTES, *v1.ROUTES, *websocket.ROUTES, *oip.ROUTES, *repository.ROUTES, *documents.routes()]
+    )
 
 
 def create_app(settings: Settings | None = None) -> Frame:
@@ -122,8 +142,9 @@ def create_app(settings: Settings | None = None) -> Frame:
         settings,
         Limits.from_settings(settings),
         metrics,
-        Engine(settings, store, metrics),
+        Engine(settings, store, metrics, make_directory(settings, store)),
         keys=KeyRing.from_settings(settings),
+        admin_keys=KeyRing.admin_from_settings(settings),
         limiter=make_limiter(settings, store),
     )
     documents = Documents(lambda: table)
@@ -136,18 +157,23 @@ def create_app(settings: Settings | None = None) -> Frame:
         engine = runtime.engine
         await engine.start()  # load every model, create onnxruntime sessions, warm up
         await runtime.decoder.start()
-        sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s))
+        background = [asyncio.create_task(every(settings.sweep_interval_s, lambda: sweep(engine), "session sweep"))]
+        if settings.repository_poll_s:
+            poll = engine.fleet.poll
+            background.append(asyncio.create_task(every(settings.repository_poll_s, poll, "repository poll")))
         gc.collect()
         gc.freeze()  # start-up objects (models, modules) are never garbage: keep them out of every GC pass
         runtime.ready = True
-        log.info("ready: %s", ", ".join(f"{m.name} v{m.version} ({m.runner.provider})" for m in engine.models.values()))
+        loaded = engine.fleet.loaded.values()
+        log.info("ready: %s", ", ".join(f"{m.name} v{m.version} ({m.runner.provider})" for m in loaded))
         try:
             yield
         finally:  # reverse order: stop answering ready, stop sweeping, finish queued work, close the store
             runtime.ready = False
             undo_drain()
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await engine.stop()
             runtime.decoder.stop()
             await store.close()

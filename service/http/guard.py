@@ -5,6 +5,7 @@ nothing here touches a session.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 
@@ -13,7 +14,7 @@ from starlette.types import Scope
 
 from lstm_serve.core.access import Caller
 from lstm_serve.core.runtime import Runtime
-from lstm_serve.errors import ForbiddenOrigin, Unauthorized
+from lstm_serve.errors import Forbidden, ForbiddenOrigin, Unauthorized
 from lstm_serve.protocols.routing import Route
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
@@ -36,6 +37,14 @@ def request_id(scope: Scope) -> str:
         if REQUEST_ID.fullmatch(text):
             return text
     return secrets.token_hex(8)
+
+
+def is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def client_address(scope: Scope) -> str:
@@ -107,6 +116,8 @@ class Guard:
         without a valid one), else its client address. Public routes (health) need no key."""
         address = client_address(scope)
         keys = self.runtime.keys
+        if route.admin:
+            return self.admin(scope, address)
         if route.public or not keys.enabled:
             return Caller(None, address)
         presented = self.presented_key(scope, websocket)
@@ -120,6 +131,26 @@ class Guard:
         if found is None:
             raise Unauthorized("the API key is not valid", headers=WWW_AUTHENTICATE)
         return Caller(found, address)
+
+    def admin(self, scope: Scope, address: str) -> Caller:
+        """An operator of the repository API: an admin key when any is set; else, on a server without API
+        keys, a client on this machine (loopback); else nobody (403 saying how to allow it)."""
+        admin_keys = self.runtime.admin_keys
+        if admin_keys.enabled:
+            presented = self.presented_key(scope, websocket=False)
+            if presented is None:
+                raise Unauthorized(
+                    "the repository API needs an admin key: Authorization: Bearer <admin key>", WWW_AUTHENTICATE
+                )
+            found = admin_keys.identify(presented)
+            if found is None:
+                raise Forbidden("this key may not use the repository API; it needs one of admin_keys")
+            return Caller(found, address)
+        if self.runtime.keys.enabled:
+            raise Forbidden("the repository API is closed: with API keys set, it needs LSTM_SERVE_ADMIN_KEYS")
+        if not (is_address(address) and ipaddress.ip_address(address).is_loopback):
+            raise Forbidden("without admin keys, the repository API answers clients on this machine (loopback) only")
+        return Caller(None, address)
 
     @staticmethod
     def presented_key(scope: Scope, websocket: bool) -> str | None:

@@ -20,7 +20,7 @@ from lstm_serve.core.engine import LoadedModel
 from lstm_serve.core.inputs import Chunk
 from lstm_serve.core.runner import Output
 from lstm_serve.core.runtime import Runtime
-from lstm_serve.errors import ModelNotFound, ServiceError, SessionNotFound
+from lstm_serve.errors import InvalidInput, ModelNotFound, ServiceError, SessionNotFound
 from lstm_serve.protocols import oip_schemas as schemas
 from lstm_serve.protocols.codec import JSON, dumps
 from lstm_serve.protocols.oip_requests import (
@@ -50,12 +50,12 @@ def server_version() -> str:
 
 
 # -- what a model looks like through the protocol ----------------------------------------------------
-def metadata(model: LoadedModel) -> dict[str, Any]:
+def metadata(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
     x, lengths = input_names(model.entry)
     D, C = model.entry.input_dim, len(model.entry.labels)
     return {
         "name": model.name,
-        "versions": [str(model.version)],
+        "versions": [str(v) for v in runtime.engine.fleet.versions_of(model.name, new_sessions=False)],
         "platform": PLATFORM,
         "inputs": [
             {"name": x, "datatype": "FP32", "shape": [-1, -1, D]},
@@ -82,7 +82,7 @@ def configuration(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
         "name": model.name,
         "platform": PLATFORM,
         "backend": "onnxruntime",
-        "version_policy": {"specific": {"versions": [str(model.version)]}},
+        "version_policy": version_policy(runtime),
         "max_batch_size": runtime.settings.max_batch_size,
         "input": [
             {"name": x, "data_type": "TYPE_FP32", "dims": [-1, D]},
@@ -114,33 +114,39 @@ def configuration(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
     }
 
 
+def version_policy(runtime: Runtime) -> dict[str, Any]:
+    newest = runtime.engine.fleet.policy.newest
+    return {"all": {}} if newest is None else {"latest": {"num_versions": newest}}
+
+
 def resolve(runtime: Runtime, params: dict[str, str]) -> LoadedModel:
-    model = runtime.engine.model(params["model_name"])
+    """The model of a /v2/models/{name}[/versions/{version}] path; without a version, its newest serving."""
     wanted = params.get("model_version")
-    if wanted is not None and wanted != str(model.version):
-        raise ModelNotFound(
-            f"model {model.name!r} has no version {wanted!r}; this server serves version {model.version}"
-        )
-    return model
+    if wanted is None:
+        return runtime.engine.model(params["model_name"])
+    if not (wanted.isascii() and wanted.isdigit() and len(wanted) <= 18):
+        raise ModelNotFound(f"model {params['model_name'][:80]!r} has no version {wanted[:20]!r}")
+    return runtime.engine.model(params["model_name"], int(wanted))
 
 
 # -- request -> sequences ------------------------------------------------------------------------
 async def run_sequence(
     runtime: Runtime, model: LoadedModel, sequence: Sequence, chunk: Chunk, owner: str
-) -> tuple[Output, int]:
+) -> tuple[Output, int, LoadedModel]:
     """One request of a sequence: start = fresh state, otherwise continue it; end = free it afterwards.
-    Sequence ids are the caller's own: two API keys may both use sequence_id 1."""
+    Sequence ids are the caller's own: two API keys may both use sequence_id 1. A sequence runs on the
+    version it started on, whatever version later requests name: the model that ran is returned."""
     engine, session_id = runtime.engine, sequence.session_id(model.name, owner)
     if sequence.start and sequence.end:  # the whole sequence in one request: nothing to keep
         (out,) = await engine.classify(model, [chunk])
         with contextlib.suppress(SessionNotFound):
             await engine.delete_session(session_id)
-        return out, len(chunk)
+        return out, len(chunk), model
     try:
         if sequence.start:
             result = await engine.restart(model, session_id, chunk, owner)
         else:
-            result = await engine.step(session_id, lambda _: chunk, None, True)
+            result = await engine.step(session_id, lambda ran_on: same_width(chunk, ran_on), None, True)
     except SessionNotFound:
         raise SequenceNotStarted(
             f"inference request for sequence {sequence.id!r} to model {model.name!r} must specify "
@@ -151,7 +157,16 @@ async def run_sequence(
         with contextlib.suppress(SessionNotFound):
             await engine.delete_session(session_id)
     assert result.outputs is not None, "a sequence step asks for its per-frame outputs"
-    return result.outputs, result.steps
+    return result.outputs, result.steps, result.model
+
+
+def same_width(chunk: Chunk, model: LoadedModel) -> Chunk:
+    if chunk.frames.shape[1] != model.entry.input_dim:
+        raise InvalidInput(
+            f"this sequence runs on {model.name} v{model.version}, which takes {model.entry.input_dim} features per "
+            f"frame, not {chunk.frames.shape[1]}"
+        )
+    return chunk
 
 
 # -- outputs -> response ----------------------------------------------------------------------------
@@ -197,7 +212,7 @@ async def server_ready(request: Request, runtime: Runtime) -> Response:
 
 
 async def model_metadata(request: Request, runtime: Runtime) -> Response:
-    return JSON(metadata(resolve(runtime, request.path_params)))
+    return JSON(metadata(resolve(runtime, request.path_params), runtime))
 
 
 async def model_ready(request: Request, runtime: Runtime) -> Response:
@@ -229,7 +244,8 @@ async def infer(request: Request, runtime: Runtime) -> Response:
         outs = await runtime.engine.classify(model, inference.chunks)
     else:
         owner = context(request).caller.owner
-        out, steps = await run_sequence(runtime, model, inference.sequence, inference.chunks[0], owner)
+        out, steps, model = await run_sequence(runtime, model, inference.sequence, inference.chunks[0], owner)
+        head["model_version"] = str(model.version)
         outs = [out]
         head["parameters"] = {"sequence_id": inference.sequence.id, "sequence_steps": steps}
     content, header_length = write_response(head, output_tensors(model, outs, inference.wanted))

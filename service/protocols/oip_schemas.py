@@ -77,3 +77,34 @@ class ServerMetadata(BaseModel):
 
 class OipError(BaseModel):
     error: str
+
+
+class RepositoryIndexRequest(Request):
+    ready: bool = Field(False, description="true: only the versions ready for inference")
+
+
+class RepositoryLoadRequest(Request):
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="none are taken: the version policy and the repository decide"
+    )
+
+
+class UnloadParameters(Request):
+    version: str | None = Field(None, description="unload this version only (lstm-serve); all versions if omitted")
+    unload_dependents: bool = Field(False, description="Triton's; a model here has no dependents")
+
+
+class RepositoryUnloadRequest(Request):
+    parameters: UnloadParameters = Field(default_factory=UnloadParameters)
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY, LOADING, UNLOADING (draining: its sessions continue) or UNAVAILABLE")
+    reason: str = Field(description="why it is not READY")
+
+
+class RepositoryChange(BaseModel):
+    name: str
+    versions: list[RepositoryIndexEntry]

@@ -122,6 +122,7 @@ class Route:
     in_schema: bool = True  # documented in OpenAPI (WebSockets are, in AsyncAPI, instead)
     channel: Callable[[Runtime], dict[str, Any]] | None = None  # a WebSocket's AsyncAPI channel
     public: bool = False  # served without an API key and to any Origin: health checks only
+    admin: bool = False  # needs an admin key (admin_keys); without any, a loopback client of a keyless server
 
     @property
     def reads_body(self) -> bool:

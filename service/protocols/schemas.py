@@ -26,13 +26,20 @@ class Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+VERSION = Field(None, ge=1, description="model version; the newest serving version when omitted")
+
+
 class ClassifyRequest(Request):
     model: str | None = Field(None, description="model name; the server's default when omitted")
+    version: int | None = VERSION
     sequences: list[list[Frame]] = Field(..., min_length=1, description="N sequences of T_i frames of D numbers")
 
 
 class SessionCreateRequest(Request):
     model: str | None = Field(None, description="model name; the server's default when omitted")
+    version: int | None = Field(
+        None, ge=1, description="model version the session runs on for its whole life; the newest when omitted"
+    )
     state: dict[str, Any] | None = Field(
         None, description="a state from GET /v1/sessions/{id}/state: the new session continues from it"
     )
@@ -44,14 +51,17 @@ class StepRequest(Request):
     return_steps: bool = Field(False, description="also return one prediction per frame of this chunk")
 
 
-def decode_classify(body: bytes, catalogue: Catalogue) -> tuple[str, list[Chunk]]:
-    """A classify body -> the model it names and its checked sequences (in a decode process when large)."""
+def decode_classify(body: bytes, catalogue: Catalogue) -> tuple[str, int, list[Chunk]]:
+    """A classify body -> the model and version it names and its checked sequences (in a decode process
+    when large)."""
     request = parse(ClassifyRequest, body)
-    entry = catalogue.entry(request.model)
+    entry = catalogue.entry(request.model, request.version)
     check_sequence_count(len(request.sequences), catalogue.limits)
-    return entry.name, [
-        chunk_from_lists(raw, entry, catalogue.limits, f"sequences[{i}]") for i, raw in enumerate(request.sequences)
-    ]
+    return (
+        entry.name,
+        entry.version,
+        [chunk_from_lists(raw, entry, catalogue.limits, f"sequences[{i}]") for i, raw in enumerate(request.sequences)],
+    )
 
 
 def decode_step(body: bytes) -> StepRequest:
@@ -111,9 +121,17 @@ class Example(BaseModel):
     frames: list[Frame] = Field(description="a real sequence of the model's test data")
 
 
+class VersionInfo(BaseModel):
+    version: int
+    status: str = Field(description="serving; or draining: its sessions continue, no new ones start on it")
+    drain_deadline: float | None = Field(None, description="draining: when its sessions stop being served")
+    replaced_by: int | None = Field(None, description="draining: the version new sessions get instead")
+
+
 class ModelInfo(BaseModel):
     name: str
-    version: int
+    version: int = Field(description="the default version: the newest serving, what requests naming none get")
+    versions: list[VersionInfo] = Field(description="every version loaded, serving or draining")
     description: str
     labels: list[str]
     input_dim: int
@@ -150,6 +168,11 @@ def model_field(model: LoadedModel, runtime: Runtime) -> tuple[dict[str, Any], l
     return {"const": model.name}, ["model"]
 
 
+def version_field(runtime: Runtime, name: str, new_sessions: bool) -> dict[str, Any]:
+    versions = runtime.engine.fleet.versions_of(name, new_sessions)
+    return {"anyOf": [{"enum": versions}, {"type": "null"}]}
+
+
 def classify_schema(runtime: Runtime) -> dict[str, Any]:
     """One alternative per model: the frames of every sequence have that model's width."""
     alternatives = []
@@ -167,7 +190,11 @@ def classify_schema(runtime: Runtime) -> dict[str, Any]:
                 "type": "object",
                 "additionalProperties": False,
                 "required": ["sequences", *required],
-                "properties": {"model": field, "sequences": sequences},
+                "properties": {
+                    "model": field,
+                    "version": version_field(runtime, model.name, new_sessions=False),
+                    "sequences": sequences,
+                },
             }
         )
     return {"title": "ClassifyRequest", "anyOf": alternatives}
@@ -181,6 +208,11 @@ def session_create_schema(runtime: Runtime) -> dict[str, Any]:
         "additionalProperties": False,
         "properties": {
             "model": {"anyOf": [{"enum": names}, {"type": "null"}]},
+            "version": {
+                "anyOf": [{"enum": sorted({v for n in names for v in runtime.engine.fleet.versions_of(n, True)})}]
+                + [{"type": "null"}],
+                "description": "the model version the session runs on for its whole life; the newest when omitted",
+            },
             "state": {
                 "anyOf": [{"$ref": "#/components/schemas/SessionState"}, {"type": "null"}],
                 "description": "a state from GET /v1/sessions/{id}/state: the new session continues from it",

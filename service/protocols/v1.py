@@ -51,11 +51,12 @@ def prediction(p: Prediction) -> dict[str, Any]:
     return {"label": p.label, "class_id": p.class_id, "probabilities": p.probabilities}
 
 
-def describe_model(model: LoadedModel) -> dict[str, Any]:
+def describe_model(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
     config = model.entry.config
     return {
         "name": model.name,
         "version": model.version,
+        "versions": runtime.engine.fleet.version_states(model.name),
         "description": model.entry.description,
         "labels": model.entry.labels,
         "input_dim": model.entry.input_dim,
@@ -98,17 +99,19 @@ def step_response(session_id: str, result: StepResult, return_steps: bool) -> di
 
 # -- endpoints -------------------------------------------------------------------------------------
 async def list_models(request: Request, runtime: Runtime) -> Response:
-    return JSON([describe_model(model) for model in runtime.engine.models.values()])
+    return JSON([describe_model(model, runtime) for model in runtime.engine.models.values()])
 
 
 async def get_model(request: Request, runtime: Runtime) -> Response:
-    return JSON(describe_model(runtime.engine.model(request.path_params["name"])))
+    return JSON(describe_model(runtime.engine.model(request.path_params["name"]), runtime))
 
 
 async def classify(request: Request, runtime: Runtime) -> Response:
     body = await request.body()
-    name, chunks = await runtime.decoder.run(len(body), schemas.decode_classify, body, runtime.engine.catalogue)
-    model = runtime.engine.model(name)
+    name, version, chunks = await runtime.decoder.run(
+        len(body), schemas.decode_classify, body, runtime.engine.catalogue
+    )
+    model = runtime.engine.model(name, version)
     outputs = await runtime.engine.classify(model, chunks)
     predictions = [prediction(model.predict(out.probabilities[-1])) for out in outputs]
     return JSON({"model": model.name, "version": model.version, "predictions": predictions})
@@ -122,10 +125,10 @@ async def create_session(request: Request, runtime: Runtime) -> Response:
     session_id = new_session_id()
     key = store_key(session_id, caller.owner)
     if body.state is not None:
-        model, exported = checked_import(runtime, body.model, body.state)
+        model, exported = checked_import(runtime, body.model, body.version, body.state)
         record = await runtime.engine.import_session(model, key, caller.owner, exported)
     else:
-        model = runtime.engine.model(body.model)
+        model = runtime.engine.model(body.model, body.version)
         record = await runtime.engine.create_session(model, key, caller.owner)
     context(request).session_id = session_id
     info = describe_session(runtime, record)
@@ -148,12 +151,20 @@ async def export_state(request: Request, runtime: Runtime) -> Response:
     return JSON(session_state.export(model.entry, record))
 
 
-def checked_import(runtime: Runtime, named: str | None, state: dict[str, Any]) -> tuple[LoadedModel, Exported]:
+def checked_import(
+    runtime: Runtime, named: str | None, version: int | None, state: dict[str, Any]
+) -> tuple[LoadedModel, Exported]:
     """The model an exported state is for (it must be served, at its version) and its checked tensors."""
     name = state.get("model") if isinstance(state, dict) else None
+    of = state.get("version") if isinstance(state, dict) else None
     if named is not None and name is not None and named != name:
         raise InvalidInput(f"the body names model {named!r} but the state is of {name!r}")
-    model = runtime.engine.model(name if isinstance(name, str) else None)
+    if version is not None and of is not None and version != of:
+        raise InvalidInput(f"the body names version {version} but the state is of version {str(of)[:20]}")
+    served = (
+        isinstance(of, int) and not isinstance(of, bool) and of in runtime.engine.fleet.versions_of(str(name), True)
+    )
+    model = runtime.engine.model(name if isinstance(name, str) else None, of if served else None)
     return model, session_state.check(model.entry, state)
 
 

@@ -8,7 +8,8 @@ the caller's rate_limit) gets an error reply and the socket stays open; an unkno
 session (or another key's) gets an error reply and close code 4404. With API keys, send
 `Authorization: Bearer <key>`, or from a browser the subprotocol `bearer.<key>`; without a valid key the
 socket closes with 4401, and over the caller's rate or max_websockets_per_key with 4429. A page from an
-origin not in cors_origins is refused (403).
+origin not in cors_origins is refused (403). `?version=N` states the model version the client expects
+the session to run on: a session on another version gets an error reply and close 1008.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def split_seq_header(payload: bytes) -> tuple[int | None, bytes]:
     return int.from_bytes(payload[len(SEQ_MARK) : SEQ_HEADER], "little"), payload[SEQ_HEADER:]
 
 
+def check_version(wanted: str | None, model: LoadedModel) -> None:
+    """`?version=N` on the URL: the client states the model version it expects the session to run on."""
+    if wanted is not None and wanted != str(model.version):
+        raise InvalidInput(
+            f"this session runs on {model.name} v{model.version}, not version {wanted[:20]!r}: a session stays "
+            "on the version it started on; start a new session for another"
+        )
+
+
 def error_reply(error: ServiceError, request_id: str | None = None) -> str:
     return dumps(v1_error_body(error, request_id)).decode()
 
@@ -56,6 +66,7 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
     try:
         key = store_key(session_id, caller.owner)
         model = runtime.engine.session_model(await runtime.engine.get_session(key))
+        check_version(websocket.query_params.get("version"), model)
     except ServiceError as error:
         await websocket.send_text(error_reply(error, context(websocket).request_id))
         await websocket.close(code=CLOSE_UNKNOWN_SESSION if isinstance(error, SessionNotFound) else CLOSE_POLICY)

@@ -20,6 +20,7 @@ from functools import wraps
 from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
+import orjson
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -32,6 +33,8 @@ T = TypeVar("T")
 P = ParamSpec("P")
 PREFIX = "lstm-serve:"
 INDEX = PREFIX + "sessions"  # sorted set: session id -> last use (unix seconds)
+MODELS = PREFIX + "models"  # hash: model name -> its version table (JSON), state/directory.py
+GENERATION = PREFIX + "models:generation"  # bumped by every change of a table
 
 # KEYS[1] session hash, KEYS[2] index, KEYS[3] the owner's index; ARGV: now, ttl, max, max per owner, id,
 # fields... -> 1 stored, -1 when the store is full, -2 when the owner's share is.
@@ -116,7 +119,7 @@ def reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
         try:
             return await method(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            store = args[0]
+            store = getattr(args[0], "store", args[0])  # a RedisSessionStore, or what shares its client
             assert isinstance(store, RedisSessionStore)
             store.outages.error(error)
             raise StoreUnavailable(
@@ -306,3 +309,31 @@ class RedisTokenBuckets:
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             self.store.outages.error(error)
             return 0.0  # the limit fails open: an outage of Redis must not refuse every request
+
+
+class RedisDirectory:
+    """The model version tables every replica follows (state/directory.py), beside the sessions they give
+    meaning to: the same client, the same outage rules."""
+
+    def __init__(self, store: RedisSessionStore) -> None:
+        self.store = store
+
+    @reachable
+    async def generation(self) -> int:
+        return int(cast(bytes | None, await self.store.client.get(GENERATION)) or 0)
+
+    @reachable
+    async def read(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        async with self.store.client.pipeline(transaction=True) as pipe:
+            pipe.get(GENERATION)
+            pipe.hgetall(MODELS)
+            generation, tables = await pipe.execute()
+        return int(generation or 0), {name.decode(): orjson.loads(table) for name, table in tables.items()}
+
+    @reachable
+    async def write(self, name: str, table: dict[str, Any]) -> int:
+        async with self.store.client.pipeline(transaction=True) as pipe:
+            pipe.hset(MODELS, name, orjson.dumps(table))
+            pipe.incr(GENERATION)
+            _, generation = await pipe.execute()
+        return int(generation)

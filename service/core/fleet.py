@@ -1,0 +1,419 @@
+"""The models a server serves, version by version: each loaded from the repository only after its sha256,
+its contract and a warm-up pass; hot load and unload; retirement after a drain; and the version tables
+(core/versions.py) that every replica sharing a directory (state/directory.py) follows.
+
+A replica that learns of a version it has not loaded (another replica loaded it) loads it in the
+background; meanwhile requests for it answer 503 `model_loading` with Retry-After, never another
+version's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lstm_serve.core.batcher import Batcher
+from lstm_serve.core.inputs import Catalogue, Limits
+from lstm_serve.core.metrics import Metrics
+from lstm_serve.core.repository import ModelEntry, RepositoryError, load_entry, scan_repository
+from lstm_serve.core.runner import Item, OnnxRunner, Output
+from lstm_serve.core.versions import (
+    Table,
+    VersionPolicy,
+    VersionState,
+    plan_load,
+    plan_unload,
+    serving,
+    table_from_json,
+    table_to_json,
+)
+from lstm_serve.errors import LoadRefused, ModelLoading, ModelNotFound, ModelVersionRetired, ServiceError
+from lstm_serve.settings import Settings
+from lstm_serve.state.directory import ModelDirectory
+
+log = logging.getLogger("lstm_serve")
+
+# A chunk this short may run on the event loop when its model's batcher is idle (core/batcher.py): tens
+# of microseconds of onnxruntime, less than handing it to the worker thread and back.
+INLINE_FRAMES = 8
+Key = tuple[str, int]  # (model name, version)
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The model's verdict after one frame."""
+
+    label: str
+    class_id: int
+    probabilities: np.ndarray  # (C,) float32
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    runner: OnnxRunner
+    batcher: Batcher[Item, Output]
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def version(self) -> int:
+        return self.entry.version
+
+    def predict(self, probabilities: np.ndarray) -> Prediction:
+        """The prediction for one frame's probabilities (C,); the row is copied so that it does not keep
+        the whole batch's array alive."""
+        class_id = int(probabilities.argmax())
+        return Prediction(self.entry.labels[class_id], class_id, probabilities.copy())
+
+
+def retired(name: str, version: int, state: VersionState, session: bool = False) -> ModelVersionRetired:
+    what = f"this session runs on {name} v{version}, which" if session else f"{name} v{version}"
+    replaced = f"; v{state.replaced_by} replaced it" if state.replaced_by is not None else "; no version replaced it"
+    start = ": start a new session" if session and state.replaced_by is not None else ""
+    return ModelVersionRetired(f"{what} was unloaded and its drain has ended{replaced}{start}")
+
+
+def draining(name: str, version: int, state: VersionState) -> ModelVersionRetired:
+    instead = f"; new sessions start on v{state.replaced_by}" if state.replaced_by is not None else ""
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.deadline or 0))
+    return ModelVersionRetired(
+        f"{name} v{version} is draining (unloaded): its live sessions continue until {until}, "
+        f"but no new session starts on it{instead}"
+    )
+
+
+class Fleet:
+    def __init__(self, settings: Settings, metrics: Metrics, directory: ModelDirectory, limits: Limits) -> None:
+        self.settings, self.metrics, self.directory, self.limits = settings, metrics, directory, limits
+        self.policy = VersionPolicy.parse(settings.version_policy)
+        self.tables: dict[str, Table] = {}  # what every replica serves, from the directory
+        self.loaded: dict[Key, LoadedModel] = {}  # what this replica has loaded
+        self.models: dict[str, LoadedModel] = {}  # each model's default version, when loaded here
+        self.on_disk: dict[str, dict[int, Path]] = {}
+        self.refused: dict[Key, tuple[str, tuple[int, ...]]] = {}  # why a version did not load, and its files' mtimes
+        self.loading: dict[Key, asyncio.Task[None]] = {}
+        self.generation = -1
+        self.changes = asyncio.Lock()  # one load or unload at a time in this process
+        self.default_model = settings.default_model
+        self.catalogue = Catalogue(limits, {}, settings.default_model)
+
+    # -- start and stop ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every model on disk, as the version policy and the shared tables say; a version that
+        fails its checks stops the start (RepositoryError) rather than serving without it."""
+        s = self.settings
+        self.on_disk = scan_repository(s.model_repository)
+        if not self.on_disk:
+            raise RepositoryError(f"model repository {s.model_repository} holds no <name>/<version>/ entries")
+        if self.default_model not in self.on_disk:
+            if "default_model" in s.model_fields_set:  # asked for explicitly: a typo must not go unnoticed
+                raise ModelNotFound(f"default model {s.default_model!r} is not in {s.model_repository}")
+            self.default_model = next(iter(self.on_disk))
+        async with self.changes:
+            await self.sync()
+            for name, versions in self.on_disk.items():
+                planned = plan_load(self.tables.get(name, {}), set(versions), self.policy, s.version_drain_s, False)
+                try:
+                    runners = await self.prepare(name, planned)
+                except LoadRefused as error:
+                    raise RepositoryError(error.message) from None
+                self.install(runners)
+                await self.adopt(name, planned)
+        self.publish()
+
+    async def stop(self) -> None:
+        for task in self.loading.values():
+            task.cancel()
+        await asyncio.gather(*(m.batcher.stop() for m in self.loaded.values()))
+
+    def serve(self, models: list[LoadedModel], default_model: str) -> None:
+        """Serve these, already loaded and started, as the only version of each (tests use fakes)."""
+        self.loaded = {(m.name, m.version): m for m in models}
+        self.tables = {m.name: {m.version: VersionState("serving")} for m in models}
+        self.default_model = default_model
+        self.publish()
+
+    # -- loading ---------------------------------------------------------------------------------
+    def build(self, entry: ModelEntry) -> OnnxRunner:
+        """An onnxruntime session that kept the graph's promises and ran once at each batch size it will
+        see, so the first requests pay no set-up. In a worker thread: the event loop keeps serving."""
+        runner = OnnxRunner(entry, self.settings.providers, self.settings.intra_op_threads)
+        runner.check_contract()
+        frames = np.zeros((3, entry.input_dim), np.float32)
+        for batch_size in sorted({1, self.settings.max_batch_size}):
+            runner.run([Item(frames, None)] * batch_size)
+        return runner
+
+    async def prepare(self, name: str, table: Table) -> list[OnnxRunner]:
+        """Runners for the live versions of `table` this replica has on disk but not loaded; LoadRefused
+        naming the version and the reason if any fails (then none of them is used)."""
+        now, versions = time.time(), self.on_disk.get(name, {})
+        runners = []
+        for version, state in sorted(table.items()):
+            if not state.live(now) or version not in versions or (name, version) in self.loaded:
+                continue
+            try:
+                runners.append(await asyncio.to_thread(self.build, load_entry(versions[version])))
+            except Exception as error:  # sha256, config, contract, onnxruntime, warm-up: all refuse the same way
+                self.refused[name, version] = (str(error), signature(versions[version]))
+                raise LoadRefused(f"{name} v{version} was not loaded: {error}") from None
+            self.refused.pop((name, version), None)
+        return runners
+
+    def install(self, runners: list[OnnxRunner]) -> None:
+        s = self.settings
+        for runner in runners:
+            entry = runner.entry
+            batcher: Batcher[Item, Output] = Batcher(
+                runner.run,
+                s.max_batch_size,
+                s.max_queue_delay_ms / 1000,
+                s.max_queue_length,
+                observer=self.metrics.observer(entry.name),
+                name=f"{entry.name}-v{entry.version}-batcher",
+                cheap=lambda item: len(item.frames) <= INLINE_FRAMES,
+            )
+            batcher.start()
+            self.loaded[entry.name, entry.version] = LoadedModel(entry, runner, batcher)
+            log.info("loaded %s v%d on %s", entry.name, entry.version, runner.provider)
+
+    async def load(self, name: str, explicit: bool = True) -> Table:
+        """Load a model from the repository as the version policy says (Triton's repository load): new
+        versions start serving, versions the policy drops start draining. A version that fails its checks
+        refuses the whole load (LoadRefused, 400); what served before serves on."""
+        async with self.changes:
+            await self.sync()
+            try:
+                self.on_disk = scan_repository(self.settings.model_repository)
+            except RepositoryError as error:
+                raise LoadRefused(str(error)) from None
+            versions = self.on_disk.get(name)
+            if not versions:
+                raise LoadRefused(
+                    f"no model {name!r} in the repository {self.settings.model_repository} "
+                    f"(it has {sorted(self.on_disk)})"
+                )
+            available = set(versions) if explicit else {v for v in versions if not self.refused_unchanged(name, v)}
+            table = self.tables.get(name, {})
+            planned = plan_load(table, available, self.policy, self.settings.version_drain_s, explicit)
+            if planned != table:
+                self.install(await self.prepare(name, planned))
+                await self.adopt(name, planned)
+                self.publish()
+            return planned
+
+    async def unload(self, name: str, version: int | None = None) -> Table:
+        """Unload one version, or every serving version of a model: each drains (its sessions continue until
+        version_drain_s has passed, then answer 410); new sessions go to the newest version left."""
+        async with self.changes:
+            await self.sync()
+            table = self.tables.get(name, {})
+            live = serving(table)
+            if not live or (version is not None and version not in live):
+                what = f"{name} v{version}" if version is not None else f"model {name!r}"
+                raise ModelNotFound(f"{what} is not serving here (serving versions: {live})")
+            planned = plan_unload(table, version, self.settings.version_drain_s)
+            await self.adopt(name, planned)
+            self.publish()
+            return planned
+
+    def refused_unchanged(self, name: str, version: int) -> bool:
+        """A version that failed before, whose files have not changed since: polling does not retry it."""
+        refused = self.refused.get((name, version))
+        return refused is not None and refused[1] == signature(self.on_disk[name][version])
+
+    async def poll(self) -> None:
+        """Look for versions the policy would now serve (the repository poll); a version that fails is logged
+        once and retried when its files change."""
+        try:
+            self.on_disk = scan_repository(self.settings.model_repository)
+        except RepositoryError as error:
+            log.error("repository poll: %s", error)
+            return
+        for name in self.on_disk:
+            try:
+                await self.load(name, explicit=False)
+            except LoadRefused as error:
+                log.error("repository poll: %s; the versions loaded before keep serving", error.message)
+
+    # -- agreeing with the other replicas ---------------------------------------------------------
+    async def sync(self) -> None:
+        """Read the shared tables if they changed since the last read."""
+        generation = await self.directory.generation()
+        if generation != self.generation:
+            self.generation, shared = await self.directory.read()
+            for name, document in shared.items():
+                self.tables[name] = table_from_json(document)
+
+    async def adopt(self, name: str, table: Table) -> None:
+        if self.tables.get(name) != table:
+            self.tables[name] = table
+            await self.directory.write(name, table_to_json(table))
+
+    async def refresh(self) -> None:
+        """Every sweep: follow the shared tables (load in the background what others loaded), and free the
+        versions whose drain has ended."""
+        await self.sync()
+        now = time.time()
+        for name, table in self.tables.items():
+            for version, state in table.items():
+                key = (name, version)
+                if state.retired_at(now) and key in self.loaded:
+                    model = self.loaded.pop(key)
+                    log.info("retired %s v%d: its drain ended", name, version)
+                    await model.batcher.stop()
+                elif state.live(now) and self.missing(key):
+                    self.loading[key] = asyncio.create_task(self.load_in_background(key))
+        self.publish()
+
+    def missing(self, key: Key) -> bool:
+        """A version the tables serve, on this replica's disk (looked at each time: an operator may copy it
+        in), neither loaded, loading, nor refused as it is."""
+        name, version = key
+        if key in self.loaded or key in self.loading:
+            return False
+        path = self.settings.model_repository / name / str(version)
+        if not path.is_dir():
+            return False
+        self.on_disk.setdefault(name, {})[version] = path
+        return not self.refused_unchanged(name, version)
+
+    async def load_in_background(self, key: Key) -> None:
+        name, version = key
+        path = self.on_disk[name][version]
+        try:
+            runner = await asyncio.to_thread(self.build, load_entry(path))
+        except Exception as error:
+            self.refused[key] = (str(error), signature(path))
+            log.error("%s v%d, loaded by another replica, does not load here: %s", name, version, error)
+        else:
+            self.install([runner])
+        finally:
+            self.loading.pop(key, None)
+            self.publish()
+
+    # -- what requests see -----------------------------------------------------------------------
+    def publish(self) -> None:
+        """Rebuild what requests are checked against: each model's default, every version taking work, and
+        why the others take none."""
+        now = time.time()
+        entries: dict[Key, ModelEntry] = {}
+        refusals: dict[tuple[str, int | None], ServiceError] = {}
+        models: dict[str, LoadedModel] = {}
+        for name, table in self.tables.items():
+            for version, state in table.items():
+                key = (name, version)
+                if state.retired_at(now):
+                    refusals[key] = retired(name, version, state)
+                elif key in self.loaded:
+                    entries[key] = self.loaded[key].entry
+                else:
+                    refusals[key] = self.unavailable(key)
+            live = serving(table)
+            if live and (name, max(live)) in self.loaded:
+                models[name] = self.loaded[name, max(live)]
+            elif live:
+                refusals[name, None] = refusals[name, max(live)]
+            else:
+                refusals[name, None] = ModelVersionRetired(
+                    f"model {name!r} was unloaded; POST /v2/repository/models/{name}/load serves it again"
+                )
+        self.models = models
+        default_entries = {name: model.entry for name, model in models.items()}
+        self.catalogue = Catalogue(self.limits, default_entries, self.default_model, entries, refusals)
+
+    def unavailable(self, key: Key) -> ServiceError:
+        name, version = key
+        retry = {"Retry-After": "1"}
+        if key in self.refused:
+            reason = self.refused[key][0]
+            return ModelLoading(f"{name} v{version} does not load on this replica ({reason}); retry", retry)
+        if version not in self.on_disk.get(name, {}):
+            return ModelLoading(f"this replica's repository lacks {name} v{version}, which others serve; retry", retry)
+        return ModelLoading(f"{name} v{version} is loading on this replica; retry shortly", retry)
+
+    def model(self, name: str | None = None, version: int | None = None) -> LoadedModel:
+        """The model for new work (classify, a new session): the named version, or the newest serving."""
+        entry = self.catalogue.entry(name, version)
+        state = self.tables.get(entry.name, {}).get(entry.version)
+        if state is not None and state.status == "draining" and state.retired_at(time.time()):
+            raise retired(entry.name, entry.version, state)  # its drain ended since the catalogue was built
+        return self.loaded[entry.name, entry.version]
+
+    def versions_of(self, name: str, new_sessions: bool) -> list[int]:
+        """The versions of a model that take new work here: classify, or (new_sessions) new sessions too."""
+        now, table = time.time(), self.tables.get(name, {})
+        return sorted(
+            v
+            for v, state in table.items()
+            if (name, v) in self.loaded and state.live(now) and (state.status == "serving" or not new_sessions)
+        )
+
+    def version_states(self, name: str) -> list[dict[str, object]]:
+        """The versions of a model loaded here, serving or draining, as /v1/models lists them."""
+        now, table = time.time(), self.tables.get(name, {})
+        return [
+            {"version": v, "status": s.status, "drain_deadline": s.deadline, "replaced_by": s.replaced_by}
+            for v, s in sorted(table.items())
+            if (name, v) in self.loaded and s.live(now)
+        ]
+
+    def check_new_session(self, model: LoadedModel) -> None:
+        state = self.tables.get(model.name, {}).get(model.version)
+        if state is not None and state.status != "serving":
+            raise draining(model.name, model.version, state)
+
+    def session_model(self, name: str, version: int) -> LoadedModel:
+        """The model a session runs on: its own version for its whole life, while that version lives."""
+        model, state = self.loaded.get((name, version)), self.tables.get(name, {}).get(version)
+        if state is None:
+            if model is not None:
+                return model
+            raise ModelVersionRetired(f"this session runs on {name} v{version}, which no replica serves any more")
+        if state.retired_at(time.time()):
+            raise retired(name, version, state, session=True)
+        if model is None:
+            raise copy.copy(self.unavailable((name, version)))
+        return model
+
+    def index(self) -> list[dict[str, object]]:
+        """Every version on disk or in the tables, with its state (Triton's repository index)."""
+        now, rows = time.time(), []
+        for name in sorted(set(self.on_disk) | set(self.tables)):
+            table = self.tables.get(name, {})
+            for version in sorted(set(self.on_disk.get(name, {})) | set(table)):
+                state = self.describe((name, version), table.get(version), now)
+                rows.append({"name": name, "version": str(version), **state})
+        return rows
+
+    def describe(self, key: Key, state: VersionState | None, now: float) -> dict[str, object]:
+        if key in self.loading:
+            return {"state": "LOADING", "reason": "loading on this replica"}
+        if key in self.refused:
+            return {"state": "UNAVAILABLE", "reason": self.refused[key][0]}
+        if state is None:
+            return {"state": "UNAVAILABLE", "reason": "not selected by the version policy"}
+        if state.retired_at(now):
+            return {"state": "UNAVAILABLE", "reason": retired(*key, state).message}
+        if key not in self.loaded:
+            return {"state": "UNAVAILABLE", "reason": self.unavailable(key).message}
+        if state.status == "draining":
+            return {"state": "UNLOADING", "reason": draining(*key, state).message}
+        return {"state": "READY", "reason": ""}
+
+
+def signature(version_dir: Path) -> tuple[int, ...]:
+    """When a version's files last changed: a refused version is tried again only once they do."""
+    return tuple(
+        (version_dir / name).stat().st_mtime_ns if (version_dir / name).exists() else 0
+        for name in ("config.json", "model.onnx")
+    )

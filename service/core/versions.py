@@ -1,0 +1,105 @@
+"""Which versions of a model serve, and what becomes of the others: the version policy and the table of
+versions every replica follows.
+
+A model's table maps each version it has served to a state:
+
+    serving    new work (classify, new sessions) may name it; the newest serving version is the default
+    draining   unloaded while sessions may live on it: its sessions continue until `deadline`, classify may
+               still name it, but no new session starts on it
+    retired    past its drain: its sessions answer 410 `model_version_retired`, naming `replaced_by`
+
+A session's h and c mean something only under the weights that made them, so a session stays on its
+version for its whole life; only new sessions move to the newest. The table is plain JSON so that
+replicas can share it through Redis (state/directory.py) and agree on what is loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from lstm_serve.settings import parse_version_policy
+
+Status = Literal["serving", "draining", "retired"]
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """`latest` (the newest version only), `latest:N` (the newest N) or `all`."""
+
+    newest: int | None  # None: all
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        return cls(parse_version_policy(text))
+
+    def select(self, versions: set[int]) -> set[int]:
+        ordered = sorted(versions)
+        return set(ordered if self.newest is None else ordered[-self.newest :])
+
+
+@dataclass(frozen=True)
+class VersionState:
+    status: Status
+    deadline: float | None = None  # draining: when its sessions stop being served (unix seconds)
+    replaced_by: int | None = None  # draining and retired: the version new sessions get instead
+
+    def retired_at(self, now: float) -> bool:
+        """Retired, or draining past its deadline (each replica reads the clock; no one has to write it)."""
+        ended = self.deadline is not None and now >= self.deadline
+        return self.status == "retired" or (self.status == "draining" and ended)
+
+    def live(self, now: float) -> bool:
+        """Its sessions are served: serving, or draining before its deadline."""
+        return not self.retired_at(now)
+
+
+Table = dict[int, VersionState]  # one model's versions
+
+
+def serving(table: Table) -> list[int]:
+    return sorted(v for v, state in table.items() if state.status == "serving")
+
+
+def plan_load(
+    table: Table, available: set[int], policy: VersionPolicy, drain_s: float, explicit: bool, now: float | None = None
+) -> Table:
+    """The table after loading a model from the repository, where `available` are the versions on disk.
+
+    The policy picks among the versions on disk and those already serving (another replica may serve one
+    this one lacks: it is never downgraded). A version unloaded on purpose (draining or retired) comes back
+    only with an explicit load. Serving versions the policy no longer keeps start draining."""
+    now = time.time() if now is None else now
+    unloaded = {v for v, state in table.items() if state.status != "serving"}
+    candidates = (available if explicit else available - unloaded) | set(serving(table))
+    keep = policy.select(candidates)
+    planned = dict(table)
+    for version in keep:
+        planned[version] = VersionState("serving")
+    newest = max(keep) if keep else None
+    for version in serving(table):
+        if version not in keep:
+            planned[version] = VersionState("draining", now + drain_s, newest)
+    return planned
+
+
+def plan_unload(table: Table, version: int | None, drain_s: float, now: float | None = None) -> Table:
+    """The table after unloading one version (or every serving version): each starts draining; new
+    sessions go to the newest version left serving, if any."""
+    now = time.time() if now is None else now
+    targets = set(serving(table)) if version is None else {version}
+    remaining = [v for v in serving(table) if v not in targets]
+    newest = max(remaining) if remaining else None
+    planned = dict(table)
+    for target in targets:
+        planned[target] = VersionState("draining", now + drain_s, newest)
+    return planned
+
+
+def table_to_json(table: Table) -> dict[str, Any]:
+    return {str(version): asdict(state) for version, state in sorted(table.items())}
+
+
+def table_from_json(document: dict[str, Any]) -> Table:
+    return {int(version): VersionState(**state) for version, state in document.items()}

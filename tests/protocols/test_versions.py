@@ -1,0 +1,284 @@
+"""Model versions side by side, loaded and unloaded without a restart, against real servers: a session stays
+on the version it started on, new sessions get the newest, and an unloaded version drains, then answers 410."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from tests.conftest import add_version, copy_model
+
+MODEL = "japanese-vowels"
+
+
+@pytest.fixture
+def repository(tmp_path) -> Path:
+    return copy_model(tmp_path / "repository")
+
+
+def oip_body(frames: np.ndarray) -> dict:
+    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, *frames.shape], "data": frames.ravel().tolist()}]}
+
+
+def probabilities(reply: httpx.Response) -> np.ndarray:
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    found = body["predictions"][0] if "predictions" in body else body["prediction"]
+    return np.array(found["probabilities"], np.float32)
+
+
+def classify(c: httpx.Client, frames: np.ndarray, version: int | None = None) -> httpx.Response:
+    body = {"sequences": [frames.tolist()], **({"version": version} if version else {})}
+    return c.post("/v1/classify", json=body)
+
+
+def step(c: httpx.Client, session_id: str, frames: np.ndarray) -> httpx.Response:
+    return c.post(f"/v1/sessions/{session_id}/steps", json={"inputs": frames.tolist()})
+
+
+def versions(c: httpx.Client) -> dict[int, str]:
+    (model,) = c.get("/v1/models").json()
+    return {v["version"]: v["status"] for v in model["versions"]}
+
+
+def eventually(check, timeout: float = 15.0):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_a_session_streamed_across_a_hot_load_ends_exactly_as_classify_on_its_version(
+    start_server, repository, test_sequences
+):
+    server = start_server("--model-repository", str(repository), "--version-drain-s", "600")
+    sequence = test_sequences[3]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        before = probabilities(classify(c, sequence))
+        session = c.post("/v1/sessions", json={}).json()
+        assert session["version"] == 1
+        assert step(c, session["session_id"], sequence[:6]).status_code == 200
+
+        add_version(repository, 2)
+        loaded = c.post(f"/v2/repository/models/{MODEL}/load")
+        assert loaded.status_code == 200, loaded.text
+        assert {v["version"]: v["state"] for v in loaded.json()["versions"]} == {"1": "UNLOADING", "2": "READY"}
+
+        end = probabilities(step(c, session["session_id"], sequence[6:]))
+        np.testing.assert_allclose(end, before, rtol=0, atol=2e-6)  # v1's answer, though v2 now serves
+        np.testing.assert_allclose(end, probabilities(classify(c, sequence, version=1)), rtol=0, atol=2e-6)
+        assert c.get(f"/v1/sessions/{session['session_id']}").json()["version"] == 1
+
+        newer = c.post("/v1/sessions", json={}).json()
+        assert newer["version"] == 2
+        on_v2 = probabilities(step(c, newer["session_id"], sequence))
+        assert on_v2.shape == before.shape and np.abs(on_v2 - before).max() > 1e-4  # same contract, other weights
+        np.testing.assert_allclose(on_v2, probabilities(classify(c, sequence)), rtol=0, atol=2e-6)
+        assert classify(c, sequence).json()["version"] == 2
+
+        assert versions(c) == {1: "draining", 2: "serving"}
+        assert c.get(f"/v2/models/{MODEL}").json()["versions"] == ["1", "2"]
+        refused = c.post("/v1/sessions", json={"version": 1})
+        assert refused.status_code == 410 and refused.json()["error"]["code"] == "model_version_retired"
+        assert "v2" in refused.json()["error"]["message"]
+
+
+def test_after_an_unload_and_its_drain_the_old_version_answers_410_everywhere(start_server, repository, test_sequences):
+    add_version(repository, 2)
+    server = start_server(
+        "--model-repository", str(repository), "--version-policy", "all", "--version-drain-s", "2",
+        "--sweep-interval-s", "0.2",
+    )  # fmt: skip
+    sequence = test_sequences[0]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert versions(c) == {1: "serving", 2: "serving"}
+        on_v1 = c.post("/v1/sessions", json={"version": 1}).json()["session_id"]
+        assert step(c, on_v1, sequence[:4]).status_code == 200
+        oip_v1 = f"/v2/models/{MODEL}/versions/1/infer"
+        infer = {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4, 12], "data": sequence[:4].ravel().tolist()}]
+        }
+        assert c.post(oip_v1, json=infer).status_code == 200
+
+        unloaded = c.post(f"/v2/repository/models/{MODEL}/unload", json={"parameters": {"version": "1"}})
+        assert unloaded.status_code == 200, unloaded.text
+        assert step(c, on_v1, sequence[4:8]).status_code == 200  # draining: the live session goes on
+        assert c.post("/v1/sessions", json={"version": 1}).status_code == 410  # but no new one starts on v1
+
+        def retired() -> httpx.Response:
+            reply = step(c, on_v1, sequence[8:10])
+            assert reply.status_code == 410, reply.text
+            return reply
+
+        error = eventually(retired).json()["error"]
+        assert error["code"] == "model_version_retired" and "v2 replaced it" in error["message"]
+        assert classify(c, sequence, version=1).status_code == 410
+        oip = c.post(oip_v1, json=infer)
+        assert oip.status_code == 410 and "v2 replaced it" in oip.json()["error"]
+        assert versions(c) == {2: "serving"}
+        index = {row["version"]: row["state"] for row in c.post("/v2/repository/index").json()}
+        assert index == {"1": "UNAVAILABLE", "2": "READY"}
+        ws_url = server.url.replace("http", "ws") + f"/v1/sessions/{on_v1}/stream"
+        with connect(ws_url) as ws:
+            assert json.loads(ws.recv())["error"]["code"] == "model_version_retired"
+        assert classify(c, sequence).json()["version"] == 2  # the rest serves on
+
+
+def test_the_version_policy_picks_what_serves_and_a_request_may_name_a_version(
+    start_server, repository, test_sequences
+):
+    add_version(repository, 2)
+    add_version(repository, 3)
+    sequence = test_sequences[1]
+    server = start_server("--model-repository", str(repository), "--version-policy", "latest:2")
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert versions(c) == {2: "serving", 3: "serving"}
+        assert c.get(f"/v1/models/{MODEL}").json()["version"] == 3  # the default: the newest
+        two, three = probabilities(classify(c, sequence, 2)), probabilities(classify(c, sequence, 3))
+        assert np.abs(two - three).max() > 1e-4
+        missing = classify(c, sequence, 1)
+        assert missing.status_code == 404 and "[2, 3]" in missing.json()["error"]["message"]
+        session = c.post("/v1/sessions", json={"version": 2}).json()
+        np.testing.assert_allclose(probabilities(step(c, session["session_id"], sequence)), two, rtol=0, atol=2e-6)
+        ws_url = server.url.replace("http", "ws") + f"/v1/sessions/{session['session_id']}/stream?version=3"
+        with connect(ws_url) as ws:
+            assert "runs on japanese-vowels v2" in json.loads(ws.recv())["error"]["message"]
+        oip = f"/v2/models/{MODEL}/versions/2/infer"
+        infer = {
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [1, len(sequence), 12], "data": sequence.ravel().tolist()}
+            ]
+        }
+        reply = c.post(oip, json=infer).json()
+        assert reply["model_version"] == "2"
+        np.testing.assert_allclose(reply["outputs"][0]["data"], two, rtol=0, atol=2e-6)
+        assert c.get(f"/v2/models/{MODEL}/config").json()["version_policy"] == {"latest": {"num_versions": 2}}
+
+
+def break_sha256(version_dir: Path) -> None:
+    data = bytearray((version_dir / "model.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (version_dir / "model.onnx").write_bytes(bytes(data))
+
+
+def break_contract(version_dir: Path) -> None:
+    """A config whose labels the graph's head does not give (10 promised, 9 computed)."""
+    config = json.loads((version_dir / "config.json").read_text())
+    config["labels"] = [*config["labels"], "speaker-10"]
+    (version_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("breaks", "said"), [(break_sha256, "sha256"), (break_contract, "labels")])
+def test_a_version_that_fails_its_checks_is_refused_while_the_current_one_serves(
+    start_server, repository, test_sequences, breaks, said
+):
+    server = start_server("--model-repository", str(repository))
+    sequence = test_sequences[2]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        before = probabilities(classify(c, sequence))
+        breaks(add_version(repository, 2))
+        refused = c.post(f"/v2/repository/models/{MODEL}/load")
+        assert refused.status_code == 400 and "v2" in refused.json()["error"] and said in refused.json()["error"]
+        assert classify(c, sequence).json()["version"] == 1
+        np.testing.assert_allclose(probabilities(classify(c, sequence)), before, rtol=0, atol=0)
+        assert versions(c) == {1: "serving"}
+        index = {row["version"]: row for row in c.post("/v2/repository/index").json()}
+        assert index["2"]["state"] == "UNAVAILABLE" and said in index["2"]["reason"]
+
+
+def test_polling_the_repository_serves_a_new_version_to_new_sessions(start_server, repository):
+    server = start_server("--model-repository", str(repository), "--repository-poll-s", "0.3")
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        old = c.post("/v1/sessions", json={}).json()
+        add_version(repository, 2)
+
+        def moved() -> None:
+            assert c.post("/v1/sessions", json={}).json()["version"] == 2
+
+        eventually(moved)
+        assert c.get(f"/v1/sessions/{old['session_id']}").json()["version"] == 1
+
+
+def test_the_repository_api_is_for_operators_only(start_server, repository):
+    keys = {"LSTM_SERVE_API_KEYS": "caller-key", "LSTM_SERVE_ADMIN_KEYS": "operator-key"}
+    server = start_server("--model-repository", str(repository), env=keys)
+    index = f"{server.url}/v2/repository/index"
+    assert httpx.post(index).status_code == 401
+    caller = httpx.post(index, headers={"Authorization": "Bearer caller-key"})
+    assert caller.status_code == 403 and "admin" in caller.json()["error"]
+    assert httpx.post(index, headers={"Authorization": "Bearer operator-key"}).status_code == 200
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer operator-key"}).status_code == 401
+
+    closed = start_server("--model-repository", str(repository), env={"LSTM_SERVE_API_KEYS": "caller-key"})
+    refused = httpx.post(f"{closed.url}/v2/repository/index", headers={"Authorization": "Bearer caller-key"})
+    assert refused.status_code == 403 and "LSTM_SERVE_ADMIN_KEYS" in refused.json()["error"]
+
+
+def test_without_keys_only_loopback_clients_may_use_the_repository_api():
+    from lstm_serve.core.access import Caller
+    from lstm_serve.errors import Forbidden
+    from lstm_serve.http.guard import Guard
+    from lstm_serve.protocols.repository import ROUTES
+
+    class Open:
+        keys = admin_keys = type("NoKeys", (), {"enabled": False})()
+        settings = type("S", (), {"origins": frozenset()})()
+
+    guard, route = Guard(Open()), ROUTES[0]  # type: ignore[arg-type]
+    for address in ("127.0.0.1", "127.0.0.53", "::1"):
+        assert guard.authenticate({"client": (address, 1), "headers": []}, route) == Caller(None, address)
+    for address in ("10.0.0.7", "192.168.1.2", "2001:db8::1", "unknown"):
+        with pytest.raises(Forbidden, match="loopback"):
+            guard.authenticate({"client": (address, 1), "headers": []}, route)
+
+
+def test_replicas_on_one_redis_agree_on_versions_and_never_answer_from_the_wrong_one(
+    start_server, redis_server, tmp_path, test_sequences
+):
+    first, second = copy_model(tmp_path / "a"), copy_model(tmp_path / "b")
+    env = {"LSTM_SERVE_REDIS_URL": redis_server.url, "LSTM_SERVE_SWEEP_INTERVAL_S": "0.2"}
+    a = start_server("--model-repository", str(first), env=env)
+    b = start_server("--model-repository", str(second), env=env)
+    sequence = test_sequences[5]
+    with httpx.Client(base_url=a.url, timeout=30) as on_a, httpx.Client(base_url=b.url, timeout=30) as on_b:
+        v1_session = on_b.post("/v1/sessions", json={}).json()["session_id"]
+        assert step(on_a, v1_session, sequence[:5]).status_code == 200
+
+        add_version(first, 2)  # only replica a has v2 on its disk
+        assert on_a.post(f"/v2/repository/models/{MODEL}/load").status_code == 200
+        v2_session = on_a.post("/v1/sessions", json={}).json()
+        assert v2_session["version"] == 2
+        expected = probabilities(classify(on_a, sequence))
+
+        def b_follows() -> httpx.Response:
+            reply = step(on_b, v2_session["session_id"], sequence[:3])
+            assert reply.status_code == 503, reply.text  # b cannot serve v2: it says so, never answers with v1
+            return reply
+
+        waiting = eventually(b_follows)
+        assert waiting.headers["retry-after"] == "1" and waiting.json()["error"]["code"] == "model_loading"
+        new_on_b = on_b.post("/v1/sessions", json={})
+        assert new_on_b.status_code == 503  # the cluster's newest is v2, which b has not loaded
+        end_v1 = probabilities(step(on_b, v1_session, sequence[5:]))  # v1 sessions drain on both replicas
+        np.testing.assert_allclose(end_v1, probabilities(classify(on_a, sequence, 1)), rtol=0, atol=2e-6)
+
+        shutil.copytree(first / MODEL / "2", second / MODEL / "2")  # the operator ships v2 to b too
+
+        def b_serves() -> np.ndarray:
+            return probabilities(step(on_b, v2_session["session_id"], sequence[:3]))
+
+        eventually(b_serves)
+        rest = probabilities(step(on_a, v2_session["session_id"], sequence[3:]))
+        np.testing.assert_allclose(rest, expected, rtol=0, atol=2e-6)
+        assert versions(on_b) == {1: "draining", 2: "serving"}
