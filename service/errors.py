@@ -110,3 +110,16 @@ class ModelLoading(ServiceError):
 
 class LoadRefused(ServiceError):
     status, code = 400, "load_refused"
+
+
+# refusals that protect the server, counted by reason in lstm_serve_rejected_requests_total
+REJECTIONS = (
+    Overloaded,
+    TooManySessions,
+    BodyTooLarge,
+    RateLimited,
+    Unauthorized,
+    Forbidden,
+    ForbiddenOrigin,
+    RequestTimeout,
+)

@@ -22,13 +22,10 @@ from lstm_serve.core.access import Caller, RequestContext
 from lstm_serve.core.inputs import check_body_size
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import (
-    BodyTooLarge,
-    Forbidden,
+    REJECTIONS,
     ForbiddenOrigin,
     MethodNotAllowed,
     NotFound,
-    Overloaded,
-    RateLimited,
     RequestTimeout,
     ServiceError,
     TooManySessions,
@@ -42,16 +39,6 @@ from lstm_serve.protocols.codec import dumps
 from lstm_serve.protocols.routing import HttpEndpoint, Route, SocketEndpoint, v1_error_body
 
 log = logging.getLogger("lstm_serve")
-REJECTIONS = (
-    Overloaded,
-    TooManySessions,
-    BodyTooLarge,
-    RateLimited,
-    Unauthorized,
-    Forbidden,
-    ForbiddenOrigin,
-    RequestTimeout,
-)
 Lifespan = Callable[[], AbstractAsyncContextManager[None]]
 CLOSE_UNAUTHORIZED, CLOSE_TOO_MANY = 4401, 4429
 

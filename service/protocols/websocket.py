@@ -14,6 +14,7 @@ the session to run on: a session on another version gets an error reply and clos
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -21,7 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from lstm_serve.core.engine import LoadedModel
 from lstm_serve.core.inputs import Chunk, check_body_size, chunk_from_bytes, chunk_from_lists
 from lstm_serve.core.runtime import Runtime
-from lstm_serve.errors import InvalidInput, ServiceError, SessionNotFound
+from lstm_serve.errors import REJECTIONS, InvalidInput, ServiceError, SessionNotFound
 from lstm_serve.protocols import schemas
 from lstm_serve.protocols.codec import dumps, parse
 from lstm_serve.protocols.routing import V1, Route, context, v1_error_body
@@ -71,24 +72,28 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
         await websocket.send_text(error_reply(error, context(websocket).request_id))
         await websocket.close(code=CLOSE_UNKNOWN_SESSION if isinstance(error, SessionNotFound) else CLOSE_POLICY)
         return
-    count = runtime.metrics.requests
+    metrics = runtime.metrics
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            started = time.perf_counter()
             try:
                 await runtime.check_rate(caller)
                 reply = dumps(await stream_step(runtime, model, session_id, key, message)).decode()
                 status = "200"
             except ServiceError as error:
                 reply, status = error_reply(error, context(websocket).request_id), str(error.status)
+                if isinstance(error, REJECTIONS):
+                    metrics.rejected.labels(error.code).inc()
                 if isinstance(error, SessionNotFound):
                     await websocket.send_text(reply)
                     await websocket.close(code=CLOSE_UNKNOWN_SESSION)
                     return
-            count.labels(PATH, "WS", status).inc()
+            metrics.requests.labels(PATH, "WS", status).inc()
             await websocket.send_text(reply)
+            metrics.latency.labels(PATH, "WS", status).observe(time.perf_counter() - started)
     except WebSocketDisconnect:
         return
 

@@ -148,6 +148,23 @@ def test_a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not(sta
         assert c.get("/v1/models", headers=auth(ALICE)).status_code == 200, "the bucket refills"
 
 
+def test_websocket_messages_over_the_rate_are_refused_counted_and_every_message_is_timed(start_server):
+    server = start_server(env={**KEYS, "LSTM_SERVE_RATE_LIMIT": "2/min", "LSTM_SERVE_RATE_BURST": "4"})
+    session_id = httpx.post(f"{server.url}/v1/sessions", json={}, headers=auth(ALICE)).json()["session_id"]
+    with connect(ws_url(server, session_id), additional_headers=auth(ALICE)) as ws:  # the upgrade spends one
+        replies = []
+        for _ in range(5):
+            ws.send(json.dumps({"inputs": FRAMES[:1]}))
+            replies.append(json.loads(ws.recv()))
+    codes = [reply["error"]["code"] if "error" in reply else 200 for reply in replies]
+    assert codes == [200, 200, "rate_limited", "rate_limited", "rate_limited"], codes
+    metrics = httpx.get(f"{server.url}/metrics", headers=auth(BOB)).text
+    route = 'method="WS",route="/v1/sessions/{session_id}/stream"'
+    assert 'lstm_serve_rejected_requests_total{reason="rate_limited"} 3.0' in metrics
+    assert f'lstm_serve_request_duration_seconds_count{{{route},status="200"}} 2.0' in metrics
+    assert f'lstm_serve_request_duration_seconds_count{{{route},status="429"}} 3.0' in metrics
+
+
 def test_rate_and_session_limits_hold_across_replicas(start_server, redis_server):
     env = {**KEYS, "LSTM_SERVE_REDIS_URL": redis_server.url, "LSTM_SERVE_MAX_SESSIONS_PER_KEY": "3"}
     limited = {**env, "LSTM_SERVE_RATE_LIMIT": "4/min", "LSTM_SERVE_RATE_BURST": "4"}
