@@ -1,6 +1,7 @@
 """The Open Inference Protocol (KServe v2; Triton's HTTP/REST API) on the same engine as /v1.
 
-Extensions: binary_tensor_data, classification, model_configuration and Triton's sequence extension,
+Extensions: binary_tensor_data, classification, model_configuration, model_repository (protocols/repository.py)
+and Triton's sequence extension,
 whose sequence_id / sequence_start / sequence_end parameters map onto the engine's sessions, so a
 sequence's h and c live in the same store (memory or Redis) as /v1 sessions. Errors are the spec's
 `{"error": "<message>"}`; invalid input is a 400, as the spec and Triton answer it.
@@ -34,7 +35,7 @@ from lstm_serve.protocols.oip_requests import (
 from lstm_serve.protocols.routing import OIP, Content, Reply, Route, context
 from lstm_serve.protocols.tensors import HEADER_LENGTH, OutputTensor, write_response
 
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "sequence"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "sequence"]
 PLATFORM = "onnxruntime_onnx"
 
 

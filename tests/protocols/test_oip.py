@@ -60,7 +60,7 @@ def test_health_and_metadata(triton_client):
     assert not triton_client.is_model_ready(MODEL, "2") and not triton_client.is_model_ready("no-such-model")
     server = triton_client.get_server_metadata()
     assert server["name"] == "lstm-serve"
-    assert {"binary_tensor_data", "sequence", "classification"} <= set(server["extensions"])
+    assert {"binary_tensor_data", "sequence", "classification", "model_repository"} <= set(server["extensions"])
     meta = triton_client.get_model_metadata(MODEL)
     assert meta == triton_client.get_model_metadata(MODEL, "1")
     assert meta["name"] == MODEL and meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
