@@ -41,6 +41,9 @@ class StepResult:
     replayed: bool  # a retry answered from the session, not applied again
 
 
+CLOCK_SKEW_S = 1.0  # how far apart replicas' clocks may be, for telling a restart before a step from one during it
+
+
 def chunk_digest(frames: np.ndarray) -> str:
     return hashlib.blake2b(frames.tobytes(), digest_size=16).hexdigest()
 
@@ -140,13 +143,19 @@ class Engine:
         """Apply one chunk to a session exactly once, in order; answer a retried chunk without applying it
         again. `to_chunk` checks the frames against the session's model, known once the session is
         loaded (one load per step: with Redis each load is a round trip)."""
+        started = time.time()
         async with self.store.lock(session_id):
-            record = await self.store.load(session_id)
-            model = self.session_model(record)
-            chunk = to_chunk(model)
-            digest = chunk_digest(chunk.frames)
+            recalled = await self.store.recall(session_id)  # with Redis: this replica's last view, maybe stale
+            record = recalled or await self.store.load(session_id)
+            fresh = recalled is None  # read from the store after this step began
             while True:
+                model = self.session_model(record)
+                chunk = to_chunk(model)
+                digest = chunk_digest(chunk.frames)
                 if seq is not None and seq != record.steps:
+                    if not fresh:  # the view may be behind the session: decide on what the store holds
+                        record, fresh = await self.store.load(session_id), True
+                        continue
                     if seq == record.last_seq and digest == record.last_digest:
                         return await self.replay(model, record, chunk, per_frame)
                     raise SequenceConflict(
@@ -165,15 +174,17 @@ class Engine:
                 )
                 if await self.store.commit(updated, record):
                     return StepResult(model, updated.steps, out.probabilities[-1], out, replayed=False)
-                # Lost the compare-and-set. Another replica stepped this session meanwhile: redo the chunk on
-                # its state (with seq, the check above decides again). But a session restarted (or deleted
-                # and created again) under the same id is another session: this chunk was not meant for it.
+                # Lost the compare-and-set. Another replica stepped this session meanwhile (or the view was
+                # stale): redo the chunk on its state (with seq, the check above decides again). But a session
+                # restarted (or deleted and created again) under the same id while this chunk ran is another
+                # session: this chunk was not meant for it. From a stale view, a replacement created before the
+                # step began (by more than the replicas' clock skew) is the session this chunk is for.
                 current = await self.store.load(session_id)
-                if current.incarnation != record.incarnation:
+                if current.incarnation != record.incarnation and (fresh or current.created_at > started - CLOCK_SKEW_S):
                     raise SessionRestarted(
                         f"session {session_id!r} was restarted while this chunk ran; the chunk was not applied"
                     )
-                record = current
+                record, fresh = current, True
 
     async def replay(self, model: LoadedModel, record: SessionRecord, chunk: Chunk, per_frame: bool) -> StepResult:
         """The answer to a retry of the last chunk, from what the session keeps: the probabilities after the

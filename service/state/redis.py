@@ -1,8 +1,11 @@
 """Sessions in Redis, shared by every replica.
 
-Per session a hash `lstm-serve:s:<id>` holds the model and version, timestamps, frames consumed,
-the state tensors as float32 bytes, what a retry of the last chunk needs (its seq and digest, the
-probabilities after it, the state before it), the incarnation and a revision number. Commits are a Lua
+Per session a hash `lstm-serve:s:<id>` holds the incarnation, a revision number, the owner, and `record`:
+one blob of the model and version, timestamps, frames consumed, the state tensors as float32 bytes, and
+what a retry of the last chunk needs (its seq and digest, the probabilities after it, the state before
+it). A replica remembers its last view of recent sessions and steps from it without reading the session
+first: if another replica moved the session on, the commit finds out and the step starts again from
+what Redis holds. Commits are a Lua
 compare-and-set on (incarnation, revision), so two replicas stepping one session at the same moment
 both apply, in some order, each exactly once, and a step never lands on a restarted session. Idle
 expiry is a Redis TTL on the hash; sorted sets of last-use times count live sessions, in all and per
@@ -12,16 +15,20 @@ replicas.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 import orjson
 import redis.asyncio as redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -35,6 +42,7 @@ PREFIX = "lstm-serve:"
 INDEX = PREFIX + "sessions"  # sorted set: session id -> last use (unix seconds)
 MODELS = PREFIX + "models"  # hash: model name -> its version table (JSON), state/directory.py
 GENERATION = PREFIX + "models:generation"  # bumped by every change of a table
+RECENT_SESSIONS = 1024  # sessions whose last state a replica keeps, to step them without reading it first
 
 # KEYS[1] session hash, KEYS[2] index, KEYS[3] the owner's index; ARGV: now, ttl, max, max per owner, id,
 # fields... -> 1 stored, -1 when the store is full, -2 when the owner's share is.
@@ -65,6 +73,17 @@ redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
 redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[4])))
+return 1
+"""
+
+# KEYS[1] session hash, KEYS[2] index; ARGV: id, the owners' index prefix -> 1 deleted, 0 no such session.
+# The owner's index is named by the hash's owner field, read here: one round trip.
+DELETE = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', ARGV[2] .. owner, ARGV[1])
 return 1
 """
 
@@ -152,46 +171,93 @@ def decode_arrays(blob: bytes) -> tuple[np.ndarray, ...] | None:
 
 
 def encode(record: SessionRecord) -> dict[str, bytes | str]:
+    """The hash fields: what the Lua scripts compare (incarnation; revision is added by the caller), the
+    owner (for its index on delete), and the rest of the record as one blob: fewer arguments to build and
+    fields to parse per step than a field per attribute."""
     last = record.last_probabilities
-    return {
+    arrays = [
+        encode_arrays(record.state),
+        encode_arrays(None if last is None else (last,)),
+        encode_arrays(record.previous_state),
+    ]
+    meta = {
         "model": record.model,
-        "version": str(record.version),
+        "version": record.version,
+        "created_at": record.created_at,
+        "last_used": record.last_used,
+        "steps": record.steps,
+        "last_seq": record.last_seq,
+        "last_digest": record.last_digest,
+        "sizes": [len(a) for a in arrays],
+    }
+    return {
         "incarnation": record.incarnation,
-        "created_at": repr(record.created_at),
-        "last_used": repr(record.last_used),
-        "steps": str(record.steps),
-        "state": encode_arrays(record.state),
-        "last_seq": "" if record.last_seq is None else str(record.last_seq),
-        "last_digest": record.last_digest or "",
-        "last_probabilities": encode_arrays(None if last is None else (last,)),
-        "previous_state": encode_arrays(record.previous_state),
         "owner": record.owner,
+        "record": orjson.dumps(meta) + b"\n" + b"".join(arrays),
     }
 
 
 def decode(session_id: str, fields: dict[bytes, bytes]) -> SessionRecord:
-    text = {k.decode(): v for k, v in fields.items()}
-    last = decode_arrays(text["last_probabilities"])
+    header, _, data = fields[b"record"].partition(b"\n")
+    meta = orjson.loads(header)
+    parts, offset = [], 0
+    for size in meta["sizes"]:
+        parts.append(decode_arrays(data[offset : offset + size]))
+        offset += size
+    state, last, previous = parts
     return SessionRecord(
         session_id=session_id,
-        model=text["model"].decode(),
-        version=int(text["version"]),
-        incarnation=text["incarnation"].decode(),
-        created_at=float(text["created_at"]),
-        last_used=float(text["last_used"]),
-        steps=int(text["steps"]),
-        state=decode_arrays(text["state"]),
-        last_seq=int(text["last_seq"]) if text["last_seq"] else None,
-        last_digest=text["last_digest"].decode() or None,
+        model=meta["model"],
+        version=meta["version"],
+        incarnation=fields[b"incarnation"].decode(),
+        created_at=meta["created_at"],
+        last_used=meta["last_used"],
+        steps=meta["steps"],
+        state=state,
+        last_seq=meta["last_seq"],
+        last_digest=meta["last_digest"],
         last_probabilities=None if last is None else last[0],
-        previous_state=decode_arrays(text["previous_state"]),
-        revision=int(text["revision"]),
-        owner=text.get("owner", b"").decode(),
+        previous_state=previous,
+        revision=int(fields[b"revision"]),
+        owner=fields.get(b"owner", b"").decode(),
     )
 
 
 def flatten(fields: dict) -> list:
     return [item for pair in fields.items() for item in pair]
+
+
+class Coalesced:
+    """One script's calls made in the same turn of the event loop, sent to Redis as one pipeline: the steps
+    of a batch finish together and commit together, in one round trip instead of one each."""
+
+    def __init__(self, script: AsyncScript, client: redis.Redis) -> None:
+        self.script, self.client = script, client
+        self.pending: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
+
+    async def send(self, keys: list[Any], args: list[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append((keys, args, future))
+        if len(self.pending) == 1:  # the first of this turn: the others of the turn run before the flush
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.flush()))
+        return await future
+
+    async def flush(self) -> None:
+        calls, self.pending = self.pending, []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, args, _ in calls:
+                    await self.script(keys=keys, args=args, client=pipe)
+                results = await pipe.execute(raise_on_error=False)
+        except Exception as error:  # the connection: every caller hears of it (reachable() makes it a 503)
+            results = [error] * len(calls)
+        for (_, _, future), result in zip(calls, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
 
 class RedisSessionStore:
@@ -210,10 +276,24 @@ class RedisSessionStore:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10
         )
         self._create = self.client.register_script(CREATE)
-        self._commit = self.client.register_script(COMMIT)
+        self._delete = self.client.register_script(DELETE)
+        self.commits = Coalesced(self.client.register_script(COMMIT), self.client)
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
+        self.recent: OrderedDict[str, SessionRecord] = OrderedDict()  # this replica's last view of sessions
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
         self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
+
+    def remember(self, record: SessionRecord) -> SessionRecord:
+        self.recent[record.session_id] = record
+        self.recent.move_to_end(record.session_id)
+        if len(self.recent) > RECENT_SESSIONS:
+            self.recent.popitem(last=False)
+        return record
+
+    async def recall(self, session_id: str) -> SessionRecord | None:
+        """This replica's last view of a session, without a round trip; it may be stale (another replica
+        stepped it since), which the commit's compare-and-set finds out."""
+        return self.recent.get(session_id)
 
     @reachable
     async def create(self, record: SessionRecord) -> SessionRecord:
@@ -233,43 +313,36 @@ class RedisSessionStore:
             raise server_full(self.max_sessions, self.ttl_s)
         if stored == -2:
             raise owner_full(self.max_per_owner, self.ttl_s)
-        return record
+        return self.remember(record)
 
     @reachable
     async def load(self, session_id: str) -> SessionRecord:
         fields = await self.client.hgetall(session_key(session_id))
         if not fields:
+            self.recent.pop(session_id, None)
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
-        return decode(session_id, cast(dict[bytes, bytes], fields))
+        return self.remember(decode(session_id, cast(dict[bytes, bytes], fields)))
 
     @reachable
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
-        fields = {**encode(record), "revision": str(expected.revision + 1)}
-        result = await self._commit(
-            keys=[session_key(record.session_id), INDEX, owner_index(record.owner)],
-            args=[
-                expected.incarnation,
-                str(expected.revision),
-                record.last_used,
-                self.ttl_s,
-                record.session_id,
-                *flatten(fields),
-            ],
-        )
+        encoded = encode(record)
+        fields = {"record": encoded["record"], "revision": str(expected.revision + 1)}
+        keys = [session_key(record.session_id), INDEX, owner_index(record.owner)]
+        args = [expected.incarnation, str(expected.revision), record.last_used, self.ttl_s, record.session_id]
+        result = await self.commits.send(keys, [*args, *flatten(fields)])
         if result == -1:
+            self.recent.pop(record.session_id, None)
             raise SessionNotFound(
                 f"session {record.session_id!r} was deleted or expired while this chunk ran; the chunk was not applied"
             )
+        if result == 1:
+            self.remember(replace(record, revision=expected.revision + 1))
         return result == 1
 
     @reachable
     async def delete(self, session_id: str) -> None:
-        owner = cast(bytes | None, await self.client.hget(session_key(session_id), "owner"))
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(session_key(session_id))
-            pipe.zrem(INDEX, session_id)
-            pipe.zrem(owner_index((owner or b"").decode()), session_id)
-            deleted, _, _ = await pipe.execute()
+        self.recent.pop(session_id, None)
+        deleted = await self._delete(keys=[session_key(session_id), INDEX], args=[session_id, owner_index("")])
         if not deleted:
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
 

@@ -94,6 +94,11 @@ class SessionStore(Protocol):
 
     async def load(self, session_id: str) -> SessionRecord: ...
 
+    async def recall(self, session_id: str) -> SessionRecord | None:
+        """A view of the session that may be stale, without a round trip (None: load it). A commit from a
+        stale view loses its compare-and-set, so a step may start from one."""
+        ...
+
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
         """Write `record` if the stored session is still `expected` (same incarnation and revision); False
         if it has moved on or was replaced, SessionNotFound if it is gone."""
@@ -185,6 +190,9 @@ class InMemorySessionStore:
             self.on_expired(1)
             raise SessionNotFound(f"session {session_id!r} expired after {self.ttl_s:g} s idle")
         return record
+
+    async def recall(self, session_id: str) -> SessionRecord | None:
+        return None  # load is as cheap here
 
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
         stored = self._sessions.get(record.session_id)

@@ -121,3 +121,49 @@ def test_create_with_an_id_restarts_that_session(kind, request):
     assert restarted.session_id == loaded.session_id == "oip:m:n:7"
     assert (loaded.steps, loaded.state, loaded.incarnation) == (0, None, restarted.incarnation)
     assert restarted.incarnation != stale.incarnation
+
+
+def test_the_commits_of_one_turn_go_in_one_pipeline_and_each_gets_its_own_answer(redis_server):
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)
+        other = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)  # another replica
+        records = [await store.create(new_record("m", 1)) for _ in range(8)]
+        assert await other.commit(records[0].advanced(steps=9), records[0])  # records[0] is now stale
+        await other.delete(records[1].session_id)  # and records[1] gone
+        flushes, flush = [], store.commits.flush
+
+        async def counted() -> None:
+            flushes.append(len(store.commits.pending))
+            await flush()
+
+        store.commits.flush = counted
+        results = await asyncio.gather(*(store.commit(r.advanced(steps=1), r) for r in records), return_exceptions=True)
+        steps = [(await store.load(r.session_id)).steps for r in records[2:]]
+        await store.close()
+        await other.close()
+        return flushes, results, steps
+
+    flushes, results, steps = run(main())
+    assert flushes == [8]  # one round trip for the eight
+    assert results[0] is False and isinstance(results[1], SessionNotFound) and results[2:] == [True] * 6
+    assert steps == [1] * 6
+
+
+def test_a_replica_steps_from_its_last_view_and_a_stale_view_is_caught(redis_server):
+    async def main():
+        a = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        b = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        record = await a.create(new_record("m", 1))
+        assert await a.recall(record.session_id) == record  # no round trip for a's next step
+        assert await b.recall(record.session_id) is None  # b must read it
+        loaded = await b.load(record.session_id)
+        assert await b.commit(loaded.advanced(steps=2), loaded)
+        view = await a.recall(record.session_id)
+        assert view is not None and view.steps == 0  # a's view is stale now ...
+        assert not await a.commit(view.advanced(steps=1), view)  # ... and its commit says so
+        await a.delete(record.session_id)
+        assert await a.recall(record.session_id) is None
+        await a.close()
+        await b.close()
+
+    run(main())
