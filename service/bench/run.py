@@ -6,6 +6,13 @@
 Per concurrency level: requests/s (frames/s for streams), p50/p90/p99 latency, errors, the
 server's mean batch size and queue wait (from /metrics), CPU of server and load generator; plus
 onnxruntime in-process at the batch sizes the server formed, and stateless replay versus a step.
+
+Two more parts, each on by default and skipped with its flag:
+  open loop (--no-open-loop): one model step (a single-frame WebSocket message) offered at a ladder of
+    rates whatever the replies, latency from each message's scheduled time (bench/openloop.py);
+  sessions in Redis (--no-redis): the stream workloads at --redis-levels sessions against three
+    lstm-serve set-ups started here, one worker with sessions in memory, one worker on Redis and two
+    workers on Redis, with a private redis-server on a free port (--save "" --appendonly no).
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,7 +33,7 @@ from urllib.parse import urlparse
 import numpy as np
 import orjson
 
-from lstm_serve.bench import report
+from lstm_serve.bench import openloop, report
 from lstm_serve.bench.clients import HttpConnection
 from lstm_serve.bench.workloads import (
     Client,
@@ -38,6 +47,13 @@ from lstm_serve.bench.workloads import (
 ROOT = Path(__file__).resolve().parents[2]
 TICKS = os.sysconf("SC_CLK_TCK")
 STEADY_SEQUENCES = 20  # test sequences streamed back to back in one session for the steady-stream point
+SERVE = [sys.executable, "-m", "lstm_serve.cli", "serve"]
+SERVE_ENV = {"LSTM_SERVE_DRAIN_DELAY_S": "0"}  # a server started here stops at once (no load balancer to drain)
+REDIS_SETUPS = [  # (name, sessions in Redis, workers)
+    ("memory, 1 worker", False, 1),
+    ("redis, 1 worker", True, 1),
+    ("redis, 2 workers", True, 2),
+]
 
 
 @dataclass
@@ -52,11 +68,33 @@ class BenchConfig:
     duration_s: float = 5.0
     replay_repeats: int = 40
     out_dir: str = "service/bench/results"
+    # open loop: offered single-frame steps per second, each server's ladder stopping past saturation
+    open_loop: bool = True
+    open_loop_rates: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000, 4000, 6000, 8000, 12000, 16000])
+    open_loop_sessions: int = 64
+    open_loop_arrivals: str = "poisson"
+    # sessions in Redis: concurrent sessions per point, for memory x1, Redis x1 and Redis x2 workers
+    redis: bool = True
+    redis_levels: list[int] = field(default_factory=lambda: [64])
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its live descendants (uvicorn's workers run as children of its supervisor)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # gone between the listing and the read
+    return total
 
 
 class Server:
@@ -65,7 +103,7 @@ class Server:
     def __init__(self, name: str, url: str | None, command: list[str], env: dict | None = None) -> None:
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
-        self.has_metrics = True
+        self.has_metrics = int((env or {}).get("LSTM_SERVE_WORKERS", "1")) == 1  # a scrape reaches one worker
         self.metrics_conn: HttpConnection | None = None
         if url is None:
             port = free_port()
@@ -97,12 +135,48 @@ class Server:
         raise TimeoutError(f"{self.name} at {self.url} not ready")
 
     def cpu(self) -> float | None:
-        return cpu_seconds(self.proc.pid) if self.proc else None
+        return tree_cpu_seconds(self.proc.pid) if self.proc else None
 
     def stop(self) -> None:
         if self.proc:
             self.proc.terminate()
             self.proc.wait(30)
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, no persistence (never the machine's shared one)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def wait_ready(self, timeout: float = 10) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(b"PING\r\n")
+                pong = await reader.readline()
+                writer.close()
+                if pong.startswith(b"+PONG"):
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"redis-server on port {self.port} did not start")
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 def free_port() -> int:
@@ -150,12 +224,22 @@ def server_side(before: dict, after: dict) -> dict:
     }
 
 
-async def measure(server: Server, workload: str, client: Client, concurrency: int, cfg: BenchConfig) -> dict:
-    """One point. Server metrics and CPU are read at the start and the end of the measured window."""
+async def measure(
+    server: Server,
+    workload: str,
+    client: Client,
+    concurrency: int,
+    cfg: BenchConfig,
+    also: dict[str, Callable[[], float]] | None = None,
+) -> dict:
+    """One point. Server metrics and CPU are read at the start and the end of the measured window;
+    `also`: other processes' CPU seconds (redis-server), reported as <name>_cpu_pct."""
     snapshots: list[tuple[dict, float | None, os.times_result, float]] = []
+    others: list[dict[str, float]] = []
 
     async def snapshot() -> None:  # CPU first: the scrape itself waits in the server's queue under load
         cpu, times, now = server.cpu(), os.times(), time.perf_counter()
+        others.append({name: read() for name, read in (also or {}).items()})
         snapshots.append((await scrape(server), cpu, times, now))
 
     async def snapshot_window() -> None:
@@ -181,11 +265,13 @@ async def measure(server: Server, workload: str, client: Client, concurrency: in
         if cpu_after is not None and cpu_before is not None
         else None
     )
+    for name in also or {}:
+        result[f"{name}_cpu_pct"] = round(100 * (others[1][name] - others[0][name]) / (t1 - t0), 1)
     print(
         f"  {server.name:9s} {workload:12s} c={concurrency:<4d} {result['throughput']:8.0f}/s "
         f"p50 {result['p50_ms']:6.2f} p99 {result['p99_ms']:7.2f} ms  err {result['errors']}  "
         f"batch {result.get('mean_batch_size') or 0:5.1f}  cpu srv {result['server_cpu_pct']}% "
-        f"gen {result['loadgen_cpu_pct']}%",
+        f"gen {result['loadgen_cpu_pct']}%" + "".join(f" {name} {result[f'{name}_cpu_pct']}%" for name in also or {}),
         flush=True,
     )
     return result
@@ -318,7 +404,7 @@ def load_test_sequences() -> list[np.ndarray]:
 
 
 async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
-    ours = Server("lstm-serve", cfg.url, [sys.executable, "-m", "lstm_serve.cli", "serve"])
+    ours = Server("lstm-serve", cfg.url, SERVE, env=SERVE_ENV)
     uvicorn_flags = [
         "--http",
         "httptools",
@@ -361,10 +447,83 @@ async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
             results["points"].append(await measure(server, "stream-ws-steady", ws, steady, cfg))
         print("stateless replay versus a session step (lstm-serve)", flush=True)
         results["replay"] = await replay(ours, sequences, cfg)
+        if cfg.open_loop and cfg.open_loop_rates:
+            print(
+                f"open loop: one model step (1 frame per WebSocket message), {cfg.open_loop_arrivals} arrivals "
+                f"round robin over {cfg.open_loop_sessions} sessions, latency from the scheduled send time",
+                flush=True,
+            )
+            results["open_loop"] = []
+            for server, ready in ((ours, "/readyz"), (baseline, "/healthz")):
+                results["open_loop"] += await open_loop_ladder(server, sequences, cfg)
+                await asyncio.sleep(0.5)  # a saturated server works off its backlog before the next runs
+                await server.wait_ready(ready)
     finally:
         ours.stop()
         baseline.stop()
     return results
+
+
+async def open_loop_ladder(server: Server, sequences: list[np.ndarray], cfg: BenchConfig) -> list[dict]:
+    """The offered rates in order, stopping after the first at which the server saturates."""
+    frames = np.concatenate(sequences[:50])
+    rows = []
+    for rate in sorted(cfg.open_loop_rates):
+        row = await openloop.point(
+            server.host,
+            server.port,
+            frames,
+            rate,
+            cfg.open_loop_sessions,
+            cfg.warmup_s,
+            cfg.duration_s,
+            cfg.open_loop_arrivals,
+            cpu=server.cpu,
+        )
+        row["server"] = server.name
+        rows.append(row)
+        print(
+            f"  {server.name:9s} offered {rate:6d}/s achieved {row['achieved_per_s']:7.0f}/s "
+            f"p50 {row['p50_ms']:7.2f} p99 {row['p99_ms']:8.2f} ms  unanswered {row['unanswered']} "
+            f"err {row['errors']}  gen lag p99 {row['generator_lag_p99_ms']:.2f} ms  "
+            f"cpu srv {row['server_cpu_pct']}% gen {row['loadgen_cpu_pct']}%",
+            flush=True,
+        )
+        if openloop.saturated(row):
+            break
+    return rows
+
+
+async def run_redis(cfg: BenchConfig, sequences: list[np.ndarray]) -> list[dict]:
+    """The stream workloads at cfg.redis_levels sessions on lstm-serve with sessions in memory (one worker),
+    in Redis (one worker) and in Redis (two workers), each started here, one after another."""
+    if shutil.which("redis-server") is None:
+        print("sessions in Redis: skipped, no redis-server on PATH", flush=True)
+        return []
+    print("sessions in Redis: stream workloads, lstm-serve in memory vs on a private redis-server", flush=True)
+    redis = RedisServer()
+    rows: list[dict] = []
+    try:
+        await redis.wait_ready()
+        for setup, in_redis, workers in REDIS_SETUPS:
+            env = {**SERVE_ENV, "LSTM_SERVE_WORKERS": str(workers)}
+            if in_redis:
+                env["LSTM_SERVE_REDIS_URL"] = redis.url
+            server = Server(setup, None, SERVE, env=env)
+            try:
+                await server.wait_ready("/readyz")
+                for level in cfg.redis_levels:
+                    for workload, make in (("stream-http", stream_http_client), ("stream-ws", stream_ws_client)):
+                        client = make(server.host, server.port, sequences)
+                        also = {"redis": redis.cpu} if in_redis else None
+                        row = await measure(server, workload, client, level, cfg, also)
+                        row.update(setup=setup, redis=in_redis, workers=workers)
+                        rows.append(row)
+            finally:
+                server.stop()
+    finally:
+        redis.stop()
+    return rows
 
 
 def add_limits(results: dict, cfg: BenchConfig, sequences: list[np.ndarray]) -> None:
@@ -382,6 +541,10 @@ def add_limits(results: dict, cfg: BenchConfig, sequences: list[np.ndarray]) -> 
         point["fraction_of_onnxruntime"] = point["throughput"] / cache[key]
 
 
+def levels(value: str) -> list[int]:
+    return [int(x) for x in value.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         "lstm-serve bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -391,23 +554,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-url", help="a running afternoon baseline (default: start one)")
     parser.add_argument(
         "--classify-levels",
-        type=lambda v: [int(x) for x in v.split(",")],
+        type=levels,
         default=defaults.classify_levels,
         help="concurrent clients, comma-separated",
     )
     parser.add_argument(
         "--stream-levels",
-        type=lambda v: [int(x) for x in v.split(",")],
+        type=levels,
         default=defaults.stream_levels,
         help="concurrent sessions, comma-separated",
     )
-    parser.add_argument(
-        "--replay-lengths", type=lambda v: [int(x) for x in v.split(",")], default=defaults.replay_lengths
-    )
+    parser.add_argument("--replay-lengths", type=levels, default=defaults.replay_lengths)
     parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
     parser.add_argument("--duration-s", type=float, default=defaults.duration_s, help="measured seconds per point")
     parser.add_argument("--replay-repeats", type=int, default=defaults.replay_repeats)
     parser.add_argument("--out-dir", default=defaults.out_dir)
+    parser.add_argument(
+        "--no-open-loop", dest="open_loop", action="store_false", help="skip the open-loop part (one model step)"
+    )
+    parser.add_argument(
+        "--open-loop-rates",
+        type=levels,
+        default=defaults.open_loop_rates,
+        help="offered single-frame steps per second, comma-separated; each server stops past saturation",
+    )
+    parser.add_argument(
+        "--open-loop-sessions",
+        type=int,
+        default=defaults.open_loop_sessions,
+        help="WebSocket sessions the open-loop messages go round robin over",
+    )
+    parser.add_argument("--open-loop-arrivals", choices=["poisson", "uniform"], default=defaults.open_loop_arrivals)
+    parser.add_argument("--no-redis", dest="redis", action="store_false", help="skip the sessions-in-Redis part")
+    parser.add_argument(
+        "--redis-levels",
+        type=levels,
+        default=defaults.redis_levels,
+        help="concurrent sessions for the sessions-in-Redis part, comma-separated (empty: skip it)",
+    )
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     sequences = load_test_sequences()
     try:
@@ -418,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     started = time.time()
     results = asyncio.run(run_servers(cfg, sequences))
+    if cfg.redis and cfg.redis_levels:
+        results["redis"] = asyncio.run(run_redis(cfg, sequences))
     add_limits(results, cfg, sequences)
     results["config"] = asdict(cfg)
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}

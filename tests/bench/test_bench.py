@@ -1,10 +1,16 @@
 """`lstm-serve bench` end to end at toy sizes: it must run both servers, measure, and write its outputs.
-No speed is asserted here; the numbers live in service/bench/results/."""
+No speed is asserted here; the numbers live in service/bench/results/. Then the parts that need no
+server: the open-loop scheduler's latency accounting and the target table on made-up results."""
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 
+import numpy as np
+
+from lstm_serve.bench import openloop, report
 from tests.conftest import ROOT
 
 
@@ -28,6 +34,12 @@ def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
             "1,20",
             "--replay-repeats",
             "3",
+            "--open-loop-rates",
+            "100,200",
+            "--open-loop-sessions",
+            "4",
+            "--redis-levels",
+            "2",
             "--out-dir",
             str(out),
         ],
@@ -53,6 +65,167 @@ def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
             assert p["mean_batch_size"] >= 1 and p["onnxruntime_items_per_s"] > 0
     assert [r["t"] for r in results["replay"]] == [1, 20]
     assert any(row["target"].startswith("classify") for row in results["summary"])
-    assert "## Targets" in (out / "results.md").read_text()
-    for plot in ("throughput_latency.png", "replay.png"):
+    # open loop: both servers' ladders, from the lowest rate up (stopping early only past saturation)
+    for server in ("lstm-serve", "baseline"):
+        rows = [r for r in results["open_loop"] if r["server"] == server]
+        assert rows and rows[0]["offered_per_s"] == 100 and len(rows) <= 2
+        for r in rows:
+            assert r["sessions"] == 4 and r["due"] > 0 and r["errors"] == 0
+            assert r["achieved_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+            assert r["generator_lag_p99_ms"] >= 0 and r["server_cpu_pct"] is not None
+    # sessions in Redis: three set-ups x two workloads, redis-server's CPU beside lstm-serve's
+    setups = {(r["setup"], r["workload"], r["concurrency"]): r for r in results["redis"]}
+    assert set(setups) == {
+        (setup, workload, 2)
+        for setup in ("memory, 1 worker", "redis, 1 worker", "redis, 2 workers")
+        for workload in ("stream-http", "stream-ws")
+    }
+    for r in results["redis"]:
+        assert r["errors"] == 0, r["error_examples"]
+        assert r["requests"] > 0 and r["server_cpu_pct"] > 0
+        assert ("redis_cpu_pct" in r) == r["redis"]
+    targets = {row["target"]: row for row in results["summary"]}
+    assert sum(t.startswith("sessions in Redis, 2 sessions") for t in targets) == 2
+    assert all("margin" in row for row in results["summary"])
+    markdown = (out / "results.md").read_text()
+    for heading in ("## Targets", "## Sessions in Redis", "## Open loop: one model step"):
+        assert heading in markdown
+    for plot in ("throughput_latency.png", "replay.png", "open_loop.png", "redis.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+class InstantServer:
+    """A fake WebSocket that answers every message at once; its nth send blocks the event loop for a
+    while, as a load generator's pause (GC, a busy core) would."""
+
+    def __init__(self, pause_at: int = -1, pause_s: float = 0.0) -> None:
+        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+        self.sends, self.pause_at, self.pause_s = 0, pause_at, pause_s
+
+    def send_binary(self, payload: bytes) -> None:
+        if self.sends == self.pause_at:
+            time.sleep(self.pause_s)
+        self.sends += 1
+        self.replies.put_nowait(b'{"prediction": {}}')
+
+    async def recv(self) -> bytes:
+        return await self.replies.get()
+
+
+def test_open_loop_counts_latency_from_the_scheduled_time_not_the_send():
+    """At 1,000/s a 50 ms stall of the sender delays the ~50 messages due meanwhile: each counts the time
+    since it was due (a closed-loop client would count the stall once, or not at all)."""
+    fake = InstantServer(pause_at=100, pause_s=0.05)
+
+    async def run() -> openloop.Record:
+        scheduled = time.perf_counter() + 0.01 + openloop.arrival_offsets(1000, 0.3, "uniform")
+        return await openloop.drive([fake], [b"x"], scheduled, drain_s=1.0)
+
+    record = asyncio.run(run())
+    latency = record.done - record.scheduled
+    assert not np.isnan(record.done).any() and not record.failed.any()
+    assert np.all(latency >= record.sent - record.scheduled)  # the send's lateness is inside the latency
+    late = latency > 0.02
+    assert 25 <= late.sum() <= 70, late.sum()  # the messages due during the stall
+    assert latency.max() >= 0.045
+    assert np.median(record.done - record.sent) < 0.005  # from the send, as a closed loop measures: ~0
+    row = openloop.summarise(record, 1000, (record.scheduled[0], record.scheduled[-1] + 1e-9))
+    assert row["max_ms"] >= 45 and row["p99_ms"] >= 20 and row["unanswered"] == 0 and row["due"] == 300
+
+
+def test_open_loop_summary_counts_unanswered_and_failed_messages():
+    scheduled = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    record = openloop.Record(
+        scheduled=scheduled,
+        sent=scheduled + 0.5,
+        done=np.array([0.1, 1.2, np.nan, np.nan, 4.3]),
+        failed=np.array([False, False, False, True, False]),
+        ended=6.0,
+    )
+    row = openloop.summarise(record, 1.0, (0.0, 5.0))
+    # latencies 0.1, 0.2, 4.0 (unanswered: up to the end of the drain) and 0.3; the failed one is an error
+    assert row["due"] == 5 and row["unanswered"] == 1 and row["errors"] == 1
+    assert row["max_ms"] == 4000 and abs(row["p50_ms"] - 250) < 1e-6
+    assert row["achieved_per_s"] == 3 / 5 and row["window_s"] == 5  # replies that arrived in the window
+    assert row["generator_lag_p50_ms"] == 500
+    assert openloop.saturated(row)  # an unanswered message ends the ladder
+    assert not openloop.saturated({**row, "achieved_per_s": 1.0, "p99_ms": 5.0, "errors": 0, "unanswered": 0})
+    assert openloop.saturated({**row, "achieved_per_s": 0.85, "p99_ms": 5.0, "errors": 0, "unanswered": 0})
+
+
+def test_arrivals_are_at_the_offered_rate():
+    uniform = openloop.arrival_offsets(500, 2.0, "uniform")
+    assert len(uniform) == 1000 and np.allclose(np.diff(uniform), 0.002)
+    poisson = openloop.arrival_offsets(500, 2.0, "poisson")
+    assert 900 < len(poisson) < 1100 and poisson.min() >= 0 and poisson.max() < 2.0
+    assert np.all(np.diff(poisson) > 0)
+
+
+def synthetic(ours: float, base: float, redis_1: float, redis_2: float) -> dict:
+    """Results where lstm-serve's throughputs are `ours` times the baseline's and its p50s 1/ours of them,
+    and the Redis set-ups' frames/s are redis_1 and redis_2 times the in-memory one's."""
+
+    def pt(server: str, workload: str, c: int, throughput: float, p50: float) -> dict:
+        return dict(
+            server=server,
+            workload=workload,
+            concurrency=c,
+            throughput=throughput,
+            p50_ms=p50,
+            p90_ms=1.5 * p50,
+            p99_ms=2 * p50,
+            errors=0,
+            server_cpu_pct=100.0,
+            loadgen_cpu_pct=20.0,
+        )
+
+    points = []
+    for workload in ("classify", "stream-http", "stream-ws", "stream-ws-steady"):
+        for c in (1, 64, 256):
+            points.append(pt("lstm-serve", workload, c, 1000.0 * ours, 1.0 / ours))
+            points.append(pt("baseline", workload, c, 1000.0 * base, 1.0 / base))
+    points[0]["fraction_of_onnxruntime"], points[0]["mean_batch_size"] = 0.7, 1.0
+    redis = [
+        {**pt(setup, workload, 64, 1000.0 * factor, 1.0), "setup": setup}
+        for setup, factor in (("memory, 1 worker", 1.0), ("redis, 1 worker", redis_1), ("redis, 2 workers", redis_2))
+        for workload in ("stream-http", "stream-ws")
+    ]
+    redis[3]["throughput"] *= 0.9  # Redis x1 over WebSocket a little lower: the row takes the lower one
+    return {"points": points, "replay": [], "redis": redis}
+
+
+def test_target_rows_on_made_up_results_met_and_not_met():
+    met = {row["target"]: row for row in report.summary(synthetic(ours=5.0, base=1.0, redis_1=0.9, redis_2=1.2))}
+    short = {row["target"]: row for row in report.summary(synthetic(ours=2.0, base=1.0, redis_1=0.5, redis_2=0.8))}
+    assert set(met) == set(short)
+    ws256 = "stream, 256 sessions, WebSocket, a new session per sequence: frames/s vs baseline WebSocket"
+    assert met[ws256]["value"] == 5.0 and met[ws256]["floor"] == 2.5 and met[ws256]["met"]
+    assert met[ws256]["margin"] == 2.0
+    assert short[ws256]["met"] is False and short[ws256]["margin"] == 0.8
+    classify = "classify, 64 clients: req/s vs baseline (our load generator)"
+    assert met[classify]["floor"] == 4.0 and met[classify]["met"] and not short[classify]["met"]
+    p50_ws = "stream over WebSocket, 1 session: p50 vs baseline's WebSocket"
+    assert met[p50_ws]["ceiling"] == 1.0 and met[p50_ws]["value"] == 0.2 and met[p50_ws]["margin"] == 5.0
+    p50_http = "stream over HTTP (a step), 1 client: p50 vs baseline's"
+    assert met[p50_http]["ceiling"] == 0.8 and short[p50_http]["value"] == 0.5 and short[p50_http]["met"]
+    saturation = next(t for t in met if t.startswith("classify at saturation"))
+    assert met[saturation]["floor"] == 0.6 and met[saturation]["met"]
+    redis_1 = next(t for t in met if t.startswith("sessions in Redis, 64 sessions, 1 worker"))
+    redis_2 = next(t for t in met if t.startswith("sessions in Redis, 64 sessions, 2 workers"))
+    assert met[redis_1]["floor"] == 0.7 and met[redis_1]["value"] == 0.81 and met[redis_1]["met"]  # 0.9 x 0.9
+    assert short[redis_1]["value"] == 0.45 and short[redis_1]["met"] is False
+    assert met[redis_2]["floor"] == 1.0 and met[redis_2]["met"] and short[redis_2]["met"] is False
+    # the floors these replace are gone: WebSocket against the baseline's HTTP, 3.0x, 1.1, 0.25
+    assert not any("vs baseline HTTP" in t and "WebSocket" in t for t in met)
+    assert {row.get("floor") for row in met.values()}.isdisjoint({3.0, 5.0, 0.25})
+    assert 1.1 not in {row.get("ceiling") for row in met.values()}
+    lines = report.markdown(
+        {
+            **synthetic(2.0, 1.0, 0.5, 0.8),
+            "summary": list(short.values()),
+            "config": {"warmup_s": 1, "duration_s": 5},
+            "machine": {"cpus": 2},
+            "wall_s": 1.0,
+        }
+    )
+    assert "| margin |" in lines and "0.80x" in lines and "## Sessions in Redis" in lines
