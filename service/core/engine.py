@@ -110,6 +110,11 @@ class Engine:
     async def get_session(self, session_id: str) -> SessionRecord:
         return await self.store.load(session_id)
 
+    async def find_session(self, session_id: str) -> SessionRecord:
+        """The session, from this replica's last view of it when it has one (no round trip to Redis): for
+        a stream to learn its model; each step then checks the session against the store."""
+        return await self.store.recall(session_id) or await self.store.load(session_id)
+
     async def delete_session(self, session_id: str) -> None:
         async with self.store.lock(session_id):  # after a step of this process in flight, never under it
             await self.store.delete(session_id)

@@ -179,8 +179,3 @@ def create_app(settings: Settings | None = None) -> Frame:
             await store.close()
 
     return Frame(table, runtime, lifespan)
-
-
-def app_from_env() -> Frame:
-    """For `uvicorn --factory` with several workers: each process reads LSTM_SERVE_* itself."""
-    return create_app(Settings())

@@ -66,7 +66,7 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
     await websocket.accept(subprotocol=context(websocket).subprotocol)
     try:
         key = store_key(session_id, caller.owner)
-        model = runtime.engine.session_model(await runtime.engine.get_session(key))
+        model = runtime.engine.session_model(await runtime.engine.find_session(key))
         check_version(websocket.query_params.get("version"), model)
     except ServiceError as error:
         await websocket.send_text(error_reply(error, context(websocket).request_id))
