@@ -41,7 +41,7 @@ log = logging.getLogger("lstm_serve")
 
 # A chunk this short may run on the event loop when its model's batcher is idle (core/batcher.py): tens
 # of microseconds of onnxruntime, less than handing it to the worker thread and back.
-INLINE_FRAMES = 8
+INLINE_FRAMES = 32
 Key = tuple[str, int]  # (model name, version)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import redis
 
 from lstm_serve.core.engine import Engine
+from lstm_serve.core.fleet import INLINE_FRAMES
 from lstm_serve.core.inputs import Chunk
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.settings import Settings
@@ -62,8 +63,8 @@ def test_an_idle_session_in_memory_holds_a_bounded_number_of_bytes():
             await engine.step(session_id, lambda _: first, 0, False)
             await engine.step(session_id, lambda _: frames, 1, True)  # the largest step there is
         # the worker thread keeps its last batch's outputs until its next batch (one batch, not per session);
-        # 16 frames is past what runs inline on the event loop, so this goes through the worker
-        await engine.classify(model, [Chunk(frames.frames[:16])])
+        # a chunk past what runs inline on the event loop goes through the worker
+        await engine.classify(model, [Chunk(frames.frames[: INLINE_FRAMES + 1])])
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
