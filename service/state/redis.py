@@ -321,6 +321,11 @@ class RedisSessionStore:
         if not fields:
             self.recent.pop(session_id, None)
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
+        if b"record" not in fields:  # written by a release before the one-blob layout
+            raise SessionNotFound(
+                f"session {session_id!r} was created by an earlier lstm-serve release whose session layout this "
+                "one does not read; start a new session"
+            )
         return self.remember(decode(session_id, cast(dict[bytes, bytes], fields)))
 
     @reachable

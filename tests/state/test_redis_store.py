@@ -167,3 +167,16 @@ def test_a_replica_steps_from_its_last_view_and_a_stale_view_is_caught(redis_ser
         await b.close()
 
     run(main())
+
+
+def test_a_session_written_by_an_earlier_release_is_not_found_rather_than_an_error(redis_server):
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        await store.client.hset(
+            "lstm-serve:s:old", mapping={"model": "m", "version": "1", "steps": "3", "revision": "2"}
+        )
+        with pytest.raises(SessionNotFound, match="earlier lstm-serve release"):
+            await store.load("old")
+        await store.close()
+
+    run(main())
