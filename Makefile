@@ -64,6 +64,6 @@ report: $(VENV)/.dev
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
 
-# the README's benchmark table and plots: both servers on loopback, ~5 minutes
+# the benchmark tables and plots (docs/benchmarks.md): both servers on loopback, open loop, Redis, ~6 minutes
 bench: $(VENV)/.dev
 	$(BIN)/lstm-serve bench --out-dir service/bench/results
