@@ -13,6 +13,7 @@ import asyncio
 import copy
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,7 @@ class Fleet:
                 raise ModelNotFound(f"default model {s.default_model!r} is not in {s.model_repository}")
             self.default_model = next(iter(self.on_disk))
         async with self.changes:
-            await self.sync()
+            shared = await self.shared(self.sync)
             for name, versions in self.on_disk.items():
                 planned = plan_load(self.tables.get(name, {}), set(versions), self.policy, s.version_drain_s, False)
                 try:
@@ -127,8 +128,21 @@ class Fleet:
                 except LoadRefused as error:
                     raise RepositoryError(error.message) from None
                 self.install(runners)
-                await self.adopt(name, planned)
+                if shared:
+                    await self.shared(lambda: self.adopt(name, planned))  # noqa: B023  (awaited at once)
+                else:
+                    self.tables[name] = planned
         self.publish()
+
+    async def shared(self, work: Callable[[], Awaitable[None]]) -> bool:
+        """At start, the shared tables are wanted, not required: with Redis unreachable the server starts on
+        its own policy (sessions answer 503 meanwhile) and follows the tables once a sweep reaches them."""
+        try:
+            await work()
+        except ServiceError as error:
+            log.warning("model version tables not shared yet: %s", error.message)
+            return False
+        return True
 
     async def stop(self) -> None:
         for task in self.loading.values():

@@ -30,6 +30,7 @@ import orjson
 import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lstm_serve.errors import SessionNotFound, StoreUnavailable
@@ -137,7 +138,7 @@ def reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        except (RedisError, OSError) as error:  # unreachable, slow, or refusing (full: OOM, READONLY, MISCONF)
             store = getattr(args[0], "store", args[0])  # a RedisSessionStore, or what shares its client
             assert isinstance(store, RedisSessionStore)
             store.outages.error(error)

@@ -2,6 +2,7 @@
 
 import asyncio
 import signal
+import subprocess
 import time
 
 import httpx
@@ -132,3 +133,37 @@ def test_several_workers_are_allowed_with_redis_and_share_sessions(start_server,
         ]
         assert c.get(f"/v1/sessions/{sid}").json()["steps"] == 10
     assert steps == list(range(1, 11))
+
+
+def test_a_server_starts_without_redis_and_a_redis_refusing_writes_is_a_503_not_a_500(start_server, redis_server):
+    from tests.conftest import free_port
+
+    nowhere = start_server(env={"LSTM_SERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, wait=False)
+    deadline = time.time() + 60
+    while True:  # alive and classifying, not ready: the store is unreachable
+        try:
+            if httpx.get(f"{nowhere.url}/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert nowhere.proc.poll() is None and time.time() < deadline, nowhere.output()
+        time.sleep(0.2)
+    assert httpx.get(f"{nowhere.url}/readyz").status_code == 503
+    assert httpx.post(f"{nowhere.url}/v1/classify", json={"sequences": [[[0.0] * 12]]}).status_code == 200
+
+    (a,) = replicas(start_server, redis_server, 1)
+    sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+    # Redis refusing writes (as when full, read-only or short of replicas): NOREPLICAS on every write
+    refuse = ["redis-cli", "-p", str(redis_server.port), "config", "set", "min-replicas-to-write"]
+    subprocess.run([*refuse, "1"], check=True, capture_output=True)
+    try:
+        refused = [
+            httpx.post(f"{a.url}/v1/sessions", json={}),
+            httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}),
+        ]
+    finally:
+        subprocess.run([*refuse, "0"], check=True, capture_output=True)
+    for response in refused:
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "session_store_unavailable"
+    assert httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}).json()["steps"] == 1
