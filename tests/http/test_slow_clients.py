@@ -26,8 +26,10 @@ def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float
     while True:
         try:
             chunk = sock.recv(65536)
-        except (TimeoutError, ConnectionResetError):
+        except TimeoutError:
             return received, float("inf")
+        except ConnectionResetError:  # closed with bytes of ours still unread (a trickler's): a reset is a close too
+            return received, time.perf_counter() - started
         if not chunk:
             return received, time.perf_counter() - started
         received += chunk
