@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint model report bench clean browser
+.PHONY: serve test lint model report bench clean browser kubectl
 SHELL := /bin/bash
 # mypy reads the package through the editable install's links; say where the files are in the repository
 REPOSITORY_PATHS := sed -E -e 's|^.*build/__editable__[^/]*/lstm_serve/(model\|export)/|\1/|' \
@@ -33,8 +33,12 @@ serve: $(VENV)/.runtime
 	$(BIN)/lstm-serve serve
 
 # lint, format, types and the import direction of the layers, then the suite (-rs: say why, were a test skipped)
-test: lint $(VENV)/.dev browser
+test: lint $(VENV)/.dev browser kubectl
 	$(BIN)/python -m pytest -q -rs
+
+# kubectl builds the Kubernetes kustomization offline in the manifests' test (kustomize is built in)
+kubectl:
+	@command -v kubectl >/dev/null || apt-get install -y -qq --no-install-recommends kubectl >/dev/null
 
 # a headless browser for the live page's test: Debian's chromium and its driver
 browser:
