@@ -5,8 +5,9 @@ A model's table maps each version it has served to a state:
 
     serving    new work (classify, new sessions) may name it; the newest serving version is the default
     draining   unloaded while sessions may live on it: its sessions continue until `deadline`, classify may
-               still name it, but no new session starts on it
-    retired    past its drain: its sessions answer 410 `model_version_retired`, naming `replaced_by`
+               still name it, but no new session starts on it; past `deadline` it is retired: its sessions
+               answer 410 `model_version_retired`, naming `replaced_by` (each replica reads that from the
+               clock, so nobody has to write it)
 
 A session's h and c mean something only under the weights that made them, so a session stays on its
 version for its whole life; only new sessions move to the newest. The table is plain JSON so that
@@ -21,7 +22,7 @@ from typing import Any, Literal
 
 from lstm_serve.settings import parse_version_policy
 
-Status = Literal["serving", "draining", "retired"]
+Status = Literal["serving", "draining"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,11 @@ class VersionPolicy:
 class VersionState:
     status: Status
     deadline: float | None = None  # draining: when its sessions stop being served (unix seconds)
-    replaced_by: int | None = None  # draining and retired: the version new sessions get instead
+    replaced_by: int | None = None  # draining: the version new sessions get instead
 
     def retired_at(self, now: float) -> bool:
-        """Retired, or draining past its deadline (each replica reads the clock; no one has to write it)."""
-        ended = self.deadline is not None and now >= self.deadline
-        return self.status == "retired" or (self.status == "draining" and ended)
+        """Draining past its deadline."""
+        return self.status == "draining" and self.deadline is not None and now >= self.deadline
 
     def live(self, now: float) -> bool:
         """Its sessions are served: serving, or draining before its deadline."""
@@ -68,7 +68,7 @@ def plan_load(
     """The table after loading a model from the repository, where `available` are the versions on disk.
 
     The policy picks among the versions on disk and those already serving (another replica may serve one
-    this one lacks: it is never downgraded). A version unloaded on purpose (draining or retired) comes back
+    this one lacks: it is never downgraded). A version unloaded on purpose (draining, or retired) comes back
     only with an explicit load. Serving versions the policy no longer keeps start draining."""
     now = time.time() if now is None else now
     unloaded = {v for v, state in table.items() if state.status != "serving"}

@@ -58,5 +58,5 @@ def test_unloading_a_whole_model_drains_every_version_with_no_replacement():
 
 
 def test_the_table_travels_as_json_unchanged():
-    table = {1: VersionState("draining", NOW, 2), 2: VersionState("serving"), 3: VersionState("retired", None, 2)}
+    table = {1: VersionState("draining", NOW, 2), 2: VersionState("serving"), 3: VersionState("draining", NOW - 9, 2)}
     assert table_from_json(table_to_json(table)) == table
