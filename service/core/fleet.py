@@ -121,8 +121,8 @@ class Fleet:
             self.default_model = next(iter(self.on_disk))
         async with self.changes:
             shared = await self.shared(self.sync)
-            for name, versions in self.on_disk.items():
-                planned = plan_load(self.tables.get(name, {}), set(versions), self.policy, s.version_drain_s, False)
+            for name in self.on_disk:
+                _, planned = self.plan(name, explicit=False)
                 try:
                     runners = await self.prepare(name, planned)
                 except LoadRefused as error:
@@ -216,9 +216,7 @@ class Fleet:
                     f"no model {name!r} in the repository {self.settings.model_repository} "
                     f"(it has {sorted(self.on_disk)})"
                 )
-            available = set(versions) if explicit else {v for v in versions if not self.refused_unchanged(name, v)}
-            table = self.tables.get(name, {})
-            planned = plan_load(table, available, self.policy, self.settings.version_drain_s, explicit)
+            table, planned = self.plan(name, explicit)
             if planned != table:
                 self.install(await self.prepare(name, planned))
                 await self.adopt(name, planned)
@@ -240,6 +238,14 @@ class Fleet:
             self.publish()
             return planned
 
+    def plan(self, name: str, explicit: bool) -> tuple[Table, Table]:
+        """A model's table now, and after loading it from what is on disk; a poll (not explicit) leaves out
+        the versions that failed before and have not changed since."""
+        versions = self.on_disk.get(name, {})
+        available = set(versions) if explicit else {v for v in versions if not self.refused_unchanged(name, v)}
+        table = self.tables.get(name, {})
+        return table, plan_load(table, available, self.policy, self.settings.version_drain_s, explicit)
+
     def refused_unchanged(self, name: str, version: int) -> bool:
         """A version that failed before, whose files have not changed since: polling does not retry it."""
         refused = self.refused.get((name, version))
@@ -254,6 +260,9 @@ class Fleet:
             log.error("repository poll: %s", error)
             return
         for name in self.on_disk:
+            table, planned = self.plan(name, explicit=False)
+            if planned == table:  # nothing new: no lock, no second scan, no round trip to the tables
+                continue
             try:
                 await self.load(name, explicit=False)
             except LoadRefused as error:
