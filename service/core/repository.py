@@ -81,6 +81,11 @@ def is_version(name: str) -> bool:
     return name.isascii() and name.isdigit()
 
 
+def version_number(text: str) -> int | None:
+    """A version as a request names it (a path segment, a parameter), or None if it is not one."""
+    return int(text) if is_version(text) and len(text) <= 18 else None
+
+
 def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
     """Every <name>/<version>/ folder under root, by name then version; nothing is read or checked yet."""
     if not root.is_dir():

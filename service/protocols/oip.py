@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from lstm_serve.core.engine import LoadedModel
 from lstm_serve.core.inputs import Chunk
+from lstm_serve.core.repository import version_number
 from lstm_serve.core.runner import Output
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import InvalidInput, ModelNotFound, ServiceError, SessionNotFound
@@ -125,9 +126,10 @@ def resolve(runtime: Runtime, params: dict[str, str]) -> LoadedModel:
     wanted = params.get("model_version")
     if wanted is None:
         return runtime.engine.model(params["model_name"])
-    if not (wanted.isascii() and wanted.isdigit() and len(wanted) <= 18):
+    version = version_number(wanted)
+    if version is None:
         raise ModelNotFound(f"model {params['model_name'][:80]!r} has no version {wanted[:20]!r}")
-    return runtime.engine.model(params["model_name"], int(wanted))
+    return runtime.engine.model(params["model_name"], version)
 
 
 # -- request -> sequences ------------------------------------------------------------------------

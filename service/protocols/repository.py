@@ -19,6 +19,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lstm_serve.core.repository import version_number
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import LoadRefused
 from lstm_serve.protocols import oip_schemas as schemas
@@ -54,9 +55,10 @@ async def unload(request: Request, runtime: Runtime) -> Response:
     raw = await request.body()
     body = parse(schemas.RepositoryUnloadRequest, raw) if raw else schemas.RepositoryUnloadRequest()
     name, wanted = request.path_params["model_name"], body.parameters.version
-    if wanted is not None and not (wanted.isascii() and wanted.isdigit() and len(wanted) <= 18):
+    version = None if wanted is None else version_number(wanted)
+    if wanted is not None and version is None:
         raise LoadRefused(f"parameters.version {wanted[:20]!r} is not a version number")
-    await runtime.engine.fleet.unload(name, None if wanted is None else int(wanted))
+    await runtime.engine.fleet.unload(name, version)
     return JSON(versions_of(runtime, name))
 
 
