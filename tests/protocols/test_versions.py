@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -282,3 +283,15 @@ def test_replicas_on_one_redis_agree_on_versions_and_never_answer_from_the_wrong
         rest = probabilities(step(on_a, v2_session["session_id"], sequence[3:]))
         np.testing.assert_allclose(rest, expected, rtol=0, atol=2e-6)
         assert versions(on_b) == {1: "draining", 2: "serving"}
+
+
+def test_a_version_that_fails_its_checks_at_start_stops_the_start(start_server, repository):
+    add_version(repository, 2)
+    break_sha256(repository / MODEL / "1")  # the older version: the start's own check of the newest passes
+    server = start_server("--model-repository", str(repository), "--version-policy", "all", wait=False)
+    try:
+        server.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server started with a damaged version: {server.output()[-2000:]}")
+    assert server.proc.returncode != 0
+    assert "japanese-vowels v1 was not loaded" in server.output() and "sha256" in server.output()
