@@ -43,6 +43,16 @@ class Metrics:
             "lstm_serve_rejected_requests", "Requests refused to protect the server", ["reason"], registry=r
         )
         self.queue_length = Gauge("lstm_serve_queue_length", "Items waiting for a batch", ["model"], registry=r)
+        self.request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+
+    def request_done(self, route: str, method: str, status: str, seconds: float) -> None:
+        """Count and time one request or WebSocket message; each label set's series is looked up once."""
+        labels = (route, method, status)
+        children = self.request_children.get(labels)
+        if children is None:
+            children = self.request_children[labels] = (self.requests.labels(*labels), self.latency.labels(*labels))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observer(self, model: str) -> BatchMetrics:
         return BatchMetrics(self, model)

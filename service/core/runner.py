@@ -69,6 +69,9 @@ class OnnxRunner:
         self.logits_output = config.get("logits_output", config["outputs"][0]["name"])
         self.state_specs = entry.state_specs
         self.output_names = [self.logits_output] + [s["output"] for s in self.state_specs]
+        self.zero_state = [np.zeros((s["shape"][0], 1, s["shape"][1]), np.float32) for s in self.state_specs]
+        for zeros in self.zero_state:
+            zeros.flags.writeable = False  # fed to every fresh item of one: nothing may write it
 
     def check_contract(self) -> None:
         """The graph takes and gives what its config.json promises (RuntimeError saying what it lacks), and
@@ -100,6 +103,8 @@ class OnnxRunner:
         """One onnxruntime call for all items: right-pad to the longest, pass lengths, split back. A graph
         without a lengths input (an exported user module) gets one call per length instead: padding would
         run its state through the pad frames."""
+        if len(items) == 1:
+            return [self.run_one(items[0])]
         if not self.lengths_input and len({len(item.frames) for item in items}) > 1:
             return self.run_by_length(items)
         B = len(items)
@@ -130,6 +135,23 @@ class OnnxRunner:
             )
             for row in range(B)
         ]
+
+    def run_one(self, item: Item) -> Output:
+        """A batch of one, the common case at low load: no padding, its arrays fed as views."""
+        T = len(item.frames)
+        feeds: dict[str, np.ndarray] = {self.frames_input: np.ascontiguousarray(item.frames, np.float32)[None]}
+        if self.lengths_input:
+            feeds[self.lengths_input] = np.array([T], np.int64)
+        for k, spec in enumerate(self.state_specs):
+            if item.state is None:
+                feeds[spec["input"]] = self.zero_state[k]
+            else:
+                feeds[spec["input"]] = np.ascontiguousarray(item.state[k], np.float32)[:, None]
+        logits, *states = self.session.run(self.output_names, feeds)
+        if logits.shape[0] != 1 or any(s.shape[1] != 1 for s in states):
+            raise RuntimeError(f"onnxruntime returned {logits.shape[0]} rows for 1 item")
+        logits = logits[0, :T]
+        return Output(logits=logits, probabilities=softmax(logits), state=[s[:, 0] for s in states])
 
     def run_by_length(self, items: list[Item]) -> list[Output]:
         groups: dict[int, list[int]] = {}

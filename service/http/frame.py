@@ -112,9 +112,7 @@ class Frame:
             await response(scope, receive, send_marked)
         finally:
             latency_s, template = time.perf_counter() - started, found.template or "unmatched"
-            labels = (template, method, str(status))
-            self.runtime.metrics.requests.labels(*labels).inc()
-            self.runtime.metrics.latency.labels(*labels).observe(latency_s)
+            self.runtime.metrics.request_done(template, method, str(status), latency_s)
             logs.request_line(context, method, template, status, latency_s, self.runtime.settings.access_log)
 
     def checked_body(self, route: Route, scope: Scope, receive: Receive, started: float) -> Receive:

@@ -91,9 +91,10 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
                     await websocket.send_text(reply)
                     await websocket.close(code=CLOSE_UNKNOWN_SESSION)
                     return
-            metrics.requests.labels(PATH, "WS", status).inc()
-            await websocket.send_text(reply)
-            metrics.latency.labels(PATH, "WS", status).observe(time.perf_counter() - started)
+            try:
+                await websocket.send_text(reply)
+            finally:  # counted even when the client is gone before its reply
+                metrics.request_done(PATH, "WS", status, time.perf_counter() - started)
     except WebSocketDisconnect:
         return
 

@@ -21,7 +21,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import replace
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -342,7 +341,7 @@ class RedisSessionStore:
                 f"session {record.session_id!r} was deleted or expired while this chunk ran; the chunk was not applied"
             )
         if result == 1:
-            self.remember(replace(record, revision=expected.revision + 1))
+            self.remember(record.advanced(revision=expected.revision + 1))
         return result == 1
 
     @reachable

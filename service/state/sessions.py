@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,7 +44,18 @@ class SessionRecord:
     owner: str = ""  # the key (by id) it belongs to; sessions per owner are capped
 
     def advanced(self, **changes: Any) -> SessionRecord:
-        return replace(self, **changes)
+        """A copy with `changes`: dataclasses.replace re-runs __init__ through every field, which costs more
+        than the rest of a step's bookkeeping; a frozen record's fields are copied as they are."""
+        unknown = changes.keys() - RECORD_FIELDS
+        if unknown:
+            raise TypeError(f"SessionRecord has no fields {sorted(unknown)}")
+        copy = object.__new__(SessionRecord)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__.update(changes)
+        return copy
+
+
+RECORD_FIELDS = frozenset(field.name for field in fields(SessionRecord))
 
 
 def new_session_id() -> str:
@@ -116,27 +126,56 @@ class SessionStore(Protocol):
 
 
 class KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+    """A lock per key, first come first served, held by nobody when its key is absent. Taking a free key
+    is a dict insert (every step takes one: no lock object, no generator); a waiter parks on a future
+    that the holder's release resolves, handing the lock over."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}  # held keys -> who waits, in order
 
-    @asynccontextmanager
-    async def __call__(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
+    def __call__(self, key: str) -> KeyHeld:
+        return KeyHeld(self, key)
+
+    async def acquire(self, key: str) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            self._waiters[key] = deque()
+            return
+        turn = asyncio.get_running_loop().create_future()
+        waiters.append(turn)
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # handed over, then cancelled: pass it on
+                self.release(key)
             else:
-                self._locks[key] = (lock, users - 1)
+                waiters.remove(turn)
+            raise
+
+    def release(self, key: str) -> None:
+        waiters = self._waiters[key]
+        while waiters:
+            turn = waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        del self._waiters[key]
 
     def __len__(self) -> int:
-        return len(self._locks)
+        return len(self._waiters)
+
+
+class KeyHeld:
+    __slots__ = ("locks", "key")
+
+    def __init__(self, locks: KeyedLocks, key: str) -> None:
+        self.locks, self.key = locks, key
+
+    async def __aenter__(self) -> None:
+        await self.locks.acquire(self.key)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.locks.release(self.key)
 
 
 class InMemorySessionStore:
@@ -202,7 +241,7 @@ class InMemorySessionStore:
             )
         if (stored.incarnation, stored.revision) != (expected.incarnation, expected.revision):
             return False
-        self._sessions[record.session_id] = replace(record, revision=expected.revision + 1)
+        self._sessions[record.session_id] = record.advanced(revision=expected.revision + 1)
         self._sessions.move_to_end(record.session_id)
         return True
 

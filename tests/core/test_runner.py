@@ -34,8 +34,22 @@ def test_a_mixed_batch_equals_running_each_item_alone(runner, lengths, seed):
         (alone,) = runner.run([item])
         assert out.logits.shape == (len(item.frames), 9)
         np.testing.assert_allclose(out.logits, alone.logits, atol=1e-5)
+        np.testing.assert_allclose(out.probabilities, alone.probabilities, atol=1e-6)
         for ours, theirs in zip(out.state, alone.state, strict=True):
             np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_lone_item_takes_float64_frames_and_read_only_state(runner):
+    """A batch of one is fed without a copy (runner.run_one): whatever dtype or flags its arrays have."""
+    rng = np.random.default_rng(3)
+    x = frames(rng, 5)
+    state = [np.frombuffer(rng.normal(size=(2, 192)).astype(np.float32).tobytes(), np.float32).reshape(2, 192)] * 2
+    (expected, _) = runner.run([Item(x, state), Item(x[:1], None)])  # padded: copies everything
+    (alone,) = runner.run([Item(x.astype(np.float64), state)])
+    np.testing.assert_allclose(alone.logits, expected.logits, atol=1e-5)
+    (fresh,) = runner.run([Item(x, None)])
+    (zeros,) = runner.run([Item(x, [np.zeros((2, 192), np.float32)] * 2)])
+    np.testing.assert_allclose(fresh.logits, zeros.logits, atol=1e-6)
 
 
 def test_state_carried_between_calls_equals_one_call(runner):

@@ -110,3 +110,31 @@ def test_keyed_locks_serialise_one_key_and_are_dropped_after_use():
     assert len(locks) == 0
     a_events = [e for e in order if e[0] in "12"]
     assert a_events in (["1+", "1-", "2+", "2-"], ["2+", "2-", "1+", "1-"])
+
+
+def test_a_keyed_lock_waiter_cancelled_in_line_or_after_its_turn_never_strands_the_key():
+    """Cancelling a waiter removes it from the line; cancelling one that was just handed the lock (before it
+    resumed) passes the lock on. Either way the next waiter runs and the key is dropped at the end."""
+
+    async def main():
+        locks, order = KeyedLocks(), []
+
+        async def worker(tag):
+            async with locks("a"):
+                order.append(tag)
+
+        await locks.acquire("a")  # held here
+        in_line, handed, last = (asyncio.create_task(worker(t)) for t in ("in line", "handed", "last"))
+        for _ in range(3):
+            await asyncio.sleep(0)  # all three wait in line
+        in_line.cancel()
+        await asyncio.sleep(0)
+        locks.release("a")  # hands the lock to `handed`...
+        handed.cancel()  # ...which is cancelled before it resumes: the lock must go on to `last`
+        results = await asyncio.wait_for(asyncio.gather(in_line, handed, last, return_exceptions=True), 5)
+        return locks, order, results
+
+    locks, order, results = asyncio.run(main())
+    assert order == ["last"]
+    assert [type(r).__name__ for r in results] == ["CancelledError", "CancelledError", "NoneType"]
+    assert len(locks) == 0
