@@ -86,6 +86,8 @@ class Engine:
     # -- classify ----------------------------------------------------------------------------
     async def classify(self, model: LoadedModel, chunks: list[Chunk]) -> list[Output]:
         """Each sequence from zero state, batched with whatever else is queued: its per-frame outputs."""
+        if len(chunks) == 1:  # the common case, without gather's task per sequence
+            return [await model.batcher.submit(Item(chunks[0].frames, None))]
         return await asyncio.gather(*(model.batcher.submit(Item(chunk.frames, None)) for chunk in chunks))
 
     # -- sessions ----------------------------------------------------------------------------

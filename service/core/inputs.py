@@ -8,6 +8,7 @@ bytes, OIP tensors) and hand the numbers here.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,7 +118,8 @@ def chunk_from_bytes(payload: bytes, model: ModelEntry, limits: Limits, where: s
             f"little-endian float32 ({frame_bytes} bytes each)"
         )
     check_length(len(payload) // frame_bytes, limits, where)
-    frames = np.frombuffer(payload, dtype="<f4").reshape(-1, model.input_dim).astype(np.float32)
+    # read-only view of the message, which nothing mutates: no copy (on a big-endian host, a converted copy)
+    frames = np.frombuffer(payload, dtype="<f4").reshape(-1, model.input_dim).astype(np.float32, copy=False)
     return finite_chunk(frames, where)
 
 
@@ -130,6 +132,10 @@ def chunk_from_array(frames: np.ndarray, model: ModelEntry, limits: Limits, wher
 
 
 def finite_chunk(frames: np.ndarray, where: str) -> Chunk:
+    # One reduction on the common path: a NaN or Inf anywhere makes the sum non-finite (so can an overflow
+    # of finite values, which the exact check below then clears)
+    if math.isfinite(frames.sum(dtype=np.float64)):
+        return Chunk(frames)
     finite = np.isfinite(frames)
     if not finite.all():
         t = int(np.flatnonzero(~finite.all(axis=1))[0])
