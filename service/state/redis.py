@@ -16,6 +16,7 @@ replicas.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -27,9 +28,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 import numpy as np
 import orjson
 import redis.asyncio as redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lstm_serve.errors import SessionNotFound, StoreUnavailable
@@ -229,10 +229,14 @@ def flatten(fields: dict) -> list:
 
 class Coalesced:
     """One script's calls made in the same turn of the event loop, sent to Redis as one pipeline: the steps
-    of a batch finish together and commit together, in one round trip instead of one each."""
+    of a batch finish together and commit together, in one round trip instead of one each. The calls go as
+    EVALSHA: redis-py's registered scripts in a pipeline would first ask SCRIPT EXISTS, a second round trip
+    in front of every pipeline. A Redis that lost its scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT
+    without running anything: the script is loaded again and those calls are sent again."""
 
-    def __init__(self, script: AsyncScript, client: redis.Redis) -> None:
+    def __init__(self, script: str, client: redis.Redis) -> None:
         self.script, self.client = script, client
+        self.sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
         self.pending: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
 
     async def send(self, keys: list[Any], args: list[Any]) -> Any:
@@ -245,10 +249,7 @@ class Coalesced:
     async def flush(self) -> None:
         calls, self.pending = self.pending, []
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for keys, args, _ in calls:
-                    await self.script(keys=keys, args=args, client=pipe)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self.run([(keys, args) for keys, args, _ in calls])
         except Exception as error:  # the connection: every caller hears of it (reachable() makes it a 503)
             results = [error] * len(calls)
         for (_, _, future), result in zip(calls, results, strict=True):
@@ -258,6 +259,21 @@ class Coalesced:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def run(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        results = await self.pipeline(calls)
+        missing = [k for k, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            await self.client.script_load(self.script)
+            for k, result in zip(missing, await self.pipeline([calls[k] for k in missing]), strict=True):
+                results[k] = result
+        return results
+
+    async def pipeline(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
 
 
 class RedisSessionStore:
@@ -277,7 +293,7 @@ class RedisSessionStore:
         )
         self._create = self.client.register_script(CREATE)
         self._delete = self.client.register_script(DELETE)
-        self.commits = Coalesced(self.client.register_script(COMMIT), self.client)
+        self.commits = Coalesced(COMMIT, self.client)
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
         self.recent: OrderedDict[str, SessionRecord] = OrderedDict()  # this replica's last view of sessions
         options = self.client.connection_pool.connection_kwargs  # the address, never the password

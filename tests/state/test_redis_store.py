@@ -149,6 +149,34 @@ def test_the_commits_of_one_turn_go_in_one_pipeline_and_each_gets_its_own_answer
     assert steps == [1] * 6
 
 
+def test_commits_go_in_one_round_trip_and_survive_a_redis_that_lost_its_scripts(redis_server):
+    """A pipeline of commits is EVALSHA alone (no SCRIPT EXISTS in front of it); after SCRIPT FLUSH (as after
+    a Redis restart) the NOSCRIPT answers are retried once the script is loaded again, each step applied once."""
+
+    async def script_calls(store):
+        stats = await store.client.info("commandstats")
+        return {name: stats[name]["calls"] for name in stats if name.startswith("cmdstat_script")}
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)
+        records = [await store.create(new_record("m", 1)) for _ in range(4)]
+        await store.commit(records[0].advanced(steps=1), records[0])  # loads COMMIT if this Redis lacks it
+        records[0] = await store.load(records[0].session_id)
+        before = await script_calls(store)
+        assert all(await asyncio.gather(*(store.commit(r.advanced(steps=2), r) for r in records)))
+        after_pipeline = await script_calls(store)
+        await store.client.script_flush()
+        records = [await store.load(r.session_id) for r in records]
+        assert all(await asyncio.gather(*(store.commit(r.advanced(steps=r.steps + 1), r) for r in records)))
+        loaded = [await store.load(r.session_id) for r in records]
+        await store.close()
+        return before, after_pipeline, loaded
+
+    before, after_pipeline, loaded = run(main())
+    assert after_pipeline == before  # no SCRIPT EXISTS (nor LOAD) for a pipeline of commits
+    assert [(r.steps, r.revision) for r in loaded] == [(3, 3)] + [(3, 2)] * 3
+
+
 def test_a_replica_steps_from_its_last_view_and_a_stale_view_is_caught(redis_server):
     async def main():
         a = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
