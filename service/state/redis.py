@@ -10,12 +10,12 @@ compare-and-set on (incarnation, revision), so two replicas stepping one session
 both apply, in some order, each exactly once, and a step never lands on a restarted session. Idle
 expiry is a Redis TTL on the hash; sorted sets of last-use times count live sessions, in all and per
 owner (API key), and expired ones. Request-rate buckets per caller live here too, so limits hold across
-replicas.
+replicas. The commands of every step (create, load, commit, delete) go over one pipelined connection
+(state/resp.py): a batch's commits leave in one write; everything else uses redis-py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -33,6 +33,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lstm_serve.errors import SessionNotFound, StoreUnavailable
+from lstm_serve.state.resp import LeanRedis
 from lstm_serve.state.sessions import KeyedLocks, SessionRecord, owner_full, server_full
 
 log = logging.getLogger("lstm_serve")
@@ -103,6 +104,9 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return tostring(wait)
 """
+
+
+SHA1 = {script: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest() for script in (CREATE, COMMIT, DELETE)}
 
 
 def session_key(session_id: str) -> str:
@@ -227,55 +231,6 @@ def flatten(fields: dict) -> list:
     return [item for pair in fields.items() for item in pair]
 
 
-class Coalesced:
-    """One script's calls made in the same turn of the event loop, sent to Redis as one pipeline: the steps
-    of a batch finish together and commit together, in one round trip instead of one each. The calls go as
-    EVALSHA: redis-py's registered scripts in a pipeline would first ask SCRIPT EXISTS, a second round trip
-    in front of every pipeline. A Redis that lost its scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT
-    without running anything: the script is loaded again and those calls are sent again."""
-
-    def __init__(self, script: str, client: redis.Redis) -> None:
-        self.script, self.client = script, client
-        self.sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
-        self.pending: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
-
-    async def send(self, keys: list[Any], args: list[Any]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.pending.append((keys, args, future))
-        if len(self.pending) == 1:  # the first of this turn: the others of the turn run before the flush
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.flush()))
-        return await future
-
-    async def flush(self) -> None:
-        calls, self.pending = self.pending, []
-        try:
-            results = await self.run([(keys, args) for keys, args, _ in calls])
-        except Exception as error:  # the connection: every caller hears of it (reachable() makes it a 503)
-            results = [error] * len(calls)
-        for (_, _, future), result in zip(calls, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def run(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
-        results = await self.pipeline(calls)
-        missing = [k for k, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:
-            await self.client.script_load(self.script)
-            for k, result in zip(missing, await self.pipeline([calls[k] for k in missing]), strict=True):
-                results[k] = result
-        return results
-
-    async def pipeline(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(self.sha, len(keys), *keys, *args)
-            return await pipe.execute(raise_on_error=False)
-
-
 class RedisSessionStore:
     def __init__(
         self,
@@ -291,9 +246,7 @@ class RedisSessionStore:
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10
         )
-        self._create = self.client.register_script(CREATE)
-        self._delete = self.client.register_script(DELETE)
-        self.commits = Coalesced(COMMIT, self.client)
+        self.lean = LeanRedis(url, timeout_s)  # the commands of every step; the rest go through redis-py
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
         self.recent: OrderedDict[str, SessionRecord] = OrderedDict()  # this replica's last view of sessions
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
@@ -311,12 +264,23 @@ class RedisSessionStore:
         stepped it since), which the commit's compare-and-set finds out."""
         return self.recent.get(session_id)
 
+    async def run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA; a Redis that lost its scripts (restarted, SCRIPT FLUSH) ran nothing and answered
+        NOSCRIPT: load the script and send the call again."""
+        sha = SHA1[script]
+        try:
+            return await self.lean.call("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.lean.call("SCRIPT", "LOAD", script)
+            return await self.lean.call("EVALSHA", sha, len(keys), *keys, *args)
+
     @reachable
     async def create(self, record: SessionRecord) -> SessionRecord:
         fields = {**encode(record), "revision": str(record.revision)}
-        stored = await self._create(
-            keys=[session_key(record.session_id), INDEX, owner_index(record.owner)],
-            args=[
+        stored = await self.run_script(
+            CREATE,
+            [session_key(record.session_id), INDEX, owner_index(record.owner)],
+            [
                 record.last_used,
                 self.ttl_s,
                 self.max_sessions,
@@ -333,7 +297,8 @@ class RedisSessionStore:
 
     @reachable
     async def load(self, session_id: str) -> SessionRecord:
-        fields = await self.client.hgetall(session_key(session_id))
+        flat = await self.lean.call("HGETALL", session_key(session_id))
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
         if not fields:
             self.recent.pop(session_id, None)
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
@@ -342,7 +307,7 @@ class RedisSessionStore:
                 f"session {session_id!r} was created by an earlier lstm-serve release whose session layout this "
                 "one does not read; start a new session"
             )
-        return self.remember(decode(session_id, cast(dict[bytes, bytes], fields)))
+        return self.remember(decode(session_id, fields))
 
     @reachable
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
@@ -350,7 +315,7 @@ class RedisSessionStore:
         fields = {"record": encoded["record"], "revision": str(expected.revision + 1)}
         keys = [session_key(record.session_id), INDEX, owner_index(record.owner)]
         args = [expected.incarnation, str(expected.revision), record.last_used, self.ttl_s, record.session_id]
-        result = await self.commits.send(keys, [*args, *flatten(fields)])
+        result = await self.run_script(COMMIT, keys, [*args, *flatten(fields)])
         if result == -1:
             self.recent.pop(record.session_id, None)
             raise SessionNotFound(
@@ -363,7 +328,7 @@ class RedisSessionStore:
     @reachable
     async def delete(self, session_id: str) -> None:
         self.recent.pop(session_id, None)
-        deleted = await self._delete(keys=[session_key(session_id), INDEX], args=[session_id, owner_index("")])
+        deleted = await self.run_script(DELETE, [session_key(session_id), INDEX], [session_id, owner_index("")])
         if not deleted:
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
 
@@ -387,6 +352,7 @@ class RedisSessionStore:
             return False
 
     async def close(self) -> None:
+        await self.lean.close()
         await self.client.aclose()
 
 

@@ -1,0 +1,199 @@
+"""A lean Redis connection for the session hot path: every command of one event-loop turn goes out in one
+write on one socket, and replies are parsed in C (hiredis) and handed back in order.
+
+redis-py's asyncio client spends tens of microseconds of Python per command (command objects, a
+connection pool, a retry wrapper, a pipeline object per batch), which on a busy server is a large
+share of a session step. The store sends its four hot commands (create, load, commit, delete) here and
+keeps redis-py for everything else. Failures are redis-py's exceptions, so callers handle one family:
+ConnectionError when the socket fails or closes, TimeoutError when the oldest command waits longer
+than `timeout_s` (the socket is then dropped and every command on it fails), ResponseError (NoScriptError
+for NOSCRIPT) for an error reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlparse
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+Arg = str | bytes | int | float
+
+
+def pack(args: tuple[Arg, ...]) -> bytes:
+    """One command in RESP: an array of bulk strings (numbers as redis-py writes them)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, float):
+            data = repr(float(arg)).encode()  # float(): a numpy scalar's repr is not a number
+        else:
+            data = str(arg).encode()
+        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(parts)
+
+
+def reply_error(reply: hiredis.ReplyError) -> ResponseError:
+    message = str(reply)
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+
+class Connection(asyncio.Protocol):
+    """One socket: commands written in order, replies matched to them in order."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader()
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.outgoing: list[bytes] = []
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        if self.closed or self.transport is None:
+            raise RedisConnectionError("the Redis connection is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting.append(future)
+        self.outgoing.append(command)
+        if len(self.outgoing) == 1:  # the first of this turn: the turn's other commands join its write
+            loop.call_soon(self.flush)
+        return future
+
+    def flush(self) -> None:
+        if self.closed or self.transport is None or not self.outgoing:
+            return
+        self.transport.write(b"".join(self.outgoing))
+        self.outgoing.clear()
+        if self.watchdog is None:
+            self.arm()
+
+    def arm(self) -> None:
+        oldest = self.waiting[0] if self.waiting else None
+        if oldest is None:
+            self.watchdog = None
+            return
+        self.watchdog = asyncio.get_running_loop().call_later(self.timeout_s, self.check, oldest)
+
+    def check(self, oldest: asyncio.Future[Any]) -> None:
+        """The command that was oldest `timeout_s` ago is still unanswered: Redis is stuck or gone."""
+        self.watchdog = None
+        if self.waiting and self.waiting[0] is oldest and not self.closed:
+            self.fail(RedisTimeoutError(f"Redis did not answer within {self.timeout_s:g} s"))
+            return
+        self.arm()
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as error:
+                self.fail(RedisConnectionError(f"unreadable reply from Redis: {error}"))
+                return
+            if reply is False:
+                return
+            if not self.waiting:
+                self.fail(RedisConnectionError("Redis sent a reply nobody asked for"))
+                return
+            future = self.waiting.popleft()
+            if future.done():  # its caller gave up (cancelled); the reply is still this command's
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(reply_error(reply))
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.fail(RedisConnectionError(f"the Redis connection was lost: {exc or 'closed by Redis'}"))
+
+    def fail(self, error: Exception) -> None:
+        """Drop the socket; every command on it fails with `error` (none may take another's reply)."""
+        self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        if self.transport is not None:
+            self.transport.abort()
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+        self.outgoing.clear()
+
+
+class LeanRedis:
+    """The commands the session store sends on every step, over one pipelined connection, opened on first
+    use and again after a failure. Takes the URLs redis-py takes: redis://[user:password@]host[:port][/db],
+    rediss:// (TLS, the system's CAs), unix:///path[?db=N]."""
+
+    def __init__(self, url: str, timeout_s: float = 2.0) -> None:
+        self.url, self.timeout_s = urlparse(url), timeout_s
+        self.connection: Connection | None = None
+        self.connecting: asyncio.Lock | None = None
+
+    async def call(self, *args: Arg) -> Any:
+        connection = self.connection
+        if connection is None or connection.closed:
+            connection = await self.connect()
+        return await connection.send(pack(args))
+
+    async def connect(self) -> Connection:
+        if self.connecting is None:
+            self.connecting = asyncio.Lock()
+        async with self.connecting:  # callers arriving together share one new connection
+            if self.connection is not None and not self.connection.closed:
+                return self.connection
+            try:
+                connection = await asyncio.wait_for(self.open(), self.timeout_s)
+            except TimeoutError:
+                raise RedisTimeoutError(f"no connection to Redis within {self.timeout_s:g} s") from None
+            except OSError as error:
+                raise RedisConnectionError(f"cannot connect to Redis: {error}") from None
+            try:
+                await self.hello(connection)
+            except BaseException:
+                connection.fail(RedisConnectionError("the Redis connection was set up wrongly"))
+                raise
+            self.connection = connection
+            return connection
+
+    async def open(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        u = self.url
+        connection = Connection(self.timeout_s)
+        if u.scheme == "unix":
+            await loop.create_unix_connection(lambda: connection, u.path)
+        else:
+            tls = ssl.create_default_context() if u.scheme == "rediss" else None
+            await loop.create_connection(lambda: connection, u.hostname or "localhost", u.port or 6379, ssl=tls)
+        return connection
+
+    async def hello(self, connection: Connection) -> None:
+        u = self.url
+        if u.password is not None:
+            user = (unquote(u.username),) if u.username else ()
+            await asyncio.wait_for(connection.send(pack(("AUTH", *user, unquote(u.password)))), self.timeout_s)
+        db = parse_qs(u.query).get("db", [""])[0] or (u.path.strip("/") if u.scheme != "unix" else "")
+        if db and db != "0":
+            await asyncio.wait_for(connection.send(pack(("SELECT", db))), self.timeout_s)
+
+    async def close(self) -> None:
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.closed = True
+            self.connection.transport.close()
+        self.connection = None
