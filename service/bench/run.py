@@ -332,7 +332,8 @@ def onnxruntime_limit(
     model_dir: str, sequences: list[np.ndarray], batch_size: int, frames: int | None, seconds: float = 1.5
 ) -> float:
     """Items per second onnxruntime does in-process at this batch size (one intra-op thread, as served).
-    frames=None: whole test sequences (classify); frames=1: one step from a carried state (stream)."""
+    frames=None: whole test sequences (classify, no state kept, as the server's classify); frames=1: one step
+    from a carried state (stream)."""
     from lstm_serve.core.repository import load_entry
     from lstm_serve.core.runner import Item, OnnxRunner
 
@@ -344,7 +345,7 @@ def onnxruntime_limit(
         picks = rng.integers(0, len(sequences), batch_size)
         batches.append(
             [
-                Item(sequences[i] if frames is None else sequences[i][:frames], None if frames is None else state)
+                Item(sequences[i], None, keep_state=False) if frames is None else Item(sequences[i][:frames], state)
                 for i in picks
             ]
         )

@@ -84,11 +84,12 @@ class Engine:
         return self.fleet.model(name, version)
 
     # -- classify ----------------------------------------------------------------------------
-    async def classify(self, model: LoadedModel, chunks: list[Chunk]) -> list[Output]:
-        """Each sequence from zero state, batched with whatever else is queued: its per-frame outputs."""
+    async def classify(self, model: LoadedModel, chunks: list[Chunk], keep_state: bool = False) -> list[Output]:
+        """Each sequence from zero state, batched with whatever else is queued: its per-frame outputs (and
+        the state after it when `keep_state`)."""
         if len(chunks) == 1:  # the common case, without gather's task per sequence
-            return [await model.batcher.submit(Item(chunks[0].frames, None))]
-        return await asyncio.gather(*(model.batcher.submit(Item(chunk.frames, None)) for chunk in chunks))
+            return [await model.batcher.submit(Item(chunks[0].frames, None, keep_state))]
+        return await asyncio.gather(*(model.batcher.submit(Item(c.frames, None, keep_state)) for c in chunks))
 
     # -- sessions ----------------------------------------------------------------------------
     @property
@@ -129,7 +130,7 @@ class Engine:
         that id (a step still running on the old one fails instead of landing on this one)."""
         self.fleet.check_new_session(model)
         async with self.store.lock(session_id):
-            (out,) = await self.classify(model, [chunk])
+            (out,) = await self.classify(model, [chunk], keep_state=True)
             record = new_record(
                 model.name,
                 model.version,

@@ -20,13 +20,14 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 class Item:
     frames: np.ndarray  # (T, D) float32
     state: list[np.ndarray] | None  # one (L, H) array per state tensor; None = zeros
+    keep_state: bool = True  # False: the caller needs no state after it (a classify), so none is copied out
 
 
 @dataclass
 class Output:
     logits: np.ndarray  # (T, C) per-step logits of this item's frames
     probabilities: np.ndarray  # (T, C) their softmax, computed for the whole batch at once
-    state: list[np.ndarray]  # the state after its last frame, one (L, H) array per state tensor
+    state: list[np.ndarray]  # the state after its last frame, one (L, H) array per state tensor ([]: not kept)
 
 
 def choose_providers(setting: str) -> list[str]:
@@ -131,7 +132,7 @@ class OnnxRunner:
             Output(
                 logits=logits[row, : lengths[row]],
                 probabilities=probabilities[row, : lengths[row]],
-                state=[np.ascontiguousarray(s[:, row]) for s in states],
+                state=[np.ascontiguousarray(s[:, row]) for s in states] if items[row].keep_state else [],
             )
             for row in range(B)
         ]

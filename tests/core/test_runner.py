@@ -52,6 +52,17 @@ def test_a_lone_item_takes_float64_frames_and_read_only_state(runner):
     np.testing.assert_allclose(fresh.logits, zeros.logits, atol=1e-6)
 
 
+def test_an_item_that_keeps_no_state_gets_the_same_outputs_and_no_state(runner):
+    """A classify asks for no state (Item.keep_state=False): nothing is copied out for it; its batch
+    neighbours keep theirs."""
+    rng = np.random.default_rng(4)
+    a, b = frames(rng, 6), frames(rng, 9)
+    kept, dropped = runner.run([Item(a, None), Item(b, None, keep_state=False)])
+    (alone,) = runner.run([Item(b, None)])
+    assert dropped.state == [] and len(kept.state) == 2
+    np.testing.assert_allclose(dropped.probabilities, alone.probabilities, atol=1e-6)
+
+
 def test_state_carried_between_calls_equals_one_call(runner):
     rng = np.random.default_rng(0)
     x = frames(rng, 20)
