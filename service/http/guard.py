@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import secrets
 
 from starlette.responses import Response
 from starlette.types import Scope
@@ -15,6 +14,7 @@ from starlette.types import Scope
 from lstm_serve.core.access import Caller
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import Forbidden, ForbiddenOrigin, Unauthorized
+from lstm_serve.ids import unique_id
 from lstm_serve.protocols.routing import Route
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
@@ -36,7 +36,7 @@ def request_id(scope: Scope) -> str:
         text = given.decode("latin-1")
         if REQUEST_ID.fullmatch(text):
             return text
-    return secrets.token_hex(8)
+    return unique_id()
 
 
 def is_address(text: str) -> bool:

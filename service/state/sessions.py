@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lstm_serve.errors import SessionNotFound, TooManySessions
+from lstm_serve.ids import unique_id
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def new_record(
         version,
         created_at=now,
         last_used=now,
-        incarnation=secrets.token_hex(8),
+        incarnation=unique_id(),
         **fields,
     )
 
