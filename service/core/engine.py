@@ -116,7 +116,7 @@ class Engine:
     async def find_session(self, session_id: str) -> SessionRecord:
         """The session, from this replica's last view of it when it has one (no round trip to Redis): for
         a stream to learn its model; each step then checks the session against the store."""
-        return await self.store.recall(session_id) or await self.store.load(session_id)
+        return self.store.recall(session_id) or await self.store.load(session_id)
 
     async def delete_session(self, session_id: str) -> None:
         async with self.store.lock(session_id):  # after a step of this process in flight, never under it
@@ -153,7 +153,7 @@ class Engine:
         loaded (one load per step: with Redis each load is a round trip)."""
         started = time.time()
         async with self.store.lock(session_id):
-            recalled = await self.store.recall(session_id)  # with Redis: this replica's last view, maybe stale
+            recalled = self.store.recall(session_id)  # with Redis: this replica's last view, maybe stale
             record = recalled or await self.store.load(session_id)
             fresh = recalled is None  # read from the store after this step began
             while True:

@@ -259,7 +259,7 @@ class RedisSessionStore:
             self.recent.popitem(last=False)
         return record
 
-    async def recall(self, session_id: str) -> SessionRecord | None:
+    def recall(self, session_id: str) -> SessionRecord | None:
         """This replica's last view of a session, without a round trip; it may be stale (another replica
         stepped it since), which the commit's compare-and-set finds out."""
         return self.recent.get(session_id)

@@ -105,7 +105,7 @@ class SessionStore(Protocol):
 
     async def load(self, session_id: str) -> SessionRecord: ...
 
-    async def recall(self, session_id: str) -> SessionRecord | None:
+    def recall(self, session_id: str) -> SessionRecord | None:
         """A view of the session that may be stale, without a round trip (None: load it). A commit from a
         stale view loses its compare-and-set, so a step may start from one."""
         ...
@@ -231,7 +231,7 @@ class InMemorySessionStore:
             raise SessionNotFound(f"session {session_id!r} expired after {self.ttl_s:g} s idle")
         return record
 
-    async def recall(self, session_id: str) -> SessionRecord | None:
+    def recall(self, session_id: str) -> SessionRecord | None:
         return None  # load is as cheap here
 
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
