@@ -118,7 +118,6 @@ class Connection(asyncio.Protocol):
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
         self.fail(RedisConnectionError(f"the Redis connection was lost: {exc or 'closed by Redis'}"))
 
     def fail(self, error: Exception) -> None:
@@ -184,13 +183,14 @@ class LeanRedis:
         return connection
 
     async def hello(self, connection: Connection) -> None:
+        """AUTH and SELECT as the URL says (the connection's watchdog bounds their wait, as any command's)."""
         u = self.url
         if u.password is not None:
             user = (unquote(u.username),) if u.username else ()
-            await asyncio.wait_for(connection.send(pack(("AUTH", *user, unquote(u.password)))), self.timeout_s)
+            await connection.send(pack(("AUTH", *user, unquote(u.password))))
         db = parse_qs(u.query).get("db", [""])[0] or (u.path.strip("/") if u.scheme != "unix" else "")
         if db and db != "0":
-            await asyncio.wait_for(connection.send(pack(("SELECT", db))), self.timeout_s)
+            await connection.send(pack(("SELECT", db)))
 
     async def close(self) -> None:
         if self.connection is not None and self.connection.transport is not None:
