@@ -80,8 +80,7 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
                 return
             started = time.perf_counter()
             try:
-                if runtime.limiter is not None:  # without a rate limit, not even the call
-                    await runtime.check_rate(caller)
+                await runtime.check_rate(caller)
                 reply = dumps(await stream_step(runtime, model, session_id, key, message)).decode()
                 status = "200"
             except ServiceError as error:
