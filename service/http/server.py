@@ -21,7 +21,7 @@ import uvicorn
 from lstm_serve.http import logs
 from lstm_serve.http.app import create_app
 from lstm_serve.http.connections import HeaderDeadline
-from lstm_serve.http.websocket_handshake import WebSocketHandshakeGuard
+from lstm_serve.http.websocket_protocol import WebSocketProtocol
 from lstm_serve.settings import Settings
 
 BACKLOG = 2048
@@ -40,9 +40,8 @@ def config(settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         http=HeaderDeadline,
-        ws=WebSocketHandshakeGuard,
+        ws=WebSocketProtocol,
         ws_max_size=2 * settings.max_body_bytes,
-        ws_per_message_deflate=False,  # replies are a few hundred bytes: compressing each costs more than it saves
         timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]  # a float works
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works
         limit_concurrency=settings.max_connections,

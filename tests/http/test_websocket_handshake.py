@@ -1,4 +1,4 @@
-"""Every WebSocket handshake gets a prompt answer, even one the WebSocket library cannot parse."""
+"""Every WebSocket handshake gets a prompt answer, even one too long or with too many headers to parse."""
 
 import socket
 import time
