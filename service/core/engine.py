@@ -30,7 +30,7 @@ __all__ = ["Engine", "LoadedModel", "Prediction", "StepResult", "chunk_digest"]
 log = logging.getLogger("lstm_serve")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepResult:
     """What one chunk did to a session."""
 
@@ -39,6 +39,7 @@ class StepResult:
     probabilities: np.ndarray  # (C,) class probabilities after its last frame
     outputs: Output | None  # per-frame logits and probabilities of this chunk (None for a replay not asking)
     replayed: bool  # a retry answered from the session, not applied again
+    class_id: int | None = None  # the argmax of `probabilities`, when the batch computed it
 
 
 CLOCK_SKEW_S = 1.0  # how far apart replicas' clocks may be, for telling a restart before a step from one during it
@@ -143,7 +144,7 @@ class Engine:
                 last_probabilities=out.probabilities[-1].copy(),
             )
             await self.store.create(record)
-        return StepResult(model, record.steps, out.probabilities[-1], out, replayed=False)
+        return StepResult(model, record.steps, out.probabilities[-1], out, False, out.class_id)
 
     async def step(
         self, session_id: str, to_chunk: Callable[[LoadedModel], Chunk], seq: int | None, per_frame: bool
@@ -181,7 +182,7 @@ class Engine:
                     last_used=time.time(),
                 )
                 if await self.store.commit(updated, record):
-                    return StepResult(model, updated.steps, out.probabilities[-1], out, replayed=False)
+                    return StepResult(model, updated.steps, out.probabilities[-1], out, False, out.class_id)
                 # Lost the compare-and-set. Another replica stepped this session meanwhile (or the view was
                 # stale): redo the chunk on its state (with seq, the check above decides again). But a session
                 # restarted (or deleted and created again) under the same id while this chunk ran is another

@@ -69,10 +69,11 @@ class LoadedModel:
     def version(self) -> int:
         return self.entry.version
 
-    def predict(self, probabilities: np.ndarray) -> Prediction:
-        """The prediction for one frame's probabilities (C,); the row is copied so that it does not keep
-        the whole batch's array alive."""
-        class_id = int(probabilities.argmax())
+    def predict(self, probabilities: np.ndarray, class_id: int | None = None) -> Prediction:
+        """The prediction for one frame's probabilities (C,) (class_id: their argmax, when known already); the
+        row is copied so that it does not keep the whole batch's array alive."""
+        if class_id is None:
+            class_id = int(probabilities.argmax())
         return Prediction(self.entry.labels[class_id], class_id, probabilities.copy())
 
 

@@ -28,6 +28,7 @@ class Output:
     logits: np.ndarray  # (T, C) per-step logits of this item's frames
     probabilities: np.ndarray  # (T, C) their softmax, computed for the whole batch at once
     state: list[np.ndarray]  # the state after its last frame, one (L, H) array per state tensor ([]: not kept)
+    class_id: int  # the most likely class after its last frame
 
 
 def choose_providers(setting: str) -> list[str]:
@@ -127,12 +128,16 @@ class OnnxRunner:
         logits, *states = self.session.run(self.output_names, feeds)
         if logits.shape[0] != B or any(s.shape[1] != B for s in states):
             raise RuntimeError(f"onnxruntime returned {logits.shape[0]} rows for {B} items")
-        probabilities = softmax(logits)  # here, in the worker thread, not on the event loop
+        # here, in the worker thread, for the whole batch at once: not row by row on the event loop (an argmax
+        # there also lets go of the interpreter lock, which the worker thread then holds while the loop waits)
+        probabilities = softmax(logits)
+        class_ids = probabilities[np.arange(B), lengths - 1].argmax(axis=1).tolist()
         return [
             Output(
                 logits=logits[row, : lengths[row]],
                 probabilities=probabilities[row, : lengths[row]],
                 state=[np.ascontiguousarray(s[:, row]) for s in states] if items[row].keep_state else [],
+                class_id=class_ids[row],
             )
             for row in range(B)
         ]
@@ -152,7 +157,9 @@ class OnnxRunner:
         if logits.shape[0] != 1 or any(s.shape[1] != 1 for s in states):
             raise RuntimeError(f"onnxruntime returned {logits.shape[0]} rows for 1 item")
         logits = logits[0, :T]
-        return Output(logits=logits, probabilities=softmax(logits), state=[s[:, 0] for s in states])
+        probabilities = softmax(logits)
+        class_id = int(probabilities[-1].argmax())
+        return Output(logits=logits, probabilities=probabilities, state=[s[:, 0] for s in states], class_id=class_id)
 
     def run_by_length(self, items: list[Item]) -> list[Output]:
         groups: dict[int, list[int]] = {}

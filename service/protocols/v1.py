@@ -89,7 +89,7 @@ def step_response(session_id: str, result: StepResult, return_steps: bool) -> di
     response: dict[str, Any] = {
         "session_id": session_id,
         "steps": result.steps,
-        "prediction": prediction(model.predict(result.probabilities)),
+        "prediction": prediction(model.predict(result.probabilities, result.class_id)),
     }
     if return_steps:
         assert result.outputs is not None, "per-frame outputs were asked for"
@@ -113,7 +113,7 @@ async def classify(request: Request, runtime: Runtime) -> Response:
     )
     model = runtime.engine.model(name, version)
     outputs = await runtime.engine.classify(model, chunks)
-    predictions = [prediction(model.predict(out.probabilities[-1])) for out in outputs]
+    predictions = [prediction(model.predict(out.probabilities[-1], out.class_id)) for out in outputs]
     return JSON({"model": model.name, "version": model.version, "predictions": predictions})
 
 

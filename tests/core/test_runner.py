@@ -35,6 +35,8 @@ def test_a_mixed_batch_equals_running_each_item_alone(runner, lengths, seed):
         assert out.logits.shape == (len(item.frames), 9)
         np.testing.assert_allclose(out.logits, alone.logits, atol=1e-5)
         np.testing.assert_allclose(out.probabilities, alone.probabilities, atol=1e-6)
+        # the batch's argmax of each item's last frame: the class its prediction names
+        assert out.class_id == alone.class_id == int(np.argmax(out.probabilities[-1]))
         for ours, theirs in zip(out.state, alone.state, strict=True):
             np.testing.assert_allclose(ours, theirs, atol=1e-5)
 

@@ -51,7 +51,11 @@ class HistoryRunner:
                 n = int(history[0])
                 history[1 + n], history[0] = tag, n + 1
                 rows.append(history.copy())
-            outputs.append(Output(logits=np.array(rows), probabilities=np.array(rows), state=[history[None, :]]))
+            probabilities = np.array(rows)
+            class_id = int(probabilities[-1].argmax())
+            outputs.append(
+                Output(logits=probabilities, probabilities=probabilities, state=[history[None, :]], class_id=class_id)
+            )
         time.sleep(self.random.uniform(0, 0.004))  # long enough for requests to overtake each other
         return outputs
 
