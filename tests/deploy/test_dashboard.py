@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from lstm_serve.core.metrics import Metrics
+from lstm_serve.core.metrics import LoopCounter, LoopHistogram, Metrics
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -203,12 +203,16 @@ def problems(uses: dict[str, set[str]], exported: dict[str, set[str]]) -> list[s
 def registry_series(metrics: Metrics) -> dict[str, set[str]]:
     """Every series name the registry can export, with its label names: a counter exports `<name>_total`,
     a gauge `<name>`, a histogram `<name>_bucket` (with `le`), `<name>_sum` and `<name>_count`."""
-    collectors = [value for value in vars(metrics).values() if isinstance(value, MetricWrapperBase)]
+    described: dict[str, set[str]] = {}  # metric name -> its label names
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):  # prometheus_client keeps no public accessor
+            described[value._name] = set(value._labelnames)
+        elif isinstance(value, LoopCounter | LoopHistogram):
+            described[value.name] = set(value.labelnames)
     families = {family.name: family.type for family in metrics.registry.collect()}
-    assert {collector._name for collector in collectors} == set(families), "a metric outside Metrics' fields"
+    assert set(described) == set(families), "a metric outside Metrics' fields"
     series: dict[str, set[str]] = {}
-    for collector in collectors:
-        name, labels = collector._name, set(collector._labelnames)  # prometheus_client keeps no public accessor
+    for name, labels in described.items():
         kind = families[name]
         if kind == "counter":
             series[f"{name}_total"] = labels
