@@ -153,7 +153,10 @@ class Engine:
         again. `to_chunk` checks the frames against the session's model, known once the session is
         loaded (one load per step: with Redis each load is a round trip)."""
         started = time.time()
-        async with self.store.lock(session_id):
+        locks = self.store.lock
+        if not locks.try_acquire(session_id):  # the common case takes a free lock without awaiting
+            await locks.acquire(session_id)
+        try:
             recalled = self.store.recall(session_id)  # with Redis: this replica's last view, maybe stale
             record = recalled or await self.store.load(session_id)
             fresh = recalled is None  # read from the store after this step began
@@ -172,17 +175,10 @@ class Engine:
                         expected_seq=record.steps,
                     )
                 out = await model.batcher.submit(Item(chunk.frames, list(record.state) if record.state else None))
-                updated = record.advanced(
-                    steps=record.steps + len(chunk),
-                    state=tuple(out.state),
-                    last_seq=record.steps,
-                    last_digest=digest,
-                    last_probabilities=out.probabilities[-1].copy(),
-                    previous_state=record.state,
-                    last_used=time.time(),
-                )
+                last = out.probabilities[-1]
+                updated = record.stepped(record.steps + len(chunk), tuple(out.state), digest, last.copy(), time.time())
                 if await self.store.commit(updated, record):
-                    return StepResult(model, updated.steps, out.probabilities[-1], out, False, out.class_id)
+                    return StepResult(model, updated.steps, last, out, False, out.class_id)
                 # Lost the compare-and-set. Another replica stepped this session meanwhile (or the view was
                 # stale): redo the chunk on its state (with seq, the check above decides again). But a session
                 # restarted (or deleted and created again) under the same id while this chunk ran is another
@@ -194,6 +190,8 @@ class Engine:
                         f"session {session_id!r} was restarted while this chunk ran; the chunk was not applied"
                     )
                 record, fresh = current, True
+        finally:
+            locks.release(session_id)
 
     async def replay(self, model: LoadedModel, record: SessionRecord, chunk: Chunk, per_frame: bool) -> StepResult:
         """The answer to a retry of the last chunk, from what the session keeps: the probabilities after the

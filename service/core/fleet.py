@@ -46,7 +46,7 @@ INLINE_FRAMES = 32
 Key = tuple[str, int]  # (model name, version)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prediction:
     """The model's verdict after one frame."""
 
@@ -70,11 +70,11 @@ class LoadedModel:
         return self.entry.version
 
     def predict(self, probabilities: np.ndarray, class_id: int | None = None) -> Prediction:
-        """The prediction for one frame's probabilities (C,) (class_id: their argmax, when known already); the
-        row is copied so that it does not keep the whole batch's array alive."""
+        """The prediction for one frame's probabilities (C,) (class_id: their argmax, when known already), for a
+        reply rendered at once: the row is not copied out of its batch's array."""
         if class_id is None:
             class_id = int(probabilities.argmax())
-        return Prediction(self.entry.labels[class_id], class_id, probabilities.copy())
+        return Prediction(self.entry.labels[class_id], class_id, probabilities)
 
 
 def retired(name: str, version: int, state: VersionState, session: bool = False) -> ModelVersionRetired:

@@ -322,7 +322,7 @@ class RedisSessionStore:
                 f"session {record.session_id!r} was deleted or expired while this chunk ran; the chunk was not applied"
             )
         if result == 1:
-            self.remember(record.advanced(revision=expected.revision + 1))
+            self.remember(record.revised(expected.revision + 1))
         return result == 1
 
     @reachable

@@ -55,6 +55,35 @@ class SessionRecord:
         copy.__dict__.update(changes)
         return copy
 
+    def stepped(
+        self,
+        steps: int,
+        state: tuple[np.ndarray, ...],
+        last_digest: str,
+        last_probabilities: np.ndarray,
+        last_used: float,
+    ) -> SessionRecord:
+        """This session after one more chunk, which started from its state at `self.steps` frames: `advanced`
+        for the one change every step makes, without its keyword checks."""
+        copy = object.__new__(SessionRecord)
+        fields = copy.__dict__
+        fields.update(self.__dict__)
+        fields["steps"], fields["state"], fields["previous_state"] = steps, state, self.state
+        fields["last_seq"], fields["last_digest"], fields["last_probabilities"] = (
+            self.steps,
+            last_digest,
+            last_probabilities,
+        )
+        fields["last_used"] = last_used
+        return copy
+
+    def revised(self, revision: int) -> SessionRecord:
+        """A copy at another revision (what a store's commit writes)."""
+        copy = object.__new__(SessionRecord)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__["revision"] = revision
+        return copy
+
 
 RECORD_FIELDS = frozenset(field.name for field in fields(SessionRecord))
 
@@ -137,11 +166,17 @@ class KeyedLocks:
     def __call__(self, key: str) -> KeyHeld:
         return KeyHeld(self, key)
 
+    def try_acquire(self, key: str) -> bool:
+        """Take a free key at once (True); False if someone holds it (then await `acquire`)."""
+        if key in self._waiters:
+            return False
+        self._waiters[key] = deque()
+        return True
+
     async def acquire(self, key: str) -> None:
-        waiters = self._waiters.get(key)
-        if waiters is None:
-            self._waiters[key] = deque()
+        if self.try_acquire(key):
             return
+        waiters = self._waiters[key]
         turn = asyncio.get_running_loop().create_future()
         waiters.append(turn)
         try:
@@ -242,7 +277,7 @@ class InMemorySessionStore:
             )
         if (stored.incarnation, stored.revision) != (expected.incarnation, expected.revision):
             return False
-        self._sessions[record.session_id] = record.advanced(revision=expected.revision + 1)
+        self._sessions[record.session_id] = record.revised(expected.revision + 1)
         self._sessions.move_to_end(record.session_id)
         return True
 
