@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,9 +52,14 @@ class Batcher(Generic[In, Out]):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.max_queue_length = max_queue_length
         self.observer = observer
         self.name = name
-        self.queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue(max_queue_length)
+        # the queue: a deque and one future the loop waits on when it is empty (an asyncio.Queue's put and
+        # get cost several times more, for getters and joiners this loop does not have)
+        self.pending: deque[_Pending[In, Out]] = deque()
+        self.wakeup: asyncio.Future[None] | None = None
+        self.drained: asyncio.Future[None] | None = None  # stop() waits on it for the queue to empty
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.task: asyncio.Task | None = None
         self.cheap = cheap
@@ -62,7 +68,7 @@ class Batcher(Generic[In, Out]):
 
     @property
     def queued(self) -> int:
-        return self.queue.qsize()
+        return len(self.pending)
 
     async def submit(self, item: In) -> Out:
         if self.task is None or self.task.done():
@@ -75,20 +81,25 @@ class Batcher(Generic[In, Out]):
                     return self.run_inline(item)
             finally:
                 self.inline_pending = False
-        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait(_Pending(item, future, time.perf_counter()))
-        except asyncio.QueueFull:
+        if len(self.pending) >= self.max_queue_length:
             raise Overloaded(
-                f"the {self.name} queue is full ({self.queue.maxsize} waiting); retry shortly",
+                f"the {self.name} queue is full ({self.max_queue_length} waiting); retry shortly",
                 headers={"Retry-After": "1"},
-            ) from None
+            )
+        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        self.pending.append(_Pending(item, future, time.perf_counter()))
+        self.wake()
         return await future
+
+    def wake(self) -> None:
+        wakeup, self.wakeup = self.wakeup, None
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     @property
     def idle(self) -> bool:
         """Nothing queued, nothing running, and no wait configured for batches to fill."""
-        return not self.running and self.queue.empty() and not self.max_delay_s
+        return not self.running and not self.pending and not self.max_delay_s
 
     def run_inline(self, item: In) -> Out:
         started = time.perf_counter()
@@ -105,26 +116,40 @@ class Batcher(Generic[In, Out]):
     async def stop(self) -> None:
         """Finish everything already queued, then stop."""
         if self.task is not None:
-            await self.queue.join()
+            if (self.pending or self.running) and not self.task.done():
+                self.drained = asyncio.get_running_loop().create_future()
+                await asyncio.wait([self.drained, self.task], return_when=asyncio.FIRST_COMPLETED)
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
             self.task = None
         self.executor.shutdown(wait=True)
 
+    async def _wait(self, timeout: float | None) -> None:
+        """Until an item is submitted, or `timeout` seconds have passed."""
+        loop = asyncio.get_running_loop()
+        self.wakeup = wakeup = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, self.wake)
+        try:
+            await wakeup
+        finally:
+            if timer is not None:
+                timer.cancel()
+
     async def _collect(self) -> list[_Pending[In, Out]]:
-        batch = [await self.queue.get()]
+        while not self.pending:
+            if self.drained is not None and not self.drained.done():
+                self.drained.set_result(None)
+            await self._wait(None)
         deadline = time.perf_counter() + self.max_delay_s
+        batch = [self.pending.popleft()]
         while len(batch) < self.max_batch_size:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+            if self.pending:
+                batch.append(self.pending.popleft())
                 continue
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
-                break
+            await self._wait(remaining)
         return batch
 
     async def _loop(self) -> None:
@@ -132,13 +157,11 @@ class Batcher(Generic[In, Out]):
         while True:
             batch = await self._collect()
             live = [p for p in batch if not p.future.cancelled()]
-            try:
-                if live:
-                    await self._run(loop, live)
-            finally:
-                for _ in batch:
-                    self.queue.task_done()
+            if live:
+                await self._run(loop, live)
             del batch, live  # the outputs are their callers' now: hold none of them while the next batch gathers
+            if not self.pending and self.drained is not None and not self.drained.done():
+                self.drained.set_result(None)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
         started = time.perf_counter()
