@@ -5,17 +5,25 @@ one blob of the model and version, timestamps, frames consumed, the state tensor
 what a retry of the last chunk needs (its seq and digest, the probabilities after it, the state before
 it). A replica remembers its last view of recent sessions and steps from it without reading the session
 first: if another replica moved the session on, the commit finds out and the step starts again from
-what Redis holds. Commits are a Lua
-compare-and-set on (incarnation, revision), so two replicas stepping one session at the same moment
-both apply, in some order, each exactly once, and a step never lands on a restarted session. Idle
-expiry is a Redis TTL on the hash; sorted sets of last-use times count live sessions, in all and per
-owner (API key), and expired ones. Request-rate buckets per caller live here too, so limits hold across
-replicas. The commands of every step (create, load, commit, delete) go over one pipelined connection
-(state/resp.py): a batch's commits leave in one write; everything else uses redis-py.
+what Redis holds. Commits are a Lua compare-and-set on (incarnation, revision), so two replicas stepping
+one session at the same moment both apply, in some order, each exactly once, and a step never lands on a
+restarted session.
+
+Idle expiry is a Redis TTL on the hash; sorted sets count live sessions, in all and per owner (API key),
+and expired ones. A session's score there is an upper bound of its last use, renewed by a commit only
+once the last bound has passed (each bound reaches INDEX_SLACK_S ahead): rewriting the sorted sets on
+every step cost Redis more than the rest of the step (a small sorted set is a flat list, rewritten in
+full). So a count may still include a session that expired within the last INDEX_SLACK_S, and the sweep
+counts an expiry up to that late; a live session is never left out.
+
+Request-rate buckets per caller live here too, so limits hold across replicas. The commands of every
+step (create, load, commit, delete) go over one pipelined connection (state/resp.py): a batch's commits
+leave in one write; everything else uses redis-py.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -33,47 +41,57 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lstm_serve.errors import SessionNotFound, StoreUnavailable
-from lstm_serve.state.resp import LeanRedis
+from lstm_serve.state.resp import LeanRedis, bulk, pack
 from lstm_serve.state.sessions import KeyedLocks, SessionRecord, owner_full, server_full
 
 log = logging.getLogger("lstm_serve")
 T = TypeVar("T")
 P = ParamSpec("P")
 PREFIX = "lstm-serve:"
-INDEX = PREFIX + "sessions"  # sorted set: session id -> last use (unix seconds)
+INDEX = PREFIX + "sessions"  # sorted set: session id -> an upper bound of its last use (unix seconds)
 MODELS = PREFIX + "models"  # hash: model name -> its version table (JSON), state/directory.py
 GENERATION = PREFIX + "models:generation"  # bumped by every change of a table
 RECENT_SESSIONS = 1024  # sessions whose last state a replica keeps, to step them without reading it first
+INDEX_SLACK_S = 1.0  # at most this far (and at most a tenth of the TTL) a session's index score runs ahead
 
 # KEYS[1] session hash, KEYS[2] index, KEYS[3] the owner's index; ARGV: now, ttl, max, max per owner, id,
-# fields... -> 1 stored, -1 when the store is full, -2 when the owner's share is.
+# index slack, fields... -> 1 stored, -1 when the store is full, -2 when the owner's share is.
 # A restart (the id exists) keeps its slot; the record's new incarnation tells it from the old one.
 CREATE = """
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local replacing = redis.call('EXISTS', KEYS[1]) == 1
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1] - ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1] - ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
 if not replacing and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
 if not replacing and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return -2 end
+local bound = now + tonumber(ARGV[6])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[5])
-redis.call('ZADD', KEYS[3], ARGV[1], ARGV[5])
-redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[2])))
+redis.call('HSET', KEYS[1], 'indexed', bound, unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl))
+redis.call('ZADD', KEYS[2], bound, ARGV[5])
+redis.call('ZADD', KEYS[3], bound, ARGV[5])
+redis.call('EXPIRE', KEYS[3], math.ceil(ttl + tonumber(ARGV[6])))
 return 1
 """
 
-# KEYS[1] session hash, KEYS[2] index, KEYS[3] the owner's index; ARGV: expected incarnation, expected
-# revision, now, ttl, id, fields... -> 1 committed, 0 lost the race (moved on or replaced), -1 session gone
+# KEYS[1] session hash, KEYS[2] index, KEYS[3] the owner's index; ARGV: expected incarnation, id, ttl, index
+# slack, expected revision, now, new revision, record -> 1 committed, 0 lost the race (moved on or
+# replaced), -1 session gone. The first four are the same for every step of a session (their encoding is
+# kept); the index scores are renewed only once the last bound (`indexed`) has passed.
 COMMIT = """
-local stored = redis.call('HMGET', KEYS[1], 'incarnation', 'revision')
+local stored = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'indexed')
 if not stored[2] then return -1 end
-if stored[1] ~= ARGV[1] or stored[2] ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])))
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
-redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[4])))
+if stored[1] ~= ARGV[1] or stored[2] ~= ARGV[5] then return 0 end
+local ttl, now = tonumber(ARGV[3]), tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], 'revision', ARGV[7], 'record', ARGV[8])
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl))
+if not stored[3] or now > tonumber(stored[3]) then
+  local bound = now + tonumber(ARGV[4])
+  redis.call('HSET', KEYS[1], 'indexed', bound)
+  redis.call('ZADD', KEYS[2], bound, ARGV[2])
+  redis.call('ZADD', KEYS[3], bound, ARGV[2])
+  redis.call('EXPIRE', KEYS[3], math.ceil(ttl + tonumber(ARGV[4])))
+end
 return 1
 """
 
@@ -153,12 +171,17 @@ def reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
     return wrapper
 
 
+@functools.cache
+def shapes_line(shapes: tuple[tuple[int, ...], ...]) -> bytes:
+    return ";".join(",".join(map(str, shape)) for shape in shapes).encode() + b"\n"
+
+
 def encode_arrays(arrays: tuple[np.ndarray, ...] | None) -> bytes:
     """float32 arrays as one blob: a shapes line, then their bytes (b"" for None = zeros)."""
     if arrays is None:
         return b""
-    shapes = ";".join(",".join(map(str, a.shape)) for a in arrays).encode()
-    return shapes + b"\n" + b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in arrays)
+    line = shapes_line(tuple(a.shape for a in arrays))
+    return line + b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in arrays)
 
 
 def decode_arrays(blob: bytes) -> tuple[np.ndarray, ...] | None:
@@ -178,6 +201,10 @@ def encode(record: SessionRecord) -> dict[str, bytes | str]:
     """The hash fields: what the Lua scripts compare (incarnation; revision is added by the caller), the
     owner (for its index on delete), and the rest of the record as one blob: fewer arguments to build and
     fields to parse per step than a field per attribute."""
+    return {"incarnation": record.incarnation, "owner": record.owner, "record": encode_blob(record)}
+
+
+def encode_blob(record: SessionRecord) -> bytes:
     last = record.last_probabilities
     arrays = [
         encode_arrays(record.state),
@@ -194,11 +221,7 @@ def encode(record: SessionRecord) -> dict[str, bytes | str]:
         "last_digest": record.last_digest,
         "sizes": [len(a) for a in arrays],
     }
-    return {
-        "incarnation": record.incarnation,
-        "owner": record.owner,
-        "record": orjson.dumps(meta) + b"\n" + b"".join(arrays),
-    }
+    return orjson.dumps(meta) + b"\n" + b"".join(arrays)
 
 
 def decode(session_id: str, fields: dict[bytes, bytes]) -> SessionRecord:
@@ -249,8 +272,24 @@ class RedisSessionStore:
         self.lean = LeanRedis(url, timeout_s)  # the commands of every step; the rest go through redis-py
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
         self.recent: OrderedDict[str, SessionRecord] = OrderedDict()  # this replica's last view of sessions
+        self.index_slack_s = min(INDEX_SLACK_S, ttl_s / 10)
+        # per session incarnation, the start of its COMMIT command, the same for every step: the EVALSHA,
+        # the keys and the arguments that do not change (what RESP encoding costs is then one blob's header)
+        self.commit_heads: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
         self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
+
+    def commit_head(self, record: SessionRecord) -> bytes:
+        key = (record.session_id, record.incarnation)
+        head = self.commit_heads.get(key)
+        if head is None:
+            keys = (session_key(record.session_id), INDEX, owner_index(record.owner))
+            args = (record.incarnation, record.session_id, self.ttl_s, self.index_slack_s)
+            head = pack(("EVALSHA", SHA1[COMMIT], len(keys), *keys, *args), extra=4)
+            self.commit_heads[key] = head
+            if len(self.commit_heads) > RECENT_SESSIONS:
+                self.commit_heads.popitem(last=False)
+        return head
 
     def remember(self, record: SessionRecord) -> SessionRecord:
         self.recent[record.session_id] = record
@@ -265,14 +304,16 @@ class RedisSessionStore:
         return self.recent.get(session_id)
 
     async def run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA; a Redis that lost its scripts (restarted, SCRIPT FLUSH) ran nothing and answered
-        NOSCRIPT: load the script and send the call again."""
-        sha = SHA1[script]
+        return await self.run_packed(script, pack(("EVALSHA", SHA1[script], len(keys), *keys, *args)))
+
+    async def run_packed(self, script: str, command: bytes) -> Any:
+        """An EVALSHA of `script`, encoded; a Redis that lost its scripts (restarted, SCRIPT FLUSH) ran
+        nothing and answered NOSCRIPT: load the script and send the call again."""
         try:
-            return await self.lean.call("EVALSHA", sha, len(keys), *keys, *args)
+            return await self.lean.send(command)
         except NoScriptError:
             await self.lean.call("SCRIPT", "LOAD", script)
-            return await self.lean.call("EVALSHA", sha, len(keys), *keys, *args)
+            return await self.lean.send(command)
 
     @reachable
     async def create(self, record: SessionRecord) -> SessionRecord:
@@ -286,6 +327,7 @@ class RedisSessionStore:
                 self.max_sessions,
                 self.max_per_owner,
                 record.session_id,
+                self.index_slack_s,
                 *flatten(fields),
             ],
         )
@@ -311,11 +353,16 @@ class RedisSessionStore:
 
     @reachable
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
-        encoded = encode(record)
-        fields = {"record": encoded["record"], "revision": str(expected.revision + 1)}
-        keys = [session_key(record.session_id), INDEX, owner_index(record.owner)]
-        args = [expected.incarnation, str(expected.revision), record.last_used, self.ttl_s, record.session_id]
-        result = await self.run_script(COMMIT, keys, [*args, *flatten(fields)])
+        command = b"".join(
+            (
+                self.commit_head(expected),
+                bulk(b"%d" % expected.revision),
+                bulk(repr(float(record.last_used)).encode()),
+                bulk(b"%d" % (expected.revision + 1)),
+                bulk(encode_blob(record)),
+            )
+        )
+        result = await self.run_packed(COMMIT, command)
         if result == -1:
             self.recent.pop(record.session_id, None)
             raise SessionNotFound(

@@ -26,9 +26,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 Arg = str | bytes | int | float
 
 
-def pack(args: tuple[Arg, ...]) -> bytes:
-    """One command in RESP: an array of bulk strings (numbers as redis-py writes them)."""
-    parts = [b"*%d\r\n" % len(args)]
+def pack(args: tuple[Arg, ...], extra: int = 0) -> bytes:
+    """One command in RESP: an array of bulk strings (numbers as redis-py writes them). With `extra`, the
+    start of a command whose last `extra` arguments the caller appends, each as `bulk` encodes it."""
+    parts = [b"*%d\r\n" % (len(args) + extra)]
     for arg in args:
         if isinstance(arg, bytes):
             data = arg
@@ -40,6 +41,11 @@ def pack(args: tuple[Arg, ...]) -> bytes:
             data = str(arg).encode()
         parts += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(parts)
+
+
+def bulk(data: bytes) -> bytes:
+    """One argument of a command, in RESP."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 def reply_error(reply: hiredis.ReplyError) -> ResponseError:
@@ -146,10 +152,14 @@ class LeanRedis:
         self.connecting: asyncio.Lock | None = None
 
     async def call(self, *args: Arg) -> Any:
+        return await self.send(pack(args))
+
+    async def send(self, command: bytes) -> Any:
+        """A command already in RESP (`pack`)."""
         connection = self.connection
         if connection is None or connection.closed:
             connection = await self.connect()
-        return await connection.send(pack(args))
+        return await connection.send(command)
 
     async def connect(self) -> Connection:
         if self.connecting is None:

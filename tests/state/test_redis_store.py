@@ -1,6 +1,7 @@
 """The Redis session store alone, against a private redis-server."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -210,3 +211,38 @@ def test_a_session_written_by_an_earlier_release_is_not_found_rather_than_an_err
         await store.close()
 
     run(main())
+
+
+def test_a_stepped_session_stays_counted_while_its_index_is_renewed_only_once_per_slack(redis_server):
+    """The index scores are upper bounds of last use, renewed by a commit only when the last one has passed:
+    a session stepped for longer than its TTL is counted all along (never swept as expired), the sorted
+    sets are written a few times instead of at every step, and once it idles it expires and is counted
+    as expired exactly once."""
+
+    async def zadd_calls(store):
+        return (await store.client.info("commandstats")).get("cmdstat_zadd", {}).get("calls", 0)
+
+    async def main():
+        expired = []
+        store = RedisSessionStore(redis_server.url, ttl_s=1.0, max_sessions=10, on_expired=expired.append)
+        assert store.index_slack_s == pytest.approx(0.1)
+        record = await store.create(new_record("m", 1))
+        before, counts, commits = await zadd_calls(store), [], 0
+        deadline = asyncio.get_running_loop().time() + 2.5  # over twice the TTL
+        while asyncio.get_running_loop().time() < deadline:
+            stepped = record.advanced(steps=record.steps + 1, last_used=time.time())
+            assert await store.commit(stepped, record)
+            record, commits = stepped.revised(record.revision + 1), commits + 1
+            assert await store.sweep() == 0
+            counts.append(await store.count())
+            await asyncio.sleep(0.01)
+        renewals = (await zadd_calls(store) - before) // 2  # the index and the owner's index
+        await asyncio.sleep(1.0 + store.index_slack_s + 0.1)
+        swept, left = await store.sweep(), await store.count()
+        await store.close()
+        return counts, commits, renewals, swept, left, expired
+
+    counts, commits, renewals, swept, left, expired = run(main())
+    assert set(counts) == {1}, "a live session dropped out of the count"
+    assert 10 <= renewals <= 40 and commits > 3 * renewals, f"{renewals} index renewals for {commits} commits"
+    assert (swept, left, expired) == (1, 0, [1])
