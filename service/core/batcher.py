@@ -5,10 +5,15 @@ for more, runs the batch in a worker thread (the event loop keeps serving), and 
 future: with its own result, or with the batch's exception. While one batch runs, the next one
 gathers, so batches grow with load and a quiet server pays no wait.
 
-Nor the thread hand-off: a `cheap` item (a few frames, tens of microseconds of onnxruntime) that finds
-nothing queued or running first yields once to the event loop, so that requests arriving with it queue
-behind it; if it is still alone, it runs at once on the loop. Only one item at a time may try this:
-under load the others queue and are batched in the worker thread as before.
+A batch that is `cheap` (a few frames in all: a few hundred microseconds of onnxruntime at most) runs on
+the event loop instead: handing it to the worker thread and back (two wake-ups across threads, and the
+interpreter lock changing hands) costs about as much as the run, and when every core is busy (several
+workers, Redis, the clients) the thread wins no parallel time to pay for it. Long batches (a classify of
+whole sequences) still run in the thread while the loop serves I/O.
+
+Nor the queue: a cheap item that finds nothing queued or running first yields once to the event loop,
+so that requests arriving with it queue behind it; if it is still alone, it runs at once. Only one item
+at a time may try this: under load the others queue and are batched as before.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class Batcher(Generic[In, Out]):
         max_queue_length: int = 2048,
         observer: BatchObserver | None = None,
         name: str = "batcher",
-        cheap: Callable[[In], bool] | None = None,
+        cheap: Callable[[list[In]], bool] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -73,7 +78,7 @@ class Batcher(Generic[In, Out]):
     async def submit(self, item: In) -> Out:
         if self.task is None or self.task.done():
             raise Overloaded(f"{self.name} is not running", headers={"Retry-After": "1"})
-        if self.cheap is not None and not self.inline_pending and self.idle and self.cheap(item):
+        if self.cheap is not None and not self.inline_pending and self.idle and self.cheap([item]):
             self.inline_pending = True
             try:
                 await asyncio.sleep(0)  # whatever arrived with this item queues now, and is batched
@@ -166,8 +171,12 @@ class Batcher(Generic[In, Out]):
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
         started = time.perf_counter()
         self.running = True
+        items = [p.item for p in batch]
         try:
-            results = await loop.run_in_executor(self.executor, self.run_batch, [p.item for p in batch])
+            if self.cheap is not None and self.cheap(items):
+                results = self.run_batch(items)
+            else:
+                results = await loop.run_in_executor(self.executor, self.run_batch, items)
             if len(results) != len(batch):
                 raise RuntimeError(f"{self.name}: model returned {len(results)} results for {len(batch)} items")
         except Exception as error:  # every caller hears about a failed batch; none is left hanging

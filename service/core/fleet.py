@@ -40,10 +40,14 @@ from lstm_serve.state.directory import ModelDirectory
 
 log = logging.getLogger("lstm_serve")
 
-# A chunk this short may run on the event loop when its model's batcher is idle (core/batcher.py): tens
-# of microseconds of onnxruntime, less than handing it to the worker thread and back.
-INLINE_FRAMES = 32
+# A batch of at most this many frames, padded (items x the longest), runs on the event loop, not in the
+# worker thread (core/batcher.py): 50-350 us of onnxruntime on a CPU, about what the hand-off costs.
+INLINE_FRAMES = 64
 Key = tuple[str, int]  # (model name, version)
+
+
+def cheap(items: list[Item]) -> bool:
+    return len(items) * max(len(item.frames) for item in items) <= INLINE_FRAMES
 
 
 @dataclass(slots=True)
@@ -195,7 +199,7 @@ class Fleet:
                 s.max_queue_length,
                 observer=self.metrics.observer(entry.name),
                 name=f"{entry.name}-v{entry.version}-batcher",
-                cheap=lambda item: len(item.frames) <= INLINE_FRAMES,
+                cheap=cheap,
             )
             batcher.start()
             self.loaded[entry.name, entry.version] = LoadedModel(entry, runner, batcher)

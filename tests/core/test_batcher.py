@@ -123,17 +123,39 @@ def test_stop_finishes_queued_work_first():
 def test_a_lone_cheap_item_runs_at_once_and_a_burst_is_still_batched():
     async def main():
         model = Recorder(delay=0.01)
-        batcher = await with_batcher(model, max_batch_size=8, cheap=lambda item: item < 100)
+        batcher = await with_batcher(model, max_batch_size=8, cheap=lambda items: sum(items) < 100)
         alone = await batcher.submit(3)  # idle and cheap: on the event loop, no hand-off
         on_loop = threading.get_ident() in model.thread_ids
         model.thread_ids.clear()
         expensive = await batcher.submit(500)  # idle but not cheap: the worker thread
-        burst = await asyncio.gather(*(batcher.submit(i) for i in range(12)))
+        burst = await asyncio.gather(*(batcher.submit(i) for i in range(100, 112)))  # no batch of them is cheap
         await batcher.stop()
         return model, alone, on_loop, expensive, burst
 
     model, alone, on_loop, expensive, burst = asyncio.run(main())
     assert alone == 30 and on_loop, "a lone cheap item should run on the event loop"
-    assert expensive == 5000 and burst == [i * 10 for i in range(12)]
-    assert threading.get_ident() not in model.thread_ids, "an item of the burst ran on the event loop"
+    assert expensive == 5000 and burst == [i * 10 for i in range(100, 112)]
+    assert threading.get_ident() not in model.thread_ids, "an expensive batch ran on the event loop"
     assert max(len(b) for b in model.batches[2:]) > 1, f"the burst was not batched: {model.batches}"
+
+
+def test_a_cheap_batch_runs_on_the_event_loop_and_an_expensive_one_in_the_thread():
+    async def main():
+        model = Recorder(delay=0.01)
+        batcher = await with_batcher(model, max_batch_size=8, cheap=lambda items: sum(items) < 100)
+        blocker = asyncio.create_task(batcher.submit(1000))  # keeps the batcher busy: what follows queues
+        await asyncio.sleep(0.002)
+        small = asyncio.gather(*(batcher.submit(i) for i in range(1, 6)))  # one batch, 15 in all: cheap
+        await blocker
+        small_results = await small
+        threads_of_small = {ident for ident in model.thread_ids}
+        model.thread_ids.clear()
+        large = await asyncio.gather(*(batcher.submit(i) for i in range(60, 64)))  # 246 in all: not cheap
+        await batcher.stop()
+        return model, small_results, threads_of_small, large
+
+    model, small, threads_of_small, large = asyncio.run(main())
+    assert small == [10, 20, 30, 40, 50] and large == [600, 610, 620, 630]
+    assert [1, 2, 3, 4, 5] in model.batches, f"the cheap items were not batched together: {model.batches}"
+    assert threading.get_ident() in threads_of_small, "the cheap batch did not run on the event loop"
+    assert threading.get_ident() not in model.thread_ids, "the expensive batch ran on the event loop"
