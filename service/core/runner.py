@@ -16,14 +16,14 @@ from lstm_serve.core.repository import ModelEntry
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     frames: np.ndarray  # (T, D) float32
     state: list[np.ndarray] | None  # one (L, H) array per state tensor; None = zeros
     keep_state: bool = True  # False: the caller needs no state after it (a classify), so none is copied out
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     logits: np.ndarray  # (T, C) per-step logits of this item's frames
     probabilities: np.ndarray  # (T, C) their softmax, computed for the whole batch at once
@@ -74,6 +74,15 @@ class OnnxRunner:
         self.zero_state = [np.zeros((s["shape"][0], 1, s["shape"][1]), np.float32) for s in self.state_specs]
         for zeros in self.zero_state:
             zeros.flags.writeable = False  # fed to every fresh item of one: nothing may write it
+        # the lengths input of a batch of one chunk of T frames, for the short chunks of a stream
+        self.one_length = [np.array([t], np.int64) for t in range(65)]
+        for lengths in self.one_length:
+            lengths.flags.writeable = False
+        # InferenceSession.run checks the feeds' names against the graph's in Python on every call; these
+        # feeds are built from the names check_contract verified, so calls go to the native session. An
+        # execution provider's failure still goes through run, which falls back to the CPU as it does.
+        native = getattr(self.session, "_sess", None)
+        self.native_run = getattr(native, "run", None)
 
     def check_contract(self) -> None:
         """The graph takes and gives what its config.json promises (RuntimeError saying what it lacks), and
@@ -112,54 +121,61 @@ class OnnxRunner:
         B = len(items)
         lengths = np.fromiter((len(item.frames) for item in items), np.int64, B)
         T = int(lengths.max())
-        x = np.zeros((B, T, self.input_dim), np.float32)
-        for row, item in enumerate(items):
-            x[row, : lengths[row]] = item.frames
+        if (lengths == T).all():  # a stream's steps: one chunk length, nothing to pad
+            x = np.stack([item.frames for item in items], dtype=np.float32)
+        else:
+            x = np.zeros((B, T, self.input_dim), np.float32)
+            for row, item in enumerate(items):
+                x[row, : lengths[row]] = item.frames
         feeds: dict[str, np.ndarray] = {self.frames_input: x}
         if self.lengths_input:
             feeds[self.lengths_input] = lengths
         for k, spec in enumerate(self.state_specs):
-            L, H = spec["shape"]
-            stacked = np.zeros((L, B, H), np.float32)
-            for row, item in enumerate(items):
-                if item.state is not None:
-                    stacked[:, row] = item.state[k]
-            feeds[spec["input"]] = stacked
-        logits, *states = self.session.run(self.output_names, feeds)
+            zeros = self.zero_state[k][:, 0]
+            states_k = [zeros if item.state is None else item.state[k] for item in items]
+            feeds[spec["input"]] = np.stack(states_k, axis=1, dtype=np.float32)
+        logits, *states = self.infer(feeds)
         if logits.shape[0] != B or any(s.shape[1] != B for s in states):
             raise RuntimeError(f"onnxruntime returned {logits.shape[0]} rows for {B} items")
-        # here, in the worker thread, for the whole batch at once: not row by row on the event loop (an argmax
-        # there also lets go of the interpreter lock, which the worker thread then holds while the loop waits)
+        # here, for the whole batch at once, not row by row on the event loop
         probabilities = softmax(logits)
         class_ids = probabilities[np.arange(B), lengths - 1].argmax(axis=1).tolist()
+        # each row's state is copied out (a view would keep the whole batch's arrays alive with the session)
+        by_row = [s.transpose(1, 0, 2) for s in states]
         return [
             Output(
-                logits=logits[row, : lengths[row]],
-                probabilities=probabilities[row, : lengths[row]],
-                state=[np.ascontiguousarray(s[:, row]) for s in states] if items[row].keep_state else [],
-                class_id=class_ids[row],
+                logits[row, :length],
+                probabilities[row, :length],
+                [s[row].copy() for s in by_row] if item.keep_state else [],
+                class_id,
             )
-            for row in range(B)
+            for row, (item, length, class_id) in enumerate(zip(items, lengths.tolist(), class_ids, strict=True))
         ]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.native_run is not None:
+            try:
+                return self.native_run(self.output_names, feeds, None)
+            except ort.capi.onnxruntime_pybind11_state.EPFail:
+                pass
+        return self.session.run(self.output_names, feeds)
 
     def run_one(self, item: Item) -> Output:
         """A batch of one, the common case at low load: no padding, its arrays fed as views."""
         T = len(item.frames)
         feeds: dict[str, np.ndarray] = {self.frames_input: np.ascontiguousarray(item.frames, np.float32)[None]}
         if self.lengths_input:
-            feeds[self.lengths_input] = np.array([T], np.int64)
+            feeds[self.lengths_input] = self.one_length[T] if len(self.one_length) > T else np.array([T], np.int64)
+        state = item.state
         for k, spec in enumerate(self.state_specs):
-            if item.state is None:
-                feeds[spec["input"]] = self.zero_state[k]
-            else:
-                feeds[spec["input"]] = np.ascontiguousarray(item.state[k], np.float32)[:, None]
-        logits, *states = self.session.run(self.output_names, feeds)
-        if logits.shape[0] != 1 or any(s.shape[1] != 1 for s in states):
+            feeds[spec["input"]] = (
+                self.zero_state[k] if state is None else np.ascontiguousarray(state[k], np.float32)[:, None]
+            )
+        logits, *states = self.infer(feeds)
+        if logits.shape[0] != 1:
             raise RuntimeError(f"onnxruntime returned {logits.shape[0]} rows for 1 item")
-        logits = logits[0, :T]
-        probabilities = softmax(logits)
-        class_id = int(probabilities[-1].argmax())
-        return Output(logits=logits, probabilities=probabilities, state=[s[:, 0] for s in states], class_id=class_id)
+        probabilities = softmax(logits[0, :T])
+        return Output(logits[0, :T], probabilities, [s[:, 0] for s in states], int(probabilities[-1].argmax()))
 
     def run_by_length(self, items: list[Item]) -> list[Output]:
         groups: dict[int, list[int]] = {}
@@ -173,6 +189,8 @@ class OnnxRunner:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    z /= z.sum(axis=-1, keepdims=True)
+    # the ufuncs' reduce directly: ndarray.max and .sum go through numpy's Python wrappers first
+    z = np.subtract(logits, np.maximum.reduce(logits, axis=-1, keepdims=True))
+    np.exp(z, out=z)
+    z /= np.add.reduce(z, axis=-1, keepdims=True)
     return z
