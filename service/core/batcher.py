@@ -13,7 +13,9 @@ whole sequences) still run in the thread while the loop serves I/O.
 
 Nor the queue: a cheap item that finds nothing queued or running first yields once to the event loop,
 so that requests arriving with it queue behind it; if it is still alone, it runs at once. Only one item
-at a time may try this: under load the others queue and are batched as before.
+at a time may try this: under load the others queue and are batched as before. A caller that knows no
+other request is waiting (`alone`: `arrivals` counts what the server has read and no handler has taken
+yet) skips the yield, a turn of the event loop.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ from lstm_serve.errors import Overloaded
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+
+class Arrivals:
+    """Messages this process has read off its sockets that no handler has taken yet, as the server's
+    WebSocket protocol counts them (one event loop per process: a plain number)."""
+
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        self.waiting = 0
+
+
+arrivals = Arrivals()
 
 
 class BatchObserver(Protocol):
@@ -75,10 +90,14 @@ class Batcher(Generic[In, Out]):
     def queued(self) -> int:
         return len(self.pending)
 
-    async def submit(self, item: In) -> Out:
+    async def submit(self, item: In, alone: bool = False) -> Out:
+        """The item's result, from a batch. `alone`: the caller knows of no other request waiting to be
+        handled, so a cheap item on an idle batcher runs at once."""
         if self.task is None or self.task.done():
             raise Overloaded(f"{self.name} is not running", headers={"Retry-After": "1"})
         if self.cheap is not None and not self.inline_pending and self.idle and self.cheap([item]):
+            if alone:
+                return self.run_inline(item)
             self.inline_pending = True
             try:
                 await asyncio.sleep(0)  # whatever arrived with this item queues now, and is batched

@@ -46,7 +46,8 @@ CLOCK_SKEW_S = 1.0  # how far apart replicas' clocks may be, for telling a resta
 
 
 def chunk_digest(frames: np.ndarray) -> str:
-    return hashlib.blake2b(frames.tobytes(), digest_size=16).hexdigest()
+    data = frames.data if frames.flags.c_contiguous else frames.tobytes()  # a contiguous array: in place
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 class Engine:
@@ -147,11 +148,17 @@ class Engine:
         return StepResult(model, record.steps, out.probabilities[-1], out, False, out.class_id)
 
     async def step(
-        self, session_id: str, to_chunk: Callable[[LoadedModel], Chunk], seq: int | None, per_frame: bool
+        self,
+        session_id: str,
+        to_chunk: Callable[[LoadedModel], Chunk],
+        seq: int | None,
+        per_frame: bool,
+        alone: bool = False,
     ) -> StepResult:
         """Apply one chunk to a session exactly once, in order; answer a retried chunk without applying it
         again. `to_chunk` checks the frames against the session's model, known once the session is
-        loaded (one load per step: with Redis each load is a round trip)."""
+        loaded (one load per step: with Redis each load is a round trip). `alone`: no other request is
+        waiting (Batcher.submit)."""
         started = time.time()
         locks = self.store.lock
         if not locks.try_acquire(session_id):  # the common case takes a free lock without awaiting
@@ -174,7 +181,8 @@ class Engine:
                         f"seq {seq} does not match: session {session_id!r} has consumed {record.steps} frames",
                         expected_seq=record.steps,
                     )
-                out = await model.batcher.submit(Item(chunk.frames, list(record.state) if record.state else None))
+                state = list(record.state) if record.state else None
+                out = await model.batcher.submit(Item(chunk.frames, state), alone)
                 last = out.probabilities[-1]
                 updated = record.stepped(record.steps + len(chunk), tuple(out.state), digest, last.copy(), time.time())
                 if await self.store.commit(updated, record):

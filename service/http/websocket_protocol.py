@@ -37,6 +37,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected, get_local_addr, get_remote_addr, is_ssl
 from uvicorn.server import ServerState
 
+from lstm_serve.core.batcher import arrivals
+
 
 def unmask_in_python(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
     n = len(data)
@@ -223,6 +225,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.waiter: asyncio.Future[dict[str, Any]] | None = None
         self.disconnect_message: dict[str, Any] | None = None
         self.read_paused = False
+        self.counted = 0  # this connection's messages in `arrivals` (delivered, not yet received by the app)
         self.writable = asyncio.Event()
         self.writable.set()
         self.close_timer: asyncio.TimerHandle | None = None
@@ -238,6 +241,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
         self.disconnected = True
+        self.uncount()
         self.stop_timers()
         self.deliver_disconnect(ABNORMAL)
         self.writable.set()  # a send() waiting for the buffer to drain learns the client is gone
@@ -440,13 +444,15 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.close_sent:  # the app has closed: what still arrives is dropped, the close echo awaited
             return
         if opcode == BINARY:
-            self.deliver({"type": "websocket.receive", "bytes": payload})
-            return
-        try:
-            text = payload.decode()
-        except UnicodeDecodeError:
-            raise ProtocolError(INVALID_DATA, "a text message that is not UTF-8") from None
-        self.deliver({"type": "websocket.receive", "text": text})
+            message = {"type": "websocket.receive", "bytes": payload}
+        else:
+            try:
+                message = {"type": "websocket.receive", "text": payload.decode()}
+            except UnicodeDecodeError:
+                raise ProtocolError(INVALID_DATA, "a text message that is not UTF-8") from None
+        self.counted += 1
+        arrivals.waiting += 1
+        self.deliver(message)
 
     def handle_close(self, payload: bytes) -> None:
         if self.close_sent:  # the client answered our close frame: the closing handshake is done
@@ -490,11 +496,20 @@ class WebSocketProtocol(asyncio.Protocol):
             if self.read_paused and len(self.inbox) < MAX_QUEUED // 2 and not self.transport.is_closing():
                 self.read_paused = False
                 self.transport.resume_reading()
-            return message
-        if self.disconnect_message is not None:  # already told once; a receive after it gets it again
+        elif self.disconnect_message is not None:  # already told once; a receive after it gets it again
             return self.disconnect_message
-        self.waiter = self.loop.create_future()
-        return await self.waiter
+        else:
+            self.waiter = self.loop.create_future()
+            message = await self.waiter
+        if self.counted and message["type"] == "websocket.receive":
+            self.counted -= 1
+            arrivals.waiting -= 1
+        return message
+
+    def uncount(self) -> None:
+        """Messages the app will never take (the connection is gone) leave the count of arrivals."""
+        arrivals.waiting -= self.counted
+        self.counted = 0
 
     # -- the app's messages out -------------------------------------------------------------------
     async def send(self, message: dict[str, Any]) -> None:

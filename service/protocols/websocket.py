@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from lstm_serve.core.batcher import arrivals
 from lstm_serve.core.engine import LoadedModel
 from lstm_serve.core.inputs import Chunk, check_body_size, chunk_from_bytes, chunk_from_lists
 from lstm_serve.core.runtime import Runtime
@@ -72,15 +73,19 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
         await websocket.send_text(error_reply(error, context(websocket).request_id))
         await websocket.close(code=CLOSE_UNKNOWN_SESSION if isinstance(error, SessionNotFound) else CLOSE_POLICY)
         return
-    metrics = runtime.metrics
+    metrics, limited = runtime.metrics, runtime.limiter is not None
+    # the accepted socket's ASGI channels, without starlette's per-message state checks (this loop handles
+    # the disconnect message itself, and the server refuses a send after a close)
+    receive, send = websocket._receive, websocket._send
     try:
         while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
+            message = await receive()
+            if message["type"] != "websocket.receive":
                 return
             started = time.perf_counter()
             try:
-                await runtime.check_rate(caller)
+                if limited:
+                    await runtime.check_rate(caller)
                 reply = dumps(await stream_step(runtime, model, session_id, key, message)).decode()
                 status = "200"
             except ServiceError as error:
@@ -92,10 +97,10 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
                     await websocket.close(code=CLOSE_UNKNOWN_SESSION)
                     return
             try:
-                await websocket.send_text(reply)
+                await send({"type": "websocket.send", "text": reply})
             finally:  # counted even when the client is gone before its reply
                 metrics.request_done(PATH, "WS", status, time.perf_counter() - started)
-    except WebSocketDisconnect:
+    except (WebSocketDisconnect, OSError):  # OSError: the client went away before its reply
         return
 
 
@@ -106,12 +111,13 @@ async def stream_step(runtime: Runtime, model: LoadedModel, session_id: str, key
         check_body_size(len(payload), limits, "the WebSocket message")
         seq, frames = split_seq_header(payload)
         chunk = chunk_from_bytes(frames, model.entry, limits, "binary message")
-        return step_response(session_id, await runtime.engine.step(key, lambda _: chunk, seq, False), False)
+        result = await runtime.engine.step(key, lambda _: chunk, seq, False, arrivals.waiting == 0)
+        return step_response(session_id, result, False)
     text = message.get("text") or ""
     check_body_size(len(text), limits, "the WebSocket message")
     body = parse(schemas.StepRequest, text, "message")
     checked: Chunk = chunk_from_lists(body.inputs, model.entry, limits, "inputs")
-    result = await runtime.engine.step(key, lambda _: checked, body.seq, body.return_steps)
+    result = await runtime.engine.step(key, lambda _: checked, body.seq, body.return_steps, arrivals.waiting == 0)
     return step_response(session_id, result, body.return_steps)
 
 

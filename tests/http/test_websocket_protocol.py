@@ -5,6 +5,7 @@ against lstm-serve itself."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import uvicorn
 
+from lstm_serve.core.batcher import arrivals
 from lstm_serve.http.websocket_protocol import WebSocketProtocol, accept_key
 from tests.conftest import free_port
 
@@ -39,6 +41,8 @@ async def echo_app(scope, receive, send) -> None:
         await send({"type": "websocket.http.response.body", "body": b"thanks"})
         return
     await send({"type": "websocket.accept", "subprotocol": subprotocol, "headers": [(b"x-echo", b"1")]})
+    if scope["path"] == "/stall":  # takes nothing for a second, then drains
+        await asyncio.sleep(1.0)
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
@@ -401,3 +405,29 @@ def test_the_python_unmasking_equals_the_c_one():
     for n in (0, 1, 3, 4, 5, 125, 4097):
         data, mask = rng.bytes(n), rng.bytes(4)
         assert unmask_in_python(memoryview(data), mask) == apply_mask(data, mask)
+
+
+def eventually(condition, timeout_s: float = 3.0) -> bool:
+    deadline = time.time() + timeout_s
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_messages_read_and_not_yet_taken_count_as_arrivals_until_taken_or_their_connection_is_gone(echo):
+    """What lets a lone message skip its turn of the event loop (core/batcher.py): the count must neither
+    miss a message waiting for its handler nor keep one whose connection is gone."""
+    before = arrivals.waiting
+    ws = opened(echo.port, "/stall")
+    ws.send(b"".join(frame(0x2, bytes([k]) * 10) for k in range(3)))
+    assert eventually(lambda: arrivals.waiting == before + 3), arrivals.waiting
+    ws.close()  # gone before the app took them
+    assert eventually(lambda: arrivals.waiting == before), arrivals.waiting
+    taken = opened(echo.port)
+    taken.send(b"".join(frame(0x1, b"x%d" % k) for k in range(10)))
+    assert [taken.read_frame() for _ in range(10)] == [(0x1, b"x%d" % k) for k in range(10)]
+    taken.close()
+    time.sleep(1.2)  # the stalled app has drained what was left of the closed connection
+    assert arrivals.waiting == before
