@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,9 @@ import numpy as np
 from lstm_serve.core.repository import ModelEntry
 from lstm_serve.errors import BodyTooLarge, InvalidInput, ModelNotFound, ServiceError
 from lstm_serve.settings import Settings
+
+LITTLE_ENDIAN_F32 = np.dtype("<f4")
+NATIVE_IS_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,9 @@ def chunk_from_bytes(payload: bytes, model: ModelEntry, limits: Limits, where: s
         )
     check_length(len(payload) // frame_bytes, limits, where)
     # read-only view of the message, which nothing mutates: no copy (on a big-endian host, a converted copy)
-    frames = np.frombuffer(payload, dtype="<f4").reshape(-1, model.input_dim).astype(np.float32, copy=False)
+    frames = np.frombuffer(payload, LITTLE_ENDIAN_F32).reshape(-1, model.input_dim)
+    if not NATIVE_IS_LITTLE_ENDIAN:
+        frames = frames.astype(np.float32)
     return finite_chunk(frames, where)
 
 
@@ -134,7 +140,7 @@ def chunk_from_array(frames: np.ndarray, model: ModelEntry, limits: Limits, wher
 def finite_chunk(frames: np.ndarray, where: str) -> Chunk:
     # One reduction on the common path: a NaN or Inf anywhere makes the sum non-finite (so can an overflow
     # of finite values, which the exact check below then clears)
-    if math.isfinite(frames.sum(dtype=np.float64)):
+    if math.isfinite(np.add.reduce(frames, axis=None, dtype=np.float64)):
         return Chunk(frames)
     finite = np.isfinite(frames)
     if not finite.all():

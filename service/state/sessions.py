@@ -267,7 +267,12 @@ class InMemorySessionStore:
         return record
 
     def recall(self, session_id: str) -> SessionRecord | None:
-        return None  # load is as cheap here
+        """The session as it is (never stale here), without load's await; None when it is missing or
+        expired, for load to say so."""
+        record = self._sessions.get(session_id)
+        if record is None or self._expired(record, self.clock()):
+            return None
+        return record
 
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
         stored = self._sessions.get(record.session_id)
