@@ -1,10 +1,15 @@
-"""uvicorn's HTTP protocol with a deadline on a request's headers.
+"""uvicorn's HTTP protocol with a deadline on a request's headers, and a response in one write.
 
 uvicorn closes idle keep-alive connections, but a client that sends its request line and headers one byte
 at a time holds its connection (and a slot of max_connections) for as long as it likes. Here each request
 must finish its headers within `header_timeout_s` of its first byte (of the connection, for the first
 request); otherwise the answer is 408 and the connection closes. The body has its own deadline, in the
 frame (http/frame.py), where the route that reads it can answer in its protocol.
+
+uvicorn writes a response's head as soon as the app starts it and its body as a second write: two system
+calls, and two TCP segments the client wakes up for. Here the response cycle writes through
+`ResponseWriter`, which holds a write until the next one (the body follows the head in the same step of
+the app) and sends both at once; a write nothing follows goes out on the event loop's next turn.
 """
 
 from __future__ import annotations
@@ -21,6 +26,37 @@ TIMEOUT_RESPONSE = (
 )
 
 
+class ResponseWriter:
+    """The transport as a request's response cycle sees it: each write is held until the next one joins it,
+    or until the event loop's next turn."""
+
+    __slots__ = ("transport", "loop", "held")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport, self.loop = transport, loop
+        self.held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.held is None:
+            self.held = data
+            self.loop.call_soon(self.flush)
+            return
+        held, self.held = self.held, None
+        self.transport.write(held + data)
+
+    def flush(self) -> None:
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 class HeaderDeadline(HttpToolsProtocol):
     header_timeout_s: ClassVar[float] = 5.0  # set from the settings by create_app, in every worker process
 
@@ -30,6 +66,7 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.writer = ResponseWriter(transport, self.loop)
         self.arm_header_timer()
 
     def on_message_begin(self) -> None:
@@ -39,7 +76,10 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.disarm_header_timer()
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle and self.cycle is not None:  # a new request's cycle (not an upgrade)
+            self.cycle.transport = self.writer  # type: ignore[assignment]  # what the cycle uses of it
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()

@@ -1,0 +1,66 @@
+"""A response leaves in one write (http/connections.py): the head uvicorn writes on its own waits for the
+body; a write nothing follows still goes out, on the event loop's next turn."""
+
+import asyncio
+import json
+import socket
+
+from lstm_serve.http.connections import ResponseWriter
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_a_head_and_its_body_go_out_in_one_write_and_a_lone_write_on_the_next_turn():
+    async def main():
+        transport = RecordingTransport()
+        writer = ResponseWriter(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        held = list(transport.writes)
+        writer.write(b"body")
+        together = list(transport.writes)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # nothing follows it in this step
+        before_turn = list(transport.writes)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        after_turn = list(transport.writes)
+        writer.write(b"last words")
+        writer.close()
+        return held, together, before_turn, after_turn, transport
+
+    held, together, before_turn, after_turn, transport = asyncio.run(main())
+    assert held == [] and together == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    assert before_turn == together and after_turn[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert transport.writes[-1] == b"last words" and transport.closed, "close() dropped a held write"
+
+
+def test_a_client_that_waits_for_100_continue_gets_it_and_then_its_answer(server):
+    """The one write of the server that no other follows: held for a turn, never for good."""
+    body = json.dumps({"sequences": [[[0.5] * 12] * 3]}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        head = (
+            f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        sock.sendall(body)
+        answer = b""
+        while b'"predictions"' not in answer or not answer.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
