@@ -222,8 +222,9 @@ def markdown(results: dict) -> str:
     cfg = results["config"]
     lines += [
         "",
-        f"{cfg['warmup_s']:g} s warm-up + {cfg['duration_s']:g} s measured per point, loopback, "
-        f"{results['machine']['cpus']} CPUs, whole run {results['wall_s']} s.",
+        f"{cfg['warmup_s']:g} s warm-up + {cfg['duration_s']:g} s measured per point, in "
+        f"{cfg.get('rounds', 1)} rounds alternating with the servers it is compared with (A B, B A, ...), "
+        f"loopback, {results['machine']['cpus']} CPUs, whole run {results['wall_s']} s.",
         "",
     ]
     return "\n".join(lines)
@@ -237,8 +238,9 @@ def redis_table(results: dict) -> list[str]:
         "## Sessions in Redis",
         "",
         "The stream workloads (one frame per message, a new session per sequence) against lstm-serve started "
-        "three ways, one after another: one worker with sessions in memory, one worker on Redis, two workers on "
-        "Redis (a private redis-server, no persistence). The load generator runs on the same machine.",
+        "three ways, all running, measured in alternating rounds: one worker with sessions in memory, one worker "
+        "on Redis, two workers on Redis (a private redis-server, no persistence). The load generator runs on the "
+        "same machine.",
         "",
         "| set-up | workload | sessions | frames/s | vs memory, 1 worker | p50 ms | p99 ms | errors | "
         "lstm-serve CPU % | redis CPU % | load gen CPU % |",

@@ -7,6 +7,11 @@ Per concurrency level: requests/s (frames/s for streams), p50/p90/p99 latency, e
 server's mean batch size and queue wait (from /metrics), CPU of server and load generator; plus
 onnxruntime in-process at the batch sizes the server formed, and stateless replay versus a step.
 
+The servers a ratio compares are measured in --rounds alternating rounds (A B, B A, A B, ...) of
+duration / rounds each, not one after the other: this shared machine's speed drifts by tens of percent
+within a minute, and a drift then falls on both sides of a ratio alike. A point reports the mean
+throughput of its rounds and the median of their percentiles.
+
 Two more parts, each on by default and skipped with its flag:
   open loop (--no-open-loop): one model step (a single-frame WebSocket message) offered at a ladder of
     rates whatever the replies, latency from each message's scheduled time (bench/openloop.py);
@@ -26,7 +31,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -49,6 +55,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 STEADY_SEQUENCES = 20  # test sequences streamed back to back in one session for the steady-stream point
 SERVE = [sys.executable, "-m", "lstm_serve.cli", "serve"]
 SERVE_ENV = {"LSTM_SERVE_DRAIN_DELAY_S": "0"}  # a server started here stops at once (no load balancer to drain)
+ROUND_WARMUP_S = 0.3
 REDIS_SETUPS = [  # (name, sessions in Redis, workers)
     ("memory, 1 worker", False, 1),
     ("redis, 1 worker", True, 1),
@@ -64,8 +71,9 @@ class BenchConfig:
     classify_levels: list[int] = field(default_factory=lambda: [1, 4, 16, 64, 128])
     stream_levels: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
     replay_lengths: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
-    warmup_s: float = 1.0
-    duration_s: float = 5.0
+    warmup_s: float = 1.0  # before a point's first round; later rounds warm up for at most ROUND_WARMUP_S
+    duration_s: float = 5.0  # measured seconds per point, over all its rounds
+    rounds: int = 3  # alternating rounds per point of the servers a ratio compares
     replay_repeats: int = 40
     out_dir: str = "service/bench/results"
     # open loop: offered single-frame steps per second, each server's ladder stopping past saturation
@@ -231,9 +239,10 @@ async def measure(
     concurrency: int,
     cfg: BenchConfig,
     also: dict[str, Callable[[], float]] | None = None,
+    quiet: bool = False,
 ) -> dict:
-    """One point. Server metrics and CPU are read at the start and the end of the measured window;
-    `also`: other processes' CPU seconds (redis-server), reported as <name>_cpu_pct."""
+    """One point (or one round of it). Server metrics and CPU are read at the start and the end of the
+    measured window; `also`: other processes' CPU seconds (redis-server), reported as <name>_cpu_pct."""
     snapshots: list[tuple[dict, float | None, os.times_result, float]] = []
     others: list[dict[str, float]] = []
 
@@ -267,14 +276,64 @@ async def measure(
     )
     for name in also or {}:
         result[f"{name}_cpu_pct"] = round(100 * (others[1][name] - others[0][name]) / (t1 - t0), 1)
+    if not quiet:
+        print_point(result)
+    return result
+
+
+def print_point(result: dict) -> None:
+    others = [key[: -len("_cpu_pct")] for key in result if key.endswith("_cpu_pct")]
+    others = [name for name in others if name not in ("server", "loadgen")]
+    rounds = result.get("round_throughputs")
     print(
-        f"  {server.name:9s} {workload:12s} c={concurrency:<4d} {result['throughput']:8.0f}/s "
+        f"  {result['server']:9s} {result['workload']:12s} c={result['concurrency']:<4d} {result['throughput']:8.0f}/s "
         f"p50 {result['p50_ms']:6.2f} p99 {result['p99_ms']:7.2f} ms  err {result['errors']}  "
         f"batch {result.get('mean_batch_size') or 0:5.1f}  cpu srv {result['server_cpu_pct']}% "
-        f"gen {result['loadgen_cpu_pct']}%" + "".join(f" {name} {result[f'{name}_cpu_pct']}%" for name in also or {}),
+        f"gen {result['loadgen_cpu_pct']}%"
+        + "".join(f" {name} {result[f'{name}_cpu_pct']}%" for name in others)
+        + (f"  rounds {'/'.join(f'{t:.0f}' for t in rounds)}" if rounds and len(rounds) > 1 else ""),
         flush=True,
     )
-    return result
+
+
+# (server, a new client for it, other processes' CPU to report)
+Run = tuple["Server", Callable[[], Client], dict[str, Callable[[], float]] | None]
+
+
+async def measure_rounds(runs: list[Run], workload: str, concurrency: int, cfg: BenchConfig) -> list[dict]:
+    """One point for each run, in cfg.rounds alternating rounds (the order reversed every other round),
+    so that the machine's drift falls on every run alike; each run's rounds combined (combine_rounds)."""
+    per_run: list[list[dict]] = [[] for _ in runs]
+    rounds = max(1, cfg.rounds)
+    for k in range(rounds):
+        warmup = cfg.warmup_s if k == 0 else min(cfg.warmup_s, ROUND_WARMUP_S)
+        round_cfg = replace(cfg, duration_s=cfg.duration_s / rounds, warmup_s=warmup)
+        order = list(range(len(runs)))
+        for i in order if k % 2 == 0 else order[::-1]:
+            server, client, also = runs[i]
+            per_run[i].append(await measure(server, workload, client(), concurrency, round_cfg, also, quiet=True))
+    points = [combine_rounds(results) for results in per_run]
+    for point in points:
+        print_point(point)
+    return points
+
+
+def combine_rounds(results: list[dict]) -> dict:
+    """A point from its rounds: counts summed, throughput, batch, queue wait and CPU averaged, each latency
+    percentile the median of the rounds'."""
+    point = dict(results[0])
+    point["duration_s"] = sum(r["duration_s"] for r in results)
+    point["requests"] = sum(r["requests"] for r in results)
+    point["errors"] = sum(r["errors"] for r in results)
+    point["error_examples"] = [e for r in results for e in r["error_examples"]][:3]
+    point["round_throughputs"] = [r["throughput"] for r in results]
+    point["throughput"] = point["requests"] / point["duration_s"] if point["duration_s"] else 0.0
+    for key in ("p50_ms", "p90_ms", "p99_ms"):
+        point[key] = float(np.median([r[key] for r in results]))
+    for key in {k for r in results for k in r if k.endswith("_cpu_pct") or k.startswith("mean_")}:
+        values = [r[key] for r in results if r.get(key) is not None]
+        point[key] = round(float(np.mean(values)), 3) if values else None
+    return point
 
 
 async def replay(server: Server, sequences: list[np.ndarray], cfg: BenchConfig) -> list[dict]:
@@ -428,24 +487,24 @@ async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
     try:
         await ours.wait_ready("/readyz")
         await baseline.wait_ready("/healthz")
-        print("classify: one test sequence per request, closed loop", flush=True)
+        servers = (ours, baseline)
+        print(f"classify: one test sequence per request, closed loop ({cfg.rounds} alternating rounds)", flush=True)
         for level in cfg.classify_levels:
-            for server in (ours, baseline):
-                client = classify_client(server.host, server.port, bodies)
-                results["points"].append(await measure(server, "classify", client, level, cfg))
+            runs: list[Run] = [(s, partial(classify_client, s.host, s.port, bodies), None) for s in servers]
+            results["points"] += await measure_rounds(runs, "classify", level, cfg)
         print("stream: one frame per request, one request in flight per session", flush=True)
         for level in cfg.stream_levels:
-            for server in (ours, baseline):
-                http = stream_http_client(server.host, server.port, sequences, use_seq=server is ours)
-                results["points"].append(await measure(server, "stream-http", http, level, cfg))
-                ws = stream_ws_client(server.host, server.port, sequences)
-                results["points"].append(await measure(server, "stream-ws", ws, level, cfg))
-        results["wrk"] = [await wrk_check(server, bodies, max(cfg.classify_levels), cfg) for server in (ours, baseline)]
+            http: list[Run] = [
+                (s, partial(stream_http_client, s.host, s.port, sequences, use_seq=s is ours), None) for s in servers
+            ]
+            results["points"] += await measure_rounds(http, "stream-http", level, cfg)
+            ws: list[Run] = [(s, partial(stream_ws_client, s.host, s.port, sequences), None) for s in servers]
+            results["points"] += await measure_rounds(ws, "stream-ws", level, cfg)
+        results["wrk"] = [await wrk_check(server, bodies, max(cfg.classify_levels), cfg) for server in servers]
         steady = max(cfg.stream_levels)
         print(f"steady streaming: {steady} WebSocket sessions of {STEADY_SEQUENCES} sequences each", flush=True)
-        for server in (ours, baseline):
-            ws = stream_ws_client(server.host, server.port, sequences, STEADY_SEQUENCES)
-            results["points"].append(await measure(server, "stream-ws-steady", ws, steady, cfg))
+        runs = [(s, partial(stream_ws_client, s.host, s.port, sequences, STEADY_SEQUENCES), None) for s in servers]
+        results["points"] += await measure_rounds(runs, "stream-ws-steady", steady, cfg)
         print("stateless replay versus a session step (lstm-serve)", flush=True)
         results["replay"] = await replay(ours, sequences, cfg)
         if cfg.open_loop and cfg.open_loop_rates:
@@ -497,32 +556,37 @@ async def open_loop_ladder(server: Server, sequences: list[np.ndarray], cfg: Ben
 
 async def run_redis(cfg: BenchConfig, sequences: list[np.ndarray]) -> list[dict]:
     """The stream workloads at cfg.redis_levels sessions on lstm-serve with sessions in memory (one worker),
-    in Redis (one worker) and in Redis (two workers), each started here, one after another."""
+    in Redis (one worker) and in Redis (two workers), all started here and measured in alternating rounds."""
     if shutil.which("redis-server") is None:
         print("sessions in Redis: skipped, no redis-server on PATH", flush=True)
         return []
     print("sessions in Redis: stream workloads, lstm-serve in memory vs on a private redis-server", flush=True)
     redis = RedisServer()
     rows: list[dict] = []
+    servers: list[tuple[Server, bool, int]] = []
     try:
         await redis.wait_ready()
         for setup, in_redis, workers in REDIS_SETUPS:
             env = {**SERVE_ENV, "LSTM_SERVE_WORKERS": str(workers)}
             if in_redis:
                 env["LSTM_SERVE_REDIS_URL"] = redis.url
-            server = Server(setup, None, SERVE, env=env)
-            try:
-                await server.wait_ready("/readyz")
-                for level in cfg.redis_levels:
-                    for workload, make in (("stream-http", stream_http_client), ("stream-ws", stream_ws_client)):
-                        client = make(server.host, server.port, sequences)
-                        also = {"redis": redis.cpu} if in_redis else None
-                        row = await measure(server, workload, client, level, cfg, also)
-                        row.update(setup=setup, redis=in_redis, workers=workers)
-                        rows.append(row)
-            finally:
-                server.stop()
+            servers.append((Server(setup, None, SERVE, env=env), in_redis, workers))
+        for server, _, _ in servers:
+            await server.wait_ready("/readyz")
+        for level in cfg.redis_levels:
+            for workload, make in (("stream-http", stream_http_client), ("stream-ws", stream_ws_client)):
+                runs: list[Run] = [
+                    (s, partial(make, s.host, s.port, sequences), {"redis": redis.cpu} if in_redis else None)
+                    for s, in_redis, _ in servers
+                ]
+                for row, (server, in_redis, workers) in zip(
+                    await measure_rounds(runs, workload, level, cfg), servers, strict=True
+                ):
+                    row.update(setup=server.name, redis=in_redis, workers=workers)
+                    rows.append(row)
     finally:
+        for server, _, _ in servers:
+            server.stop()
         redis.stop()
     return rows
 
@@ -568,6 +632,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replay-lengths", type=levels, default=defaults.replay_lengths)
     parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
     parser.add_argument("--duration-s", type=float, default=defaults.duration_s, help="measured seconds per point")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="alternating rounds per point of the servers a ratio compares (duration split among them)",
+    )
     parser.add_argument("--replay-repeats", type=int, default=defaults.replay_repeats)
     parser.add_argument("--out-dir", default=defaults.out_dir)
     parser.add_argument(

@@ -49,6 +49,7 @@ def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
         capture_output=True,
     )
     results = json.loads((out / "results.json").read_text())
+    assert all(len(p["round_throughputs"]) == 3 for p in results["points"] + results["redis"])  # alternating rounds
     points = {(p["server"], p["workload"], p["concurrency"]) for p in results["points"]}
     for server in ("lstm-serve", "baseline"):
         assert {
@@ -229,3 +230,33 @@ def test_target_rows_on_made_up_results_met_and_not_met():
         }
     )
     assert "| margin |" in lines and "0.80x" in lines and "## Sessions in Redis" in lines
+
+
+def test_a_point_measured_in_rounds_sums_its_counts_and_takes_the_median_of_its_percentiles():
+    from lstm_serve.bench.run import combine_rounds
+
+    def round_result(requests: int, p50: float, cpu: float, batch: float | None) -> dict:
+        return {
+            "server": "lstm-serve",
+            "workload": "classify",
+            "concurrency": 4,
+            "duration_s": 2.0,
+            "requests": requests,
+            "errors": 1,
+            "throughput": requests / 2.0,
+            "p50_ms": p50,
+            "p90_ms": 2 * p50,
+            "p99_ms": 3 * p50,
+            "error_examples": ["500 x"],
+            "server_cpu_pct": cpu,
+            "loadgen_cpu_pct": 10.0,
+            "mean_batch_size": batch,
+        }
+
+    point = combine_rounds(
+        [round_result(100, 1.0, 90.0, 2.0), round_result(300, 5.0, 100.0, None), round_result(200, 2.0, 95.0, 4.0)]
+    )
+    assert (point["requests"], point["errors"], point["duration_s"]) == (600, 3, 6.0)
+    assert point["throughput"] == 100.0 and point["round_throughputs"] == [50.0, 150.0, 100.0]
+    assert (point["p50_ms"], point["p90_ms"], point["p99_ms"]) == (2.0, 4.0, 6.0)
+    assert point["server_cpu_pct"] == 95.0 and point["mean_batch_size"] == 3.0 and len(point["error_examples"]) == 3
