@@ -4,7 +4,8 @@ uvicorn closes idle keep-alive connections, but a client that sends its request 
 at a time holds its connection (and a slot of max_connections) for as long as it likes. Here each request
 must finish its headers within `header_timeout_s` of its first byte (of the connection, for the first
 request); otherwise the answer is 408 and the connection closes. The body has its own deadline, in the
-frame (http/frame.py), where the route that reads it can answer in its protocol.
+frame (http/frame.py), where the route that reads it can answer in its protocol; a request whose body
+has all arrived says so in its scope (BODY_COMPLETE), and the frame then reads it without a deadline.
 
 uvicorn writes a response's head as soon as the app starts it and its body as a second write: two system
 calls, and two TCP segments the client wakes up for. Here the response cycle writes through
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+BODY_COMPLETE = "lstm_serve.body_complete"  # in a request's scope once all its body has arrived
 TIMEOUT_BODY = b'{"error":{"code":"request_timeout","message":"the request headers did not arrive in time"}}'
 TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -80,6 +82,10 @@ class HeaderDeadline(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not cycle and self.cycle is not None:  # a new request's cycle (not an upgrade)
             self.cycle.transport = self.writer  # type: ignore[assignment]  # what the cycle uses of it
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.scope[BODY_COMPLETE] = True  # type: ignore[literal-required]  # the frame's body deadline reads it
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()

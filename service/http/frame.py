@@ -33,6 +33,7 @@ from lstm_serve.errors import (
     UnsupportedMediaType,
 )
 from lstm_serve.http import logs
+from lstm_serve.http.connections import BODY_COMPLETE
 from lstm_serve.http.guard import Guard, chosen_subprotocol, client_address, header, request_id
 from lstm_serve.http.table import RouteTable
 from lstm_serve.protocols.codec import dumps
@@ -137,14 +138,17 @@ class Frame:
 
         async def limited() -> Message:
             nonlocal received
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"the request body did not arrive within body_timeout_s={timeout_s:g}",
-                    headers={"Connection": "close"},
-                ) from None
+            if scope.get(BODY_COMPLETE):  # all of it is in: receive() answers at once, no deadline to keep
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"the request body did not arrive within body_timeout_s={timeout_s:g}",
+                        headers={"Connection": "close"},
+                    ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 check_body_size(received, limits)
