@@ -7,6 +7,7 @@ A classify request is a step from zero state: one graph, one path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +15,12 @@ import onnxruntime as ort
 from lstm_serve.core.repository import ModelEntry
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+SHORT_CHUNK_FRAMES = 64  # chunks up to this long get a kept lengths array when they run alone
+
+
+def native_run(session: ort.InferenceSession) -> Any:
+    """The native session's run, or None where this onnxruntime has none to reach."""
+    return getattr(getattr(session, "_sess", None), "run", None)
 
 
 @dataclass(slots=True)
@@ -75,14 +82,13 @@ class OnnxRunner:
         for zeros in self.zero_state:
             zeros.flags.writeable = False  # fed to every fresh item of one: nothing may write it
         # the lengths input of a batch of one chunk of T frames, for the short chunks of a stream
-        self.one_length = [np.array([t], np.int64) for t in range(65)]
+        self.one_length = [np.array([t], np.int64) for t in range(SHORT_CHUNK_FRAMES + 1)]
         for lengths in self.one_length:
             lengths.flags.writeable = False
         # InferenceSession.run checks the feeds' names against the graph's in Python on every call; these
         # feeds are built from the names check_contract verified, so calls go to the native session. An
         # execution provider's failure still goes through run, which falls back to the CPU as it does.
-        native = getattr(self.session, "_sess", None)
-        self.native_run = getattr(native, "run", None)
+        self.native_run = native_run(self.session)
 
     def check_contract(self) -> None:
         """The graph takes and gives what its config.json promises (RuntimeError saying what it lacks), and
@@ -137,7 +143,7 @@ class OnnxRunner:
         logits, *states = self.infer(feeds)
         if logits.shape[0] != B or any(s.shape[1] != B for s in states):
             raise RuntimeError(f"onnxruntime returned {logits.shape[0]} rows for {B} items")
-        # here, for the whole batch at once, not row by row on the event loop
+        # softmax and argmax for the whole batch at once, not row by row
         probabilities = softmax(logits)
         class_ids = probabilities[np.arange(B), lengths - 1].argmax(axis=1).tolist()
         # each row's state is copied out (a view would keep the whole batch's arrays alive with the session)
@@ -158,7 +164,9 @@ class OnnxRunner:
                 return self.native_run(self.output_names, feeds, None)
             except ort.capi.onnxruntime_pybind11_state.EPFail:
                 pass
-        return self.session.run(self.output_names, feeds)
+        outputs = self.session.run(self.output_names, feeds)
+        self.native_run = native_run(self.session)  # a fallback replaced the native session: follow it
+        return outputs
 
     def run_one(self, item: Item) -> Output:
         """A batch of one, the common case at low load: no padding, its arrays fed as views."""

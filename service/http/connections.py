@@ -44,7 +44,7 @@ class ResponseWriter:
             self.loop.call_soon(self.flush)
             return
         held, self.held = self.held, None
-        self.transport.write(held + data)
+        self.transport.writelines((held, data))  # one system call (writev), no copy of a large body
 
     def flush(self) -> None:
         if self.held is not None:

@@ -98,9 +98,11 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
                     return
             try:
                 await send({"type": "websocket.send", "text": reply})
+            except OSError:  # the client went away before its reply (the server's ClientDisconnected)
+                return
             finally:  # counted even when the client is gone before its reply
                 metrics.request_done(PATH, "WS", status, time.perf_counter() - started)
-    except (WebSocketDisconnect, OSError):  # OSError: the client went away before its reply
+    except WebSocketDisconnect:
         return
 
 

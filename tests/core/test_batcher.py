@@ -159,3 +159,27 @@ def test_a_cheap_batch_runs_on_the_event_loop_and_an_expensive_one_in_the_thread
     assert [1, 2, 3, 4, 5] in model.batches, f"the cheap items were not batched together: {model.batches}"
     assert threading.get_ident() in threads_of_small, "the cheap batch did not run on the event loop"
     assert threading.get_ident() not in model.thread_ids, "the expensive batch ran on the event loop"
+
+
+def test_an_item_alone_runs_without_yielding_and_one_that_is_not_yields_a_turn_first():
+    """`alone` (no other message waiting, core/batcher.arrivals) skips the turn of the event loop that lets
+    requests arriving together queue and batch."""
+
+    async def main():
+        model = Recorder()
+        batcher = await with_batcher(model, max_batch_size=8, cheap=lambda items: sum(items) < 100)
+        turns = []
+        loop = asyncio.get_running_loop()
+        loop.call_soon(turns.append, "alone")
+        alone = await batcher.submit(3, alone=True)
+        ran_before_alone = list(turns)
+        await asyncio.sleep(0)
+        loop.call_soon(turns.append, "not alone")
+        yielded = await batcher.submit(4)
+        await batcher.stop()
+        return alone, ran_before_alone, yielded, turns
+
+    alone, ran_before_alone, yielded, turns = asyncio.run(main())
+    assert (alone, yielded) == (30, 40)
+    assert ran_before_alone == [], "an item alone waited for a turn of the event loop"
+    assert turns == ["alone", "not alone"], "an item not known to be alone ran without letting others queue"

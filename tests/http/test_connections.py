@@ -16,6 +16,9 @@ class RecordingTransport:
     def write(self, data: bytes) -> None:
         self.writes.append(data)
 
+    def writelines(self, parts: tuple[bytes, ...]) -> None:  # one writev: one write on the wire
+        self.writes.append(b"".join(parts))
+
     def close(self) -> None:
         self.closed = True
 
