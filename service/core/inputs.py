@@ -137,10 +137,17 @@ def chunk_from_array(frames: np.ndarray, model: ModelEntry, limits: Limits, wher
     return finite_chunk(np.ascontiguousarray(frames, dtype=np.float32), where)
 
 
+SMALL_CHUNK_VALUES = 64  # up to this many numbers (a streamed frame or a few), Python's sum beats numpy's
+
+
 def finite_chunk(frames: np.ndarray, where: str) -> Chunk:
-    # One reduction on the common path: a NaN or Inf anywhere makes the sum non-finite (so can an overflow
-    # of finite values, which the exact check below then clears)
-    if math.isfinite(np.add.reduce(frames, axis=None, dtype=np.float64)):
+    # One sum in float64 on the common path: a NaN or Inf anywhere makes it non-finite (float32 values
+    # cannot overflow it; the exact check below words the error)
+    if frames.size <= SMALL_CHUNK_VALUES:
+        total = sum(frames.ravel().tolist())
+    else:
+        total = np.add.reduce(frames, axis=None, dtype=np.float64)
+    if math.isfinite(total):
         return Chunk(frames)
     finite = np.isfinite(frames)
     if not finite.all():
