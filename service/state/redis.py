@@ -176,12 +176,16 @@ def shapes_line(shapes: tuple[tuple[int, ...], ...]) -> bytes:
     return ";".join(",".join(map(str, shape)) for shape in shapes).encode() + b"\n"
 
 
+FLOAT32 = np.dtype(np.float32)
+
+
 def encode_arrays(arrays: tuple[np.ndarray, ...] | None) -> bytes:
-    """float32 arrays as one blob: a shapes line, then their bytes (b"" for None = zeros)."""
+    """float32 arrays as one blob: a shapes line, then their bytes (b"" for None = zeros). tobytes writes
+    C order whatever the layout, so only another dtype needs a converted copy."""
     if arrays is None:
         return b""
-    line = shapes_line(tuple(a.shape for a in arrays))
-    return line + b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in arrays)
+    line = shapes_line(tuple([a.shape for a in arrays]))
+    return line + b"".join([(a if a.dtype == FLOAT32 else a.astype(FLOAT32)).tobytes() for a in arrays])
 
 
 def decode_arrays(blob: bytes) -> tuple[np.ndarray, ...] | None:
@@ -206,11 +210,11 @@ def encode(record: SessionRecord) -> dict[str, bytes | str]:
 
 def encode_blob(record: SessionRecord) -> bytes:
     last = record.last_probabilities
-    arrays = [
+    arrays = (
         encode_arrays(record.state),
-        encode_arrays(None if last is None else (last,)),
+        b"" if last is None else encode_arrays((last,)),
         encode_arrays(record.previous_state),
-    ]
+    )
     meta = {
         "model": record.model,
         "version": record.version,
@@ -221,7 +225,7 @@ def encode_blob(record: SessionRecord) -> bytes:
         "last_digest": record.last_digest,
         "sizes": [len(a) for a in arrays],
     }
-    return orjson.dumps(meta) + b"\n" + b"".join(arrays)
+    return b"".join((orjson.dumps(meta), b"\n", *arrays))
 
 
 def decode(session_id: str, fields: dict[bytes, bytes]) -> SessionRecord:
@@ -275,20 +279,20 @@ class RedisSessionStore:
         self.index_slack_s = min(INDEX_SLACK_S, ttl_s / 10)
         # per session incarnation, the start of its COMMIT command, the same for every step: the EVALSHA,
         # the keys and the arguments that do not change (what RESP encoding costs is then one blob's header)
-        self.commit_heads: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.commit_heads: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # by id: (incarnation, head)
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
         self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
 
     def commit_head(self, record: SessionRecord) -> bytes:
-        key = (record.session_id, record.incarnation)
-        head = self.commit_heads.get(key)
-        if head is None:
-            keys = (session_key(record.session_id), INDEX, owner_index(record.owner))
-            args = (record.incarnation, record.session_id, self.ttl_s, self.index_slack_s)
-            head = pack(("EVALSHA", SHA1[COMMIT], len(keys), *keys, *args), extra=4)
-            self.commit_heads[key] = head
-            if len(self.commit_heads) > RECENT_SESSIONS:
-                self.commit_heads.popitem(last=False)
+        kept = self.commit_heads.get(record.session_id)
+        if kept is not None and kept[0] == record.incarnation:
+            return kept[1]
+        keys = (session_key(record.session_id), INDEX, owner_index(record.owner))
+        args = (record.incarnation, record.session_id, self.ttl_s, self.index_slack_s)
+        head = pack(("EVALSHA", SHA1[COMMIT], len(keys), *keys, *args), extra=4)
+        self.commit_heads[record.session_id] = (record.incarnation, head)
+        if len(self.commit_heads) > RECENT_SESSIONS:
+            self.commit_heads.popitem(last=False)
         return head
 
     def remember(self, record: SessionRecord) -> SessionRecord:
@@ -365,6 +369,7 @@ class RedisSessionStore:
         result = await self.run_packed(COMMIT, command)
         if result == -1:
             self.recent.pop(record.session_id, None)
+            self.commit_heads.pop(record.session_id, None)
             raise SessionNotFound(
                 f"session {record.session_id!r} was deleted or expired while this chunk ran; the chunk was not applied"
             )
@@ -375,6 +380,7 @@ class RedisSessionStore:
     @reachable
     async def delete(self, session_id: str) -> None:
         self.recent.pop(session_id, None)
+        self.commit_heads.pop(session_id, None)
         deleted = await self.run_script(DELETE, [session_key(session_id), INDEX], [session_id, owner_index("")])
         if not deleted:
             raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")

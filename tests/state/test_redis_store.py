@@ -94,6 +94,33 @@ def test_unreachable_redis_is_store_unavailable_not_a_crash():
     assert error.status == 503 and "unavailable" in error.message and "127.0.0.1" not in error.message
 
 
+def test_a_deleted_session_leaves_no_commit_encoding_and_its_id_commits_again_as_a_new_session(redis_server):
+    """The store keeps each live session's commit command head (its keys and incarnation, encoded once);
+    a delete drops it, and a session created again under the id commits under its own incarnation."""
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        for _ in range(5):
+            record = await store.create(new_record("m", 1))
+            assert await store.commit(record.advanced(steps=1), record)
+            await store.delete(record.session_id)
+        kept_after_deletes = len(store.commit_heads)
+        first = await store.create(new_record("m", 1, "oip:m:n:1"))
+        assert await store.commit(first.advanced(steps=1), first)
+        await store.delete("oip:m:n:1")
+        again = await store.create(new_record("m", 1, "oip:m:n:1"))
+        state = (np.arange(6, dtype=np.float64).reshape(3, 2).T,)  # float64, not C-contiguous
+        committed = await store.commit(again.advanced(steps=2, state=state), again)
+        loaded = await store.load("oip:m:n:1")
+        await store.close()
+        return kept_after_deletes, committed, loaded, again
+
+    kept_after_deletes, committed, loaded, again = run(main())
+    assert kept_after_deletes == 0
+    assert committed and (loaded.steps, loaded.incarnation) == (2, again.incarnation)
+    assert loaded.state[0].dtype == np.float32 and loaded.state[0].tolist() == [[0, 2, 4], [1, 3, 5]]
+
+
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_create_with_an_id_restarts_that_session(kind, request):
     """What an Open Inference Protocol sequence_start relies on, the same in both stores."""
