@@ -8,9 +8,13 @@ server's mean batch size and queue wait (from /metrics), CPU of server and load 
 onnxruntime in-process at the batch sizes the server formed, and stateless replay versus a step.
 
 The servers a ratio compares are measured in --rounds alternating rounds (A B, B A, A B, ...) of
-duration / rounds each, not one after the other: this shared machine's speed drifts by tens of percent
-within a minute, and a drift then falls on both sides of a ratio alike. A point reports the mean
-throughput of its rounds and the median of their percentiles.
+duration / rounds each, not one after the other: this shared machine's speed flips between two rates
+about 1.8x apart, for one to ten seconds at a time, and short alternating rounds let a flip fall on both
+sides of a ratio alike. A point reports the requests of all its rounds over their summed time and the
+median of their percentiles. For the same reason onnxruntime in-process, which the classify point at the
+highest concurrency (saturation) is compared with, is measured between that point's rounds, each time
+at the batch size the round formed and for as long as the round; the other points' in-process figures
+are measured after the run.
 
 Two more parts, each on by default and skipped with its flag:
   open loop (--no-open-loop): one model step (a single-frame WebSocket message) offered at a ladder of
@@ -73,7 +77,7 @@ class BenchConfig:
     replay_lengths: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
     warmup_s: float = 1.0  # before a point's first round; later rounds warm up for at most ROUND_WARMUP_S
     duration_s: float = 5.0  # measured seconds per point, over all its rounds
-    rounds: int = 3  # alternating rounds per point of the servers a ratio compares
+    rounds: int = 6  # alternating rounds per point of the servers a ratio compares
     replay_repeats: int = 40
     out_dir: str = "service/bench/results"
     # open loop: offered single-frame steps per second, each server's ladder stopping past saturation
@@ -300,10 +304,19 @@ def print_point(result: dict) -> None:
 Run = tuple["Server", Callable[[], Client], dict[str, Callable[[], float]] | None]
 
 
-async def measure_rounds(runs: list[Run], workload: str, concurrency: int, cfg: BenchConfig) -> list[dict]:
+async def measure_rounds(
+    runs: list[Run],
+    workload: str,
+    concurrency: int,
+    cfg: BenchConfig,
+    ceiling: Callable[[dict], float] | None = None,
+) -> list[dict]:
     """One point for each run, in cfg.rounds alternating rounds (the order reversed every other round),
-    so that the machine's drift falls on every run alike; each run's rounds combined (combine_rounds)."""
+    so that the machine's drift falls on every run alike; each run's rounds combined (combine_rounds).
+    `ceiling`: onnxruntime in-process items/s measured right after each round of the first run, given that
+    round (its batch size and duration), so the share of it the server reached is measured at one time."""
     per_run: list[list[dict]] = [[] for _ in runs]
+    ceilings: list[float] = []
     rounds = max(1, cfg.rounds)
     for k in range(rounds):
         warmup = cfg.warmup_s if k == 0 else min(cfg.warmup_s, ROUND_WARMUP_S)
@@ -312,7 +325,16 @@ async def measure_rounds(runs: list[Run], workload: str, concurrency: int, cfg: 
         for i in order if k % 2 == 0 else order[::-1]:
             server, client, also = runs[i]
             per_run[i].append(await measure(server, workload, client(), concurrency, round_cfg, also, quiet=True))
+            if i == 0 and ceiling is not None:
+                ceilings.append(ceiling(per_run[0][-1]))
     points = [combine_rounds(results) for results in per_run]
+    if ceilings:
+        limit = float(np.mean(ceilings))
+        points[0].update(
+            onnxruntime_items_per_s=limit,
+            fraction_of_onnxruntime=points[0]["throughput"] / limit,
+            onnxruntime_between_rounds=True,
+        )
     for point in points:
         print_point(point)
     return points
@@ -386,33 +408,41 @@ def frames_body(frames: np.ndarray) -> bytes:
     return orjson.dumps({"inputs": frames.tolist()})
 
 
-def onnxruntime_limit(
-    model_dir: str, sequences: list[np.ndarray], batch_size: int, frames: int | None, seconds: float = 1.5
-) -> float:
-    """Items per second onnxruntime does in-process at this batch size (one intra-op thread, as served).
-    frames=None: whole test sequences (classify, no state kept, as the server's classify); frames=1: one step
-    from a carried state (stream)."""
-    from lstm_serve.core.repository import load_entry
-    from lstm_serve.core.runner import Item, OnnxRunner
+class InProcess:
+    """onnxruntime in-process, as the server runs it (one intra-op thread), on the test sequences: the
+    ceiling a served throughput is compared with."""
 
-    runner = OnnxRunner(load_entry(ROOT / model_dir), "cpu", 1)
-    rng = np.random.default_rng(0)
-    state = [rng.normal(size=s["shape"]).astype(np.float32) for s in runner.state_specs]
-    batches = []
-    for _ in range(16):
-        picks = rng.integers(0, len(sequences), batch_size)
-        batches.append(
-            [
-                Item(sequences[i], None, keep_state=False) if frames is None else Item(sequences[i][:frames], state)
-                for i in picks
-            ]
-        )
-    runner.run(batches[0])
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        runner.run(batches[done % len(batches)])
-        done += 1
-    return done * batch_size / (time.perf_counter() - start)
+    def __init__(self, model_dir: str, sequences: list[np.ndarray]) -> None:
+        from lstm_serve.core.repository import load_entry
+        from lstm_serve.core.runner import OnnxRunner
+
+        self.runner = OnnxRunner(load_entry(ROOT / model_dir), "cpu", 1)
+        self.sequences = sequences
+
+    def items_per_s(self, batch_size: int, frames: int | None, seconds: float = 1.5) -> float:
+        """Items per second at this batch size. frames=None: whole test sequences (classify, no state kept,
+        as the server's classify); frames=1: one step from a carried state (stream)."""
+        from lstm_serve.core.runner import Item
+
+        rng = np.random.default_rng(0)
+        state = [rng.normal(size=s["shape"]).astype(np.float32) for s in self.runner.state_specs]
+        batches = []
+        for _ in range(16):
+            picks = rng.integers(0, len(self.sequences), batch_size)
+            batches.append(
+                [
+                    Item(self.sequences[i], None, keep_state=False)
+                    if frames is None
+                    else Item(self.sequences[i][:frames], state)
+                    for i in picks
+                ]
+            )
+        self.runner.run(batches[0])
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            self.runner.run(batches[done % len(batches)])
+            done += 1
+        return done * batch_size / (time.perf_counter() - start)
 
 
 async def wrk_check(server: Server, bodies: list[bytes], connections: int, cfg: BenchConfig) -> dict | None:
@@ -462,7 +492,12 @@ def load_test_sequences() -> list[np.ndarray]:
     return load_dataset("japanese-vowels").test.sequences
 
 
-async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
+def classify_ceiling(in_process: InProcess, served: dict) -> float:
+    """onnxruntime in-process on whole sequences at the batch size a classify round formed, for as long."""
+    return in_process.items_per_s(max(1, round(served.get("mean_batch_size") or 1)), None, served["duration_s"])
+
+
+async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray], in_process: InProcess) -> dict:
     ours = Server("lstm-serve", cfg.url, SERVE, env=SERVE_ENV)
     uvicorn_flags = [
         "--http",
@@ -490,7 +525,8 @@ async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray]) -> dict:
         print(f"classify: one test sequence per request, closed loop ({cfg.rounds} alternating rounds)", flush=True)
         for level in cfg.classify_levels:
             runs: list[Run] = [(s, partial(classify_client, s.host, s.port, bodies), None) for s in servers]
-            results["points"] += await measure_rounds(runs, "classify", level, cfg)
+            ceiling = partial(classify_ceiling, in_process) if level == max(cfg.classify_levels) else None
+            results["points"] += await measure_rounds(runs, "classify", level, cfg, ceiling)
         print("stream: one frame per request, one request in flight per session", flush=True)
         for level in cfg.stream_levels:
             http: list[Run] = [
@@ -590,17 +626,18 @@ async def run_redis(cfg: BenchConfig, sequences: list[np.ndarray]) -> list[dict]
     return rows
 
 
-def add_limits(results: dict, cfg: BenchConfig, sequences: list[np.ndarray]) -> None:
-    """(a) onnxruntime in-process at the mean batch sizes lstm-serve formed."""
-    cache: dict[tuple[str, int], float] = {}
+def add_limits(results: dict, in_process: InProcess) -> None:
+    """onnxruntime in-process at the mean batch sizes lstm-serve formed, for the points not measured beside
+    it between their rounds (measure_rounds' ceiling: the saturation point)."""
+    cache: dict[tuple[bool, int], float] = {}
     for point in results["points"]:
-        if point["server"] != "lstm-serve" or not point.get("mean_batch_size"):
+        if point["server"] != "lstm-serve" or not point.get("mean_batch_size") or "onnxruntime_items_per_s" in point:
             continue
         frames = None if point["workload"] == "classify" else 1
         b = max(1, round(point["mean_batch_size"]))
         key = (point["workload"] == "classify", b)
         if key not in cache:
-            cache[key] = onnxruntime_limit(cfg.model_dir, sequences, b, frames)
+            cache[key] = in_process.items_per_s(b, frames)
         point["onnxruntime_items_per_s"] = cache[key]
         point["fraction_of_onnxruntime"] = point["throughput"] / cache[key]
 
@@ -671,10 +708,11 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     started = time.time()
-    results = asyncio.run(run_servers(cfg, sequences))
+    in_process = InProcess(cfg.model_dir, sequences)
+    results = asyncio.run(run_servers(cfg, sequences, in_process))
     if cfg.redis and cfg.redis_levels:
         results["redis"] = asyncio.run(run_redis(cfg, sequences))
-    add_limits(results, cfg, sequences)
+    add_limits(results, in_process)
     results["config"] = asdict(cfg)
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     results["wall_s"] = round(time.time() - started, 1)

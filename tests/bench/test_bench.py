@@ -40,6 +40,8 @@ def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
             "4",
             "--redis-levels",
             "2",
+            "--rounds",
+            "3",
             "--out-dir",
             str(out),
         ],
@@ -64,6 +66,9 @@ def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
         assert p["requests"] > 0 and p["p50_ms"] <= p["p99_ms"]
         if p["server"] == "lstm-serve":
             assert p["mean_batch_size"] >= 1 and p["onnxruntime_items_per_s"] > 0
+    # the saturation point's onnxruntime ceiling is measured between its rounds, the others' after the run
+    beside = {(p["workload"], p["concurrency"]) for p in results["points"] if p.get("onnxruntime_between_rounds")}
+    assert beside == {("classify", 4)}
     assert [r["t"] for r in results["replay"]] == [1, 20]
     assert any(row["target"].startswith("classify") for row in results["summary"])
     # open loop: both servers' ladders, from the lowest rate up (stopping early only past saturation)
