@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +61,9 @@ STEADY_SEQUENCES = 20  # test sequences streamed back to back in one session for
 SERVE = [sys.executable, "-m", "lstm_serve.cli", "serve"]
 SERVE_ENV = {"LSTM_SERVE_DRAIN_DELAY_S": "0"}  # a server started here stops at once (no load balancer to drain)
 ROUND_WARMUP_S = 0.3
+# a server started here has no drain delay and nothing in flight when stopped; past its shutdown timeout
+# (30 s by default) and this margin it is killed
+STOP_GRACE_S = 45.0
 REDIS_SETUPS = [  # (name, sessions in Redis, workers)
     ("memory, 1 worker", False, 1),
     ("redis, 1 worker", True, 1),
@@ -126,6 +130,7 @@ class Server:
                 env={**os.environ, **(env or {})},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop() can end its workers with it
             )
         parsed = urlparse(url)
         if parsed.hostname is None or parsed.port is None:
@@ -151,8 +156,7 @@ class Server:
 
     def stop(self) -> None:
         if self.proc:
-            self.proc.terminate()
-            self.proc.wait(30)
+            stop_process(self.proc, self.name)
 
 
 class RedisServer:
@@ -186,9 +190,25 @@ class RedisServer:
         return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop_process(self.proc, f"redis-server on port {self.port}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], name: str, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL to its whole process group if it has not exited within grace_s. Never raises:
+    one process slow to stop must not leave the others (a redis-server, another server) running."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+        return
+    except subprocess.TimeoutExpired:
+        print(f"{name} (pid {proc.pid}) did not stop within {grace_s:g} s of SIGTERM; killed", file=sys.stderr)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()
 
 
 def free_port() -> int:

@@ -7,10 +7,11 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from lstm_serve.bench import openloop, report
+from lstm_serve.bench import openloop, report, run
 from tests.conftest import ROOT
 
 
@@ -265,3 +266,31 @@ def test_a_point_measured_in_rounds_sums_its_counts_and_takes_the_median_of_its_
     assert point["throughput"] == 100.0 and point["round_throughputs"] == [50.0, 150.0, 100.0]
     assert (point["p50_ms"], point["p90_ms"], point["p99_ms"]) == (2.0, 4.0, 6.0)
     assert point["server_cpu_pct"] == 95.0 and point["mean_batch_size"] == 3.0 and len(point["error_examples"]) == 3
+
+
+def gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    state = next(line for line in status.splitlines() if line.startswith("State:"))
+    return "Z" in state.split()[1]  # a zombie has exited; only its parent's wait is left
+
+
+def test_a_server_that_ignores_sigterm_is_killed_with_its_workers_and_stopping_never_raises():
+    ignoring = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    parent = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"child = subprocess.Popen([sys.executable, '-c', {ignoring!r}]); print(child.pid, flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
+    worker = int(proc.stdout.readline())
+    started = time.monotonic()
+    run.stop_process(proc, "stubborn server", grace_s=0.5)
+    assert proc.returncode == -9 and time.monotonic() - started < 5
+    deadline = time.monotonic() + 5
+    while not gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(worker), "the server's worker outlived it"
+    run.stop_process(proc, "stubborn server", grace_s=0.5)  # stopping a stopped process is a no-op
