@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -61,8 +62,8 @@ STEADY_SEQUENCES = 20  # test sequences streamed back to back in one session for
 SERVE = [sys.executable, "-m", "lstm_serve.cli", "serve"]
 SERVE_ENV = {"LSTM_SERVE_DRAIN_DELAY_S": "0"}  # a server started here stops at once (no load balancer to drain)
 ROUND_WARMUP_S = 0.3
-# a server started here has no drain delay and nothing in flight when stopped; past its shutdown timeout
-# (30 s by default) and this margin it is killed
+# a process started here (server, redis-server) gets this long after SIGTERM before it is killed: a server
+# has no drain delay and nothing in flight when stopped, and its shutdown timeout is 30 s by default
 STOP_GRACE_S = 45.0
 REDIS_SETUPS = [  # (name, sessions in Redis, workers)
     ("memory, 1 worker", False, 1),
@@ -169,6 +170,7 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, as every process stop_process ends
         )
 
     async def wait_ready(self, timeout: float = 10) -> None:
@@ -194,8 +196,9 @@ class RedisServer:
 
 
 def stop_process(proc: subprocess.Popen[bytes], name: str, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM, then SIGKILL to its whole process group if it has not exited within grace_s. Never raises:
-    one process slow to stop must not leave the others (a redis-server, another server) running."""
+    """SIGTERM, then SIGKILL to its whole process group (started with start_new_session) if it has not
+    exited within grace_s. Never raises: one process slow to stop must not leave the others (a
+    redis-server, another server) running."""
     if proc.poll() is not None:
         return
     proc.terminate()
@@ -204,10 +207,8 @@ def stop_process(proc: subprocess.Popen[bytes], name: str, grace_s: float = STOP
         return
     except subprocess.TimeoutExpired:
         print(f"{name} (pid {proc.pid}) did not stop within {grace_s:g} s of SIGTERM; killed", file=sys.stderr)
-    try:
+    with contextlib.suppress(ProcessLookupError):  # the whole group ended between the wait and the kill
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
     proc.wait()
 
 
