@@ -154,6 +154,17 @@ def summary(results: dict) -> list[dict]:
                     floor,
                 )
             )
+        two_workers = redis_vs_memory(results, REDIS_2, "classify", sessions)
+        if two_workers is not None:
+            rows.append(
+                {
+                    "target": f"classify, {sessions} clients, 2 workers on Redis vs 1 worker: req/s (no goal: what a "
+                    "second worker process adds on this machine)",
+                    "value": round(two_workers, 3),
+                    "met": None,
+                    "margin": None,
+                }
+            )
     return rows
 
 
@@ -175,6 +186,7 @@ def markdown(results: dict) -> str:
         met = {True: "yes", False: "**no**", None: "–"}[row["met"]]
         margin = "–" if row.get("margin") is None else f"{row['margin']:.2f}x"
         lines.append(f"| {row['target']} | {fmt(row['value'])} | {goal} | {met} | {margin} |")
+    lines += per_call_lines(results.get("onnxruntime_per_call_us"))
     lines += [
         "",
         "## Points",
@@ -230,6 +242,17 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def per_call_lines(per_call: dict | None) -> list[str]:
+    if not per_call:
+        return []
+    return [
+        "",
+        f"onnxruntime in-process, one intra-op thread, a batch of one: {per_call['step']:.0f} us per call for one "
+        f"step from a carried state, {per_call['sequence']:.0f} us for one whole test sequence. Every request a "
+        "server runs alone pays this, whichever server: the floor under the one-client latencies.",
+    ]
+
+
 def redis_table(results: dict) -> list[str]:
     if not results.get("redis"):
         return []
@@ -237,12 +260,14 @@ def redis_table(results: dict) -> list[str]:
         "",
         "## Sessions in Redis",
         "",
-        "The stream workloads (one frame per message, a new session per sequence) against lstm-serve started "
-        "three ways, all running, measured in alternating rounds: one worker with sessions in memory, one worker "
-        "on Redis, two workers on Redis (a private redis-server, no persistence). The load generator runs on the "
-        "same machine.",
+        "Classify (one test sequence per request) and the stream workloads (one frame per message, a new session "
+        "per sequence) against lstm-serve started three ways, all running, measured in alternating rounds: one "
+        "worker with sessions in memory, one worker on Redis, two workers on Redis (a private redis-server, no "
+        "persistence). Classify keeps no state: its rows show what a second worker process adds, which needs Redis "
+        "only so that workers share sessions. The load generator runs on the same machine.",
         "",
-        "| set-up | workload | sessions | frames/s | vs memory, 1 worker | p50 ms | p99 ms | errors | "
+        "| set-up | workload | clients (sessions) | req/s (classify), frames/s | vs memory, 1 worker | p50 ms | "
+        "p99 ms | errors | "
         "lstm-serve CPU % | redis CPU % | load gen CPU % |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -369,9 +394,9 @@ def plots(results: dict, out: Path) -> None:
             heights = [(redis_point(results, setup, w, c) or {"throughput": 0})["throughput"] for w, c in groups]
             ax.bar([g + k * width for g in range(len(groups))], heights, width, label=setup)
         ax.set_xticks([g + width * (len(setups) - 1) / 2 for g in range(len(groups))])
-        ax.set_xticklabels([f"{w}, {c} sessions" for w, c in groups])
-        ax.set_ylabel("frames/s")
-        ax.set_title("sessions in memory vs in Redis")
+        ax.set_xticklabels([f"{w}, {c} {'clients' if w == 'classify' else 'sessions'}" for w, c in groups])
+        ax.set_ylabel("requests/s (classify), frames/s")
+        ax.set_title("one worker in memory vs one and two on Redis")
         ax.legend()
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()

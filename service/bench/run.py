@@ -513,6 +513,14 @@ def load_test_sequences() -> list[np.ndarray]:
     return load_dataset("japanese-vowels").test.sequences
 
 
+def per_call_us(in_process: InProcess) -> dict[str, float]:
+    """onnxruntime's cost of one call at a batch of one, in microseconds: one step, one whole test sequence."""
+    return {
+        "step": 1e6 / in_process.items_per_s(1, 1),
+        "sequence": 1e6 / in_process.items_per_s(1, None),
+    }
+
+
 def classify_ceiling(in_process: InProcess, served: dict) -> float:
     """onnxruntime in-process on whole sequences at the batch size a classify round formed, for as long."""
     return in_process.items_per_s(max(1, round(served.get("mean_batch_size") or 1)), None, served["duration_s"])
@@ -611,12 +619,14 @@ async def open_loop_ladder(server: Server, sequences: list[np.ndarray], cfg: Ben
 
 
 async def run_redis(cfg: BenchConfig, sequences: list[np.ndarray]) -> list[dict]:
-    """The stream workloads at cfg.redis_levels sessions on lstm-serve with sessions in memory (one worker),
-    in Redis (one worker) and in Redis (two workers), all started here and measured in alternating rounds."""
+    """Classify and the stream workloads at cfg.redis_levels clients (sessions) on lstm-serve with sessions in
+    memory (one worker), in Redis (one worker) and in Redis (two workers), all started here and measured in
+    alternating rounds. Classify keeps no state: its rows show what a second worker process adds on this
+    machine, which needs Redis only because sessions must be shared between workers."""
     if shutil.which("redis-server") is None:
         print("sessions in Redis: skipped, no redis-server on PATH", flush=True)
         return []
-    print("sessions in Redis: stream workloads, lstm-serve in memory vs on a private redis-server", flush=True)
+    print("sessions in Redis: classify and streams, lstm-serve in memory vs on a private redis-server", flush=True)
     redis = RedisServer()
     rows: list[dict] = []
     servers: list[tuple[Server, bool, int]] = []
@@ -629,10 +639,16 @@ async def run_redis(cfg: BenchConfig, sequences: list[np.ndarray]) -> list[dict]
             servers.append((Server(setup, None, SERVE, env=env), in_redis, workers))
         for server, _, _ in servers:
             await server.wait_ready("/readyz")
+        bodies = [orjson.dumps({"sequences": [s.tolist()]}) for s in sequences]
+        workloads: list[tuple[str, Callable[[str, int], Client]]] = [
+            ("classify", lambda host, port: classify_client(host, port, bodies)),
+            ("stream-http", lambda host, port: stream_http_client(host, port, sequences)),
+            ("stream-ws", lambda host, port: stream_ws_client(host, port, sequences)),
+        ]
         for level in cfg.redis_levels:
-            for workload, make in (("stream-http", stream_http_client), ("stream-ws", stream_ws_client)):
+            for workload, make in workloads:
                 runs: list[Run] = [
-                    (s, partial(make, s.host, s.port, sequences), {"redis": redis.cpu} if in_redis else None)
+                    (s, partial(make, s.host, s.port), {"redis": redis.cpu} if in_redis else None)
                     for s, in_redis, _ in servers
                 ]
                 for row, (server, in_redis, workers) in zip(
@@ -734,6 +750,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.redis and cfg.redis_levels:
         results["redis"] = asyncio.run(run_redis(cfg, sequences))
     add_limits(results, in_process)
+    results["onnxruntime_per_call_us"] = per_call_us(in_process)
     results["config"] = asdict(cfg)
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     results["wall_s"] = round(time.time() - started, 1)
