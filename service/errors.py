@@ -52,6 +52,12 @@ class RequestTimeout(ServiceError):
     status, code = 408, "request_timeout"
 
 
+class ClientClosedRequest(ServiceError):
+    """Nobody reads the answer; the status (nginx's 499) is what the request is counted and logged with."""
+
+    status, code = 499, "client_closed_request"
+
+
 class RateLimited(ServiceError):
     status, code = 429, "rate_limited"
 

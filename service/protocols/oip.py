@@ -24,7 +24,7 @@ from lstm_serve.core.runner import Output
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import InvalidInput, ModelNotFound, ServiceError, SessionNotFound
 from lstm_serve.protocols import oip_schemas as schemas
-from lstm_serve.protocols.codec import JSON, dumps
+from lstm_serve.protocols.codec import JSON, dumps, read_body
 from lstm_serve.protocols.oip_requests import (
     LOGITS,
     PROBABILITIES,
@@ -230,7 +230,7 @@ async def model_config(request: Request, runtime: Runtime) -> Response:
 
 async def infer(request: Request, runtime: Runtime) -> Response:
     model = resolve(runtime, request.path_params)
-    body, headers = await request.body(), request.headers
+    body, headers = await read_body(request), request.headers
     inference = await runtime.decoder.run(
         len(body),
         decode_inference,

@@ -23,7 +23,7 @@ from lstm_serve.core.repository import version_number
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import LoadRefused
 from lstm_serve.protocols import oip_schemas as schemas
-from lstm_serve.protocols.codec import JSON, parse
+from lstm_serve.protocols.codec import JSON, parse, read_body
 from lstm_serve.protocols.routing import OIP, Content, Reply, Route
 
 
@@ -32,14 +32,14 @@ def versions_of(runtime: Runtime, name: str) -> dict[str, Any]:
 
 
 async def index(request: Request, runtime: Runtime) -> Response:
-    raw = await request.body()
+    raw = await read_body(request)
     body = parse(schemas.RepositoryIndexRequest, raw) if raw else schemas.RepositoryIndexRequest()
     rows = runtime.engine.fleet.index()
     return JSON([row for row in rows if row["state"] == "READY"] if body.ready else rows)
 
 
 async def load(request: Request, runtime: Runtime) -> Response:
-    raw = await request.body()
+    raw = await read_body(request)
     body = parse(schemas.RepositoryLoadRequest, raw) if raw else schemas.RepositoryLoadRequest()
     if body.parameters:
         raise LoadRefused(
@@ -52,7 +52,7 @@ async def load(request: Request, runtime: Runtime) -> Response:
 
 
 async def unload(request: Request, runtime: Runtime) -> Response:
-    raw = await request.body()
+    raw = await read_body(request)
     body = parse(schemas.RepositoryUnloadRequest, raw) if raw else schemas.RepositoryUnloadRequest()
     name, wanted = request.path_params["model_name"], body.parameters.version
     version = None if wanted is None else version_number(wanted)

@@ -17,7 +17,7 @@ from lstm_serve.core.runtime import Runtime
 from lstm_serve.core.session_state import Exported
 from lstm_serve.errors import InvalidInput, SessionNotFound
 from lstm_serve.protocols import schemas
-from lstm_serve.protocols.codec import JSON, parse
+from lstm_serve.protocols.codec import JSON, parse, read_body
 from lstm_serve.protocols.routing import V1, Content, Reply, Route, context
 from lstm_serve.state.sessions import SessionRecord, new_session_id
 
@@ -107,7 +107,7 @@ async def get_model(request: Request, runtime: Runtime) -> Response:
 
 
 async def classify(request: Request, runtime: Runtime) -> Response:
-    body = await request.body()
+    body = await read_body(request)
     name, version, chunks = await runtime.decoder.run(
         len(body), schemas.decode_classify, body, runtime.engine.catalogue
     )
@@ -119,7 +119,7 @@ async def classify(request: Request, runtime: Runtime) -> Response:
 
 async def create_session(request: Request, runtime: Runtime) -> Response:
     """A new session from zero state, or (with `state`) from a state exported by GET .../state."""
-    raw = await request.body()
+    raw = await read_body(request)
     body = parse(schemas.SessionCreateRequest, raw) if raw else schemas.SessionCreateRequest()
     caller = context(request).caller
     session_id = new_session_id()
@@ -171,7 +171,7 @@ def checked_import(
 async def step(request: Request, runtime: Runtime) -> Response:
     session_id = request.path_params["session_id"]
     key = session_key(request)
-    raw = await request.body()
+    raw = await read_body(request)
     body = await runtime.decoder.run(len(raw), schemas.decode_step, raw)
     result = await runtime.engine.step(
         key,

@@ -126,3 +126,24 @@ def test_while_many_clients_trickle_others_are_served_and_the_tricklers_are_drop
     finally:
         for sock in tricklers:
             sock.close()
+
+
+def test_a_client_that_closes_before_its_whole_body_is_counted_499_and_logs_no_traceback(strict):
+    """Half a body, then the connection closes: nobody reads an answer, so the request is counted and logged
+    as 499 (client closed request), never as an internal error with a traceback, whatever the route."""
+    for path in ("/v1/classify", "/v1/sessions", "/v2/models/japanese-vowels/infer"):
+        sock = connect(strict)
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        sock.sendall(head.encode() + b'{"sequences": [[[0.1, ')
+        time.sleep(0.2)  # the server is waiting for the rest of the body
+        sock.close()
+    deadline = time.time() + 5
+    while time.time() < deadline and strict.output().count(" 499 ") < 3:
+        time.sleep(0.1)
+    output = strict.output()
+    assert output.count(" 499 ") == 3, output[-2000:]
+    assert "Traceback" not in output and "unhandled error" not in output, output[-2000:]
+    metrics = httpx.get(f"{strict.url}/metrics").text
+    counted = 'lstm_serve_requests_total{method="POST",route="/v1/classify",status="499"} 1.0'
+    assert counted in metrics, [m for m in metrics.splitlines() if "499" in m]
+    assert httpx.post(f"{strict.url}/v1/classify", json={"sequences": [[[0.1] * 12] * 5]}).status_code == 200
