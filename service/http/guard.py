@@ -25,8 +25,16 @@ EXPOSED_HEADERS = b"X-Request-ID, Retry-After, WWW-Authenticate, Inference-Heade
 WWW_AUTHENTICATE = {"WWW-Authenticate": "Bearer"}
 
 
+HEADERS = "lstm_serve.headers"  # in a request's scope: its headers by name, the first of each name
+
+
 def header(scope: Scope, name: bytes) -> bytes | None:
-    return next((value for key, value in scope["headers"] if key == name), None)
+    """A request header's first value (the server gives lowercase names). The headers are put in a dict on
+    the first look and kept in the scope: a request looks up six or more, each a scan of the list."""
+    by_name: dict[bytes, bytes] | None = scope.get(HEADERS)
+    if by_name is None:
+        by_name = scope[HEADERS] = dict(reversed(scope["headers"]))  # reversed: the first of a name wins
+    return by_name.get(name)
 
 
 def request_id(scope: Scope) -> str:

@@ -6,6 +6,7 @@ OpenAPI document is generated from the same table (http/openapi.py): nothing is 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,6 +129,6 @@ class Route:
     def reads_body(self) -> bool:
         return bool(self.request)
 
-    @property
+    @functools.cached_property
     def media_types(self) -> tuple[str, ...]:
         return tuple(content.media_type for content in self.request)

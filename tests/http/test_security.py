@@ -342,3 +342,19 @@ def test_connections_over_max_connections_get_503(start_server):
             sock.close()
     time.sleep(0.3)
     assert httpx.get(f"{server.url}/v1/models").status_code == 200
+
+
+def test_a_header_sent_twice_reads_as_its_first_value_on_every_look():
+    from lstm_serve.http.guard import header
+
+    scope = {
+        "headers": [
+            (b"authorization", b"Bearer first"),
+            (b"x-request-id", b"abc"),
+            (b"authorization", b"Bearer second"),
+        ]
+    }
+    assert header(scope, b"authorization") == b"Bearer first"
+    assert header(scope, b"authorization") == b"Bearer first"  # again, from the kept lookup
+    assert header(scope, b"x-request-id") == b"abc"
+    assert header(scope, b"origin") is None
