@@ -136,6 +136,9 @@ class Settings(BaseSettings):
         "for limits per client address and the logs",
     )
     header_timeout_s: float = Field(5.0, gt=0, le=600, description="time a client gets to send a request's headers")
+    max_header_bytes: int = Field(
+        65536, ge=1024, le=16 * 1024 * 1024, description="largest request line and headers; over it, 431 and close"
+    )
     body_timeout_s: float = Field(15.0, gt=0, le=3600, description="time a client gets to send a request's body")
     keep_alive_s: float = Field(5.0, gt=0, le=600, description="an idle keep-alive connection closes after this")
     max_connections: int = Field(2048, ge=1, description="open connections and requests in progress; beyond it, 503")

@@ -136,6 +136,7 @@ def route_table(documents: Documents) -> RouteTable:
 def create_app(settings: Settings | None = None) -> Frame:
     settings = settings or Settings()
     HeaderDeadline.header_timeout_s = settings.header_timeout_s
+    HeaderDeadline.max_header_bytes = settings.max_header_bytes
     metrics = Metrics()
     store = make_store(settings, metrics)
     runtime = Runtime(

@@ -3,9 +3,13 @@
 uvicorn closes idle keep-alive connections, but a client that sends its request line and headers one byte
 at a time holds its connection (and a slot of max_connections) for as long as it likes. Here each request
 must finish its headers within `header_timeout_s` of its first byte (of the connection, for the first
-request); otherwise the answer is 408 and the connection closes. The body has its own deadline, in the
-frame (http/frame.py), where the route that reads it can answer in its protocol; a request whose body
-has all arrived says so in its scope (BODY_COMPLETE), and the frame then reads it without a deadline.
+request); otherwise the answer is 408 and the connection closes. Nor does uvicorn's httptools parser bound
+the headers' size: one endless header grows in memory until the deadline (~65 MB in 4 s from one client).
+Here a request whose line and headers pass `max_header_bytes` gets 431 and the connection closes.
+
+The body has its own deadline, in the frame (http/frame.py), where the route that reads it can answer in
+its protocol; a request whose body has all arrived says so in its scope (BODY_COMPLETE), and the frame
+then reads it without a deadline.
 
 uvicorn writes a response's head as soon as the app starts it and its body as a second write: two system
 calls, and two TCP segments the client wakes up for. Here the response cycle writes through
@@ -25,6 +29,18 @@ TIMEOUT_BODY = b'{"error":{"code":"request_timeout","message":"the request heade
 TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: %d\r\n\r\n%s" % (len(TIMEOUT_BODY), TIMEOUT_BODY)
+)
+TOO_LARGE_BODY = (
+    b'{"error":{"code":"headers_too_large","message":"the request line and headers are over max_header_bytes"}}'
+)
+TOO_LARGE_RESPONSE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(TOO_LARGE_BODY), TOO_LARGE_BODY)
+)
+URI_TOO_LONG_BODY = b'{"error":{"code":"uri_too_long","message":"the request line takes most of max_header_bytes"}}'
+URI_TOO_LONG_RESPONSE = (
+    b"HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(URI_TOO_LONG_BODY), URI_TOO_LONG_BODY)
 )
 
 
@@ -61,10 +77,39 @@ class ResponseWriter:
 
 class HeaderDeadline(HttpToolsProtocol):
     header_timeout_s: ClassVar[float] = 5.0  # set from the settings by create_app, in every worker process
+    max_header_bytes: ClassVar[int] = 65536  # likewise
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timer: asyncio.TimerHandle | None = None
+        self.header_bytes = 0  # reads of the current request's head that did not finish it, in bytes
+        self.head_bytes = 0  # the current request's line and headers as parsed, in bytes
+        self.ended_in_read = False  # a request's headers or message ended in the read being parsed
+        self.head_refused = False  # a head over max_header_bytes was answered 431: the rest is not read
+        self.refusal: bytes | None = None  # a 408 or 431 that waits for the answers to earlier requests
+
+    def data_received(self, data: bytes) -> None:
+        """A head that ends within the reads counts exactly (its parsed line and headers); one that has not
+        ended yet counts by the reads it has taken, so an endless header is cut off while it streams in. A
+        read in which a head began after another request ended (pipelining) is not counted that way: which
+        of its bytes are the new head's is unknown, so that limit holds from the next read, one read late."""
+        if self.head_refused:
+            return
+        self.ended_in_read = False
+        super().data_received(data)
+        if self.head_refused or self.header_timer is None:  # refused, or between requests, or in a body
+            if self.head_refused:
+                self.refuse(self.head_refusal())
+            return
+        self.header_bytes = 0 if self.ended_in_read else self.header_bytes + len(data)
+        if self.header_bytes > self.max_header_bytes:
+            self.head_refused = True
+            self.disarm_header_timer()
+            self.refuse(self.head_refusal())
+
+    def head_refusal(self) -> bytes:
+        """414 when the request line (its target) takes most of the allowance, else 431."""
+        return URI_TOO_LONG_RESPONSE if len(self.url) > self.max_header_bytes // 2 else TOO_LARGE_RESPONSE
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -73,19 +118,43 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.header_bytes = self.head_bytes = 0
         if self.header_timer is None:
             self.arm_header_timer()
 
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self.head_bytes += len(name) + len(value) + 4  # ": " and CRLF
+
     def on_headers_complete(self) -> None:
         self.disarm_header_timer()
+        self.ended_in_read = True
+        if self.head_refused or self.head_bytes > self.max_header_bytes:
+            self.head_refused = True  # no request starts; data_received answers 431 once the read is parsed
+            return
         cycle = self.cycle
         super().on_headers_complete()
         if self.cycle is not cycle and self.cycle is not None:  # a new request's cycle (not an upgrade)
             self.cycle.transport = self.writer  # type: ignore[assignment]  # what the cycle uses of it
 
+    def on_body(self, body: bytes) -> None:
+        if not self.head_refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        self.ended_in_read = True
+        if self.head_refused:
+            return
         super().on_message_complete()
         self.scope[BODY_COMPLETE] = True  # type: ignore[literal-required]  # the frame's body deadline reads it
+
+    def handle_websocket_upgrade(self) -> None:
+        if not self.head_refused:
+            super().handle_websocket_upgrade()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()
@@ -101,6 +170,21 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def headers_too_slow(self) -> None:
         self.header_timer = None
-        if not self.transport.is_closing():
-            self.transport.write(TIMEOUT_RESPONSE)
-            self.transport.close()
+        self.refuse(TIMEOUT_RESPONSE)
+
+    def refuse(self, response: bytes) -> None:
+        """Answer with `response` and close; after the answers to earlier pipelined requests, which a client
+        matches to its requests in order."""
+        if self.transport.is_closing():
+            return
+        if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+            self.refusal = response
+            self.flow.pause_reading()
+            return
+        self.transport.write(response)
+        self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.refusal is not None:
+            self.refuse(self.refusal)

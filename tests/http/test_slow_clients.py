@@ -1,6 +1,7 @@
 """Slow and idle clients cannot hold the server: headers and bodies have deadlines (408, then the connection
 closes), idle keep-alive connections close, and while many clients trickle, others are served."""
 
+import json
 import socket
 import time
 
@@ -147,3 +148,93 @@ def test_a_client_that_closes_before_its_whole_body_is_counted_499_and_logs_no_t
     counted = 'lstm_serve_requests_total{method="POST",route="/v1/classify",status="499"} 1.0'
     assert counted in metrics, [m for m in metrics.splitlines() if "499" in m]
     assert httpx.post(f"{strict.url}/v1/classify", json={"sequences": [[[0.1] * 12] * 5]}).status_code == 200
+
+
+@pytest.fixture
+def small_heads(start_server):
+    return start_server("--max-header-bytes", "4096")
+
+
+def test_headers_over_max_header_bytes_get_431_and_the_connection_closes_however_they_arrive(small_heads):
+    big = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 6000 + b"\r\n\r\n"
+    for piece in (len(big), 1000, 100):  # in one write, and in pieces the server reads one at a time
+        sock = connect(small_heads)
+        for at in range(0, len(big), piece):
+            try:
+                sock.sendall(big[at : at + piece])
+            except OSError:
+                break
+            if piece < len(big):
+                time.sleep(0.01)
+        answer, closed_after = read_until_closed(sock, 5)
+        assert answer.startswith(b"HTTP/1.1 431"), (piece, answer[:200])
+        assert b'"code":"headers_too_large"' in answer and closed_after < 3
+    sock = connect(small_heads)  # a request line over half the allowance is the target's fault: 414
+    sock.sendall(b"GET /v1/models/" + b"m" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer, _ = read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 414") and b'"code":"uri_too_long"' in answer, answer[:200]
+
+
+def test_an_endless_header_is_cut_off_at_max_header_bytes_not_at_the_header_deadline(small_heads):
+    sock = connect(small_heads)
+    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+    started, answer = time.perf_counter(), b""
+    sock.settimeout(0.05)
+    while time.perf_counter() - started < 4:
+        try:
+            sock.sendall(b"a" * 65536)
+        except OSError:  # the server closed: what it sent before is in the receive buffer
+            break
+        try:
+            answer += sock.recv(65536)
+        except TimeoutError:
+            continue
+        if answer:
+            break
+    answer += read_until_closed(sock, 3)[0]
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert time.perf_counter() - started < 2, "cut off by the header deadline, not by the size limit"
+
+
+def test_heads_under_max_header_bytes_are_served_with_a_big_body_or_many_pipelined_requests(small_heads):
+    body = json.dumps({"sequences": [[[0.1] * 12] * 300]}).encode()  # ~16 KB, over the head limit
+    head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Pad: " + b"p" * 3000
+    sock = connect(small_heads)
+    sock.sendall(head + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # head and body in one write
+    sock.settimeout(5)
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200"), "a head under the limit with a big body was refused"
+    sock.close()
+    pipelined = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 500 + b"\r\n\r\n"
+    sock = connect(small_heads)
+    sock.sendall(pipelined * 40)  # ~22 KB of heads in one write, each under the limit
+    received = b""
+    sock.settimeout(5)
+    while received.count(b"HTTP/1.1 200") < 40:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {received.count(b'HTTP/1.1 200')} of 40 answers: {received[-300:]!r}"
+        assert b"HTTP/1.1 431" not in chunk
+        received += chunk
+    sock.close()
+
+
+def test_a_head_over_the_limit_after_a_pipelined_request_is_refused_after_that_request_is_answered(small_heads):
+    body = json.dumps({"sequences": [[[0.1] * 12] * 20]}).encode()
+    first = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    oversized = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 6000 + b"\r\n\r\n"
+    sock = connect(small_heads)
+    sock.sendall(first % (len(body), body) + oversized)  # one write: both heads are parsed in one read
+    answer, closed_after = read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]  # the first request's answer comes first
+    assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 431" in answer and closed_after < 3, answer[-300:]
+
+
+def test_a_websocket_upgrade_with_a_head_over_the_limit_gets_431_not_a_websocket(small_heads):
+    sock = connect(small_heads)
+    sock.sendall(
+        b"GET /v1/sessions/x/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Big: "
+        + b"a" * 6000
+        + b"\r\n\r\n"
+    )
+    answer, _ = read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
