@@ -137,7 +137,10 @@ class Settings(BaseSettings):
     )
     header_timeout_s: float = Field(5.0, gt=0, le=600, description="time a client gets to send a request's headers")
     max_header_bytes: int = Field(
-        65536, ge=1024, le=16 * 1024 * 1024, description="largest request line and headers; over it, 431 and close"
+        65536,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="largest request line and headers; over it, 431 (414 for a long request line) and close",
     )
     body_timeout_s: float = Field(15.0, gt=0, le=3600, description="time a client gets to send a request's body")
     keep_alive_s: float = Field(5.0, gt=0, le=600, description="an idle keep-alive connection closes after this")

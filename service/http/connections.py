@@ -5,7 +5,8 @@ at a time holds its connection (and a slot of max_connections) for as long as it
 must finish its headers within `header_timeout_s` of its first byte (of the connection, for the first
 request); otherwise the answer is 408 and the connection closes. Nor does uvicorn's httptools parser bound
 the headers' size: one endless header grows in memory until the deadline (~65 MB in 4 s from one client).
-Here a request whose line and headers pass `max_header_bytes` gets 431 and the connection closes.
+Here a request whose line and headers pass `max_header_bytes` gets 431 (414 when the request line is most
+of it) and the connection closes.
 
 The body has its own deadline, in the frame (http/frame.py), where the route that reads it can answer in
 its protocol; a request whose body has all arrived says so in its scope (BODY_COMPLETE), and the frame
@@ -82,8 +83,9 @@ class HeaderDeadline(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timer: asyncio.TimerHandle | None = None
-        self.header_bytes = 0  # reads of the current request's head that did not finish it, in bytes
+        self.streamed_head_bytes = 0  # reads taken by the current request's head while it has not ended
         self.head_bytes = 0  # the current request's line and headers as parsed, in bytes
+        self.target_bytes = 0  # of which its request target (the URL)
         self.ended_in_read = False  # a request's headers or message ended in the read being parsed
         self.head_refused = False  # a head over max_header_bytes was answered 431: the rest is not read
         self.refusal: bytes | None = None  # a 408 or 431 that waits for the answers to earlier requests
@@ -97,19 +99,13 @@ class HeaderDeadline(HttpToolsProtocol):
             return
         self.ended_in_read = False
         super().data_received(data)
-        if self.head_refused or self.header_timer is None:  # refused, or between requests, or in a body
-            if self.head_refused:
-                self.refuse(self.head_refusal())
-            return
-        self.header_bytes = 0 if self.ended_in_read else self.header_bytes + len(data)
-        if self.header_bytes > self.max_header_bytes:
-            self.head_refused = True
-            self.disarm_header_timer()
-            self.refuse(self.head_refusal())
-
-    def head_refusal(self) -> bytes:
-        """414 when the request line (its target) takes most of the allowance, else 431."""
-        return URI_TOO_LONG_RESPONSE if len(self.url) > self.max_header_bytes // 2 else TOO_LARGE_RESPONSE
+        if not self.head_refused and self.header_timer is not None:  # inside a head that has not ended
+            self.streamed_head_bytes = 0 if self.ended_in_read else self.streamed_head_bytes + len(data)
+            if self.streamed_head_bytes > self.max_header_bytes:
+                self.head_refused = True
+                self.disarm_header_timer()
+        if self.head_refused:
+            self.refuse(URI_TOO_LONG_RESPONSE if self.target_bytes > self.max_header_bytes // 2 else TOO_LARGE_RESPONSE)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -118,13 +114,14 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.header_bytes = self.head_bytes = 0
+        self.streamed_head_bytes = self.head_bytes = self.target_bytes = 0
         if self.header_timer is None:
             self.arm_header_timer()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
         self.head_bytes += len(url)
+        self.target_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         super().on_header(name, value)

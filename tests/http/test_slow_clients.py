@@ -238,3 +238,18 @@ def test_a_websocket_upgrade_with_a_head_over_the_limit_gets_431_not_a_websocket
     )
     answer, _ = read_until_closed(sock, 5)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+
+
+def test_bytes_before_any_request_line_count_against_max_header_bytes(small_heads):
+    """Empty lines ahead of a request line (which the parser skips) are bytes of the head too: a flood of
+    them is answered 431 like a long header, not dropped by an error in the server."""
+    sock = connect(small_heads)
+    for _ in range(5):
+        try:
+            sock.sendall(b"\r\n" * 2000)
+        except OSError:
+            break
+        time.sleep(0.05)
+    answer, _ = read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert "Traceback" not in small_heads.output(), small_heads.output()[-2000:]
