@@ -3,13 +3,17 @@
 The loop takes everything already queued (up to max_batch_size), optionally waits up to max_delay
 for more, runs the batch in a worker thread (the event loop keeps serving), and resolves every
 future: with its own result, or with the batch's exception. While one batch runs, the next one
-gathers, so batches grow with load and a quiet server pays no wait.
+gathers, so batches grow with load and a quiet server pays no wait. The worker thread takes the next
+batch from the queue itself as soon as one ends, until the queue is empty: were the event loop to hand
+over each batch, onnxruntime would wait for it to come round, behind every callback already due (at
+saturation a few milliseconds a batch).
 
-A batch that is `cheap` (a few frames in all: a few hundred microseconds of onnxruntime at most) runs on
-the event loop instead: handing it to the worker thread and back (two wake-ups across threads, and the
-interpreter lock changing hands) costs about as much as the run, and when every core is busy (several
-workers, Redis, the clients) the thread wins no parallel time to pay for it. Long batches (a classify of
-whole sequences) still run in the thread while the loop serves I/O.
+A batch that is `cheap` (a few frames in all: a few hundred microseconds of onnxruntime at most) that the
+event loop takes from the queue runs on the event loop instead: handing it to the worker thread and back
+(two wake-ups across threads, and the interpreter lock changing hands) costs about as much as the run,
+and when every core is busy (several workers, Redis, the clients) the thread wins no parallel time to pay
+for it. Long batches (a classify of whole sequences) still run in the thread while the loop serves I/O;
+a cheap batch that queued while the thread ran follows there, the hand-off already paid.
 
 Nor the queue: a cheap item that finds nothing queued or running first yields once to the event loop,
 so that requests arriving with it queue behind it; if it is still alone, it runs at once. Only one item
@@ -188,27 +192,48 @@ class Batcher(Generic[In, Out]):
                 self.drained.set_result(None)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
-        started = time.perf_counter()
         self.running = True
-        items = [p.item for p in batch]
         try:
-            if self.cheap is not None and self.cheap(items):
-                results = self.run_batch(items)
+            if self.cheap is not None and self.cheap([p.item for p in batch]):
+                self._settle(batch, *self._attempt(batch))
             else:
-                results = await loop.run_in_executor(self.executor, self.run_batch, items)
+                await loop.run_in_executor(self.executor, self._drain, loop, batch)
+        finally:
+            self.running = False
+
+    def _attempt(self, batch: list[_Pending[In, Out]]) -> tuple[list[Out] | Exception, float, float]:
+        """The batch's results, or the exception it failed with; when it started and ended."""
+        started = time.perf_counter()
+        try:
+            results = self.run_batch([p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self.name}: model returned {len(results)} results for {len(batch)} items")
         except Exception as error:  # every caller hears about a failed batch; none is left hanging
+            return error, started, time.perf_counter()
+        return results, started, time.perf_counter()
+
+    def _drain(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
+        """In the worker thread: `batch`, then whatever queued while it ran, batch after batch until the
+        queue is empty, each one's outcome handed to the event loop as it ends."""
+        while batch:
+            loop.call_soon_threadsafe(self._settle, batch, *self._attempt(batch))
+            batch = []
+            while self.pending and len(batch) < self.max_batch_size:
+                p = self.pending.popleft()  # a deque's append and popleft are atomic: submit may append meanwhile
+                if not p.future.cancelled():
+                    batch.append(p)
+
+    def _settle(
+        self, batch: list[_Pending[In, Out]], outcome: list[Out] | Exception, started: float, ended: float
+    ) -> None:
+        """On the event loop: each caller gets its result, or the batch's exception."""
+        if self.observer is not None:
+            self.observer.batch_done(len(batch), [started - p.enqueued for p in batch], ended - started)
+        if isinstance(outcome, Exception):
             for p in batch:
                 if not p.future.done():
-                    p.future.set_exception(error)
+                    p.future.set_exception(outcome)
             return
-        finally:
-            self.running = False
-            if self.observer is not None:
-                self.observer.batch_done(
-                    len(batch), [started - p.enqueued for p in batch], time.perf_counter() - started
-                )
-        for p, result in zip(batch, results, strict=True):
+        for p, result in zip(batch, outcome, strict=True):
             if not p.future.done():
                 p.future.set_result(result)

@@ -143,22 +143,83 @@ def test_a_cheap_batch_runs_on_the_event_loop_and_an_expensive_one_in_the_thread
     async def main():
         model = Recorder(delay=0.01)
         batcher = await with_batcher(model, max_batch_size=8, cheap=lambda items: sum(items) < 100)
-        blocker = asyncio.create_task(batcher.submit(1000))  # keeps the batcher busy: what follows queues
-        await asyncio.sleep(0.002)
-        small = asyncio.gather(*(batcher.submit(i) for i in range(1, 6)))  # one batch, 15 in all: cheap
-        await blocker
-        small_results = await small
-        threads_of_small = {ident for ident in model.thread_ids}
+        small = await asyncio.gather(*(batcher.submit(i) for i in range(1, 6)))  # one batch, 15 in all: cheap
+        threads_of_small = set(model.thread_ids)
         model.thread_ids.clear()
         large = await asyncio.gather(*(batcher.submit(i) for i in range(60, 64)))  # 246 in all: not cheap
         await batcher.stop()
-        return model, small_results, threads_of_small, large
+        return model, small, threads_of_small, large
 
     model, small, threads_of_small, large = asyncio.run(main())
     assert small == [10, 20, 30, 40, 50] and large == [600, 610, 620, 630]
-    assert [1, 2, 3, 4, 5] in model.batches, f"the cheap items were not batched together: {model.batches}"
-    assert threading.get_ident() in threads_of_small, "the cheap batch did not run on the event loop"
+    assert sorted(model.batches[0]) == [1, 2, 3, 4, 5], f"the cheap items were not batched together: {model.batches}"
+    assert threads_of_small == {threading.get_ident()}, "the cheap batch did not run on the event loop"
     assert threading.get_ident() not in model.thread_ids, "the expensive batch ran on the event loop"
+
+
+class Timeline(Recorder):
+    """A Recorder that notes when each batch started."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(delay)
+        self.started: list[float] = []
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.started.append(time.perf_counter())
+        return super().__call__(items)
+
+
+def test_batches_that_queued_while_the_thread_ran_follow_there_without_the_event_loop():
+    """The worker thread takes the next batch from the queue itself: with the event loop blocked (as busy
+    with other callbacks), onnxruntime still goes from one batch to the next."""
+
+    async def main():
+        model = Timeline(delay=0.05)
+        batcher = await with_batcher(model, max_batch_size=4, cheap=lambda items: sum(items) < 100)
+        first = asyncio.create_task(batcher.submit(1000))
+        await asyncio.sleep(0.01)  # the first batch runs in the thread now
+        queued = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3, 4, 5, 200, 201, 202, 203)]
+        await asyncio.sleep(0)  # each queued
+        time.sleep(0.4)  # the event loop is blocked: nothing of it hands a batch over
+        released = time.perf_counter()
+        results = await asyncio.gather(first, *queued)
+        await batcher.stop()
+        return model, results, released
+
+    model, results, released = asyncio.run(main())
+    assert results == [10000, 10, 20, 30, 40, 50, 2000, 2010, 2020, 2030]
+    assert model.batches == [[1000], [1, 2, 3, 4], [5, 200, 201, 202], [203]]
+    assert all(started < released for started in model.started), "a batch waited for the event loop"
+    assert threading.get_ident() not in model.thread_ids, "a batch ran on the event loop"
+
+
+def test_in_the_thread_a_failed_batch_fails_its_callers_only_and_a_cancelled_item_is_skipped():
+    calls: list[list[int]] = []
+
+    def model(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        time.sleep(0.03)
+        if 13 in items:
+            raise ValueError("boom")
+        return items
+
+    async def main():
+        batcher = await with_batcher(model, max_batch_size=2)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(batcher.submit(i)) for i in (11, 12, 13, 14, 15, 16)]
+        await asyncio.sleep(0)
+        queued[1].cancel()  # 12: its caller went away while it waited
+        outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
+        after = await batcher.submit(7)
+        await batcher.stop()
+        return outcomes, after
+
+    outcomes, after = asyncio.run(main())
+    assert calls == [[0], [11, 13], [14, 15], [16], [7]]
+    assert outcomes[0] == 0 and isinstance(outcomes[2], asyncio.CancelledError)
+    assert all(isinstance(outcomes[k], ValueError) for k in (1, 3)), "11 and 13 were one batch"
+    assert outcomes[4:] == [14, 15, 16] and after == 7
 
 
 def test_an_item_alone_runs_without_yielding_and_one_that_is_not_yields_a_turn_first():

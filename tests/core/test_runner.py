@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lstm_serve.core.repository import RepositoryError, load_repository
-from lstm_serve.core.runner import Item, OnnxRunner
+from lstm_serve.core.runner import WIDE_ROWS, Item, OnnxRunner, row_max
 from tests.conftest import SHIPPED_ENTRY
 
 
@@ -21,12 +21,12 @@ def frames(rng, n):
 
 
 @settings(max_examples=25, deadline=None)
-@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), seed=st.integers(0, 2**16))
-def test_a_mixed_batch_equals_running_each_item_alone(runner, lengths, seed):
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), seed=st.integers(0, 2**16), fresh=st.booleans())
+def test_a_mixed_batch_equals_running_each_item_alone(runner, lengths, seed, fresh):
     rng = np.random.default_rng(seed)
     width = runner.state_specs[0]["shape"]
     items = [
-        Item(frames(rng, n), None if k % 2 else [rng.normal(size=(2, width[1])).astype(np.float32)] * 2)
+        Item(frames(rng, n), None if fresh or k % 2 else [rng.normal(size=(2, width[1])).astype(np.float32)] * 2)
         for k, n in enumerate(lengths)
     ]
     batched = runner.run(items)
@@ -108,3 +108,20 @@ def test_repository_serves_the_newest_version(tmp_path):
     for not_a_version in ("²", "٣", "v3", "1.5"):  # '²'.isdigit() is True, but int('²') fails
         (tmp_path / "japanese-vowels" / not_a_version).mkdir()
     assert load_repository(tmp_path)["japanese-vowels"].version == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 3 * WIDE_ROWS),
+    classes=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+    specials=st.lists(st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0, 3e38]), max_size=6),
+)
+def test_a_rows_maximum_is_numpys_bit_for_bit_whichever_way_it_is_taken(rows, classes, seed, specials):
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(rows, classes)) * 10).astype(np.float32)
+    for value in specials:
+        logits[rng.integers(rows), rng.integers(classes)] = value
+    ours, numpys = row_max(logits.reshape(1, rows, classes)), np.maximum.reduce(logits, axis=-1, keepdims=True)
+    assert ours.shape == (1, rows, 1) and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours[0], numpys)  # NaN where numpy has NaN
