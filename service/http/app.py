@@ -138,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Frame:
     HeaderDeadline.header_timeout_s = settings.header_timeout_s
     HeaderDeadline.max_header_bytes = settings.max_header_bytes
     metrics = Metrics()
+    HeaderDeadline.rejected = metrics.rejected
     store = make_store(settings, metrics)
     runtime = Runtime(
         settings,

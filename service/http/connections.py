@@ -6,7 +6,7 @@ must finish its headers within `header_timeout_s` of its first byte (of the conn
 request); otherwise the answer is 408 and the connection closes. Nor does uvicorn's httptools parser bound
 the headers' size: one endless header grows in memory until the deadline (~65 MB in 4 s from one client).
 Here a request whose line and headers pass `max_header_bytes` gets 431 (414 when the request line is most
-of it) and the connection closes.
+of it) and the connection closes. Each refusal counts in lstm_serve_rejected_requests_total, by its code.
 
 The body has its own deadline, in the frame (http/frame.py), where the route that reads it can answer in
 its protocol; a request whose body has all arrived says so in its scope (BODY_COMPLETE), and the frame
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, ClassVar
 
+from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 BODY_COMPLETE = "lstm_serve.body_complete"  # in a request's scope once all its body has arrived
@@ -79,6 +80,7 @@ class ResponseWriter:
 class HeaderDeadline(HttpToolsProtocol):
     header_timeout_s: ClassVar[float] = 5.0  # set from the settings by create_app, in every worker process
     max_header_bytes: ClassVar[int] = 65536  # likewise
+    rejected: ClassVar[Counter | None] = None  # lstm_serve_rejected_requests_total, by reason; likewise
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -105,7 +107,10 @@ class HeaderDeadline(HttpToolsProtocol):
                 self.head_refused = True
                 self.disarm_header_timer()
         if self.head_refused:
-            self.refuse(URI_TOO_LONG_RESPONSE if self.target_bytes > self.max_header_bytes // 2 else TOO_LARGE_RESPONSE)
+            too_long = self.target_bytes > self.max_header_bytes // 2
+            self.refuse(
+                *((URI_TOO_LONG_RESPONSE, "uri_too_long") if too_long else (TOO_LARGE_RESPONSE, "headers_too_large"))
+            )
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -167,11 +172,18 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def headers_too_slow(self) -> None:
         self.header_timer = None
-        self.refuse(TIMEOUT_RESPONSE)
+        self.refuse(TIMEOUT_RESPONSE, "request_timeout")
 
-    def refuse(self, response: bytes) -> None:
-        """Answer with `response` and close; after the answers to earlier pipelined requests, which a client
-        matches to its requests in order."""
+    def refuse(self, response: bytes, reason: str) -> None:
+        """Count the refusal, answer with `response` and close; after the answers to earlier pipelined
+        requests, which a client matches to its requests in order."""
+        if self.transport.is_closing() or self.refusal is not None:
+            return
+        if self.rejected is not None:
+            self.rejected.labels(reason).inc()
+        self.answer(response)
+
+    def answer(self, response: bytes) -> None:
         if self.transport.is_closing():
             return
         if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
@@ -184,4 +196,4 @@ class HeaderDeadline(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.refusal is not None:
-            self.refuse(self.refusal)
+            self.answer(self.refusal)

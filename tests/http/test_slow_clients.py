@@ -51,6 +51,14 @@ def test_a_client_trickling_its_headers_gets_408_and_is_cut_off(strict):
     answer, _ = read_until_closed(sock, 5)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.perf_counter() - started < 3.5, "the header deadline (1 s) was not kept"
+    assert rejections(strict) == {"request_timeout": 1.0}
+
+
+def rejections(server) -> dict[str, float]:
+    """lstm_serve_rejected_requests_total by reason, where counted."""
+    lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+    counted = [line for line in lines if line.startswith("lstm_serve_rejected_requests_total{")]
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in counted if float(line.rsplit(" ", 1)[1])}
 
 
 def test_a_client_that_connects_and_sends_nothing_is_closed(strict):
@@ -173,6 +181,7 @@ def test_headers_over_max_header_bytes_get_431_and_the_connection_closes_however
     sock.sendall(b"GET /v1/models/" + b"m" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     answer, _ = read_until_closed(sock, 5)
     assert answer.startswith(b"HTTP/1.1 414") and b'"code":"uri_too_long"' in answer, answer[:200]
+    assert rejections(small_heads) == {"headers_too_large": 3.0, "uri_too_long": 1.0}
 
 
 def test_an_endless_header_is_cut_off_at_max_header_bytes_not_at_the_header_deadline(small_heads):
