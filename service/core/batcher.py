@@ -89,6 +89,8 @@ class Batcher(Generic[In, Out]):
         self.cheap = cheap
         self.running = False  # a batch is in the worker thread
         self.inline_pending = False  # an item is looking whether it may run inline
+        self.collecting: list[_Pending[In, Out]] = []  # taken from the queue, waiting up to max_delay for more
+        self.closing = False  # stop() has begun: nothing new is taken
 
     @property
     def queued(self) -> int:
@@ -97,7 +99,7 @@ class Batcher(Generic[In, Out]):
     async def submit(self, item: In, alone: bool = False) -> Out:
         """The item's result, from a batch. `alone`: the caller knows of no other request waiting to be
         handled, so a cheap item on an idle batcher runs at once."""
-        if self.task is None or self.task.done():
+        if self.closing or self.task is None or self.task.done():
             raise Overloaded(f"{self.name} is not running", headers={"Retry-After": "1"})
         if self.cheap is not None and not self.inline_pending and self.idle and self.cheap([item]):
             if alone:
@@ -142,14 +144,21 @@ class Batcher(Generic[In, Out]):
         self.task = asyncio.create_task(self._loop(), name=self.name)
 
     async def stop(self) -> None:
-        """Finish everything already queued, then stop."""
+        """Take nothing new, finish everything already taken (queued, running, or gathering for a batch),
+        then stop. Should the loop have died, what it left is refused rather than left unanswered."""
+        self.closing = True
         if self.task is not None:
-            if (self.pending or self.running) and not self.task.done():
+            if (self.pending or self.running or self.collecting) and not self.task.done():
                 self.drained = asyncio.get_running_loop().create_future()
                 await asyncio.wait([self.drained, self.task], return_when=asyncio.FIRST_COMPLETED)
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
             self.task = None
+        stranded, self.collecting = [*self.collecting, *self.pending], []
+        self.pending.clear()
+        for p in stranded:
+            if not p.future.done():
+                p.future.set_exception(Overloaded(f"{self.name} stopped; retry", headers={"Retry-After": "1"}))
         self.executor.shutdown(wait=True)
 
     async def _wait(self, timeout: float | None) -> None:
@@ -169,7 +178,7 @@ class Batcher(Generic[In, Out]):
                 self.drained.set_result(None)
             await self._wait(None)
         deadline = time.perf_counter() + self.max_delay_s
-        batch = [self.pending.popleft()]
+        batch = self.collecting = [self.pending.popleft()]  # stop() waits for these too
         while len(batch) < self.max_batch_size:
             if self.pending:
                 batch.append(self.pending.popleft())
@@ -178,6 +187,7 @@ class Batcher(Generic[In, Out]):
             if remaining <= 0:
                 break
             await self._wait(remaining)
+        self.collecting = []
         return batch
 
     async def _loop(self) -> None:
@@ -222,6 +232,9 @@ class Batcher(Generic[In, Out]):
                 p = self.pending.popleft()  # a deque's append and popleft are atomic: submit may append meanwhile
                 if not p.future.cancelled():
                     batch.append(p)
+            if batch and self.max_delay_s and len(batch) < self.max_batch_size:
+                self.pending.extendleft(reversed(batch))  # back to the event loop, which waits max_delay to fill it
+                return
 
     def _settle(
         self, batch: list[_Pending[In, Out]], outcome: list[Out] | Exception, started: float, ended: float

@@ -209,15 +209,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 WIDE_ROWS = 256  # from this many rows on, a row's maximum is taken class by class
+FEW_CLASSES = 16  # and only up to this many classes: past them numpy's own reduce is no slower
 
 
 def row_max(logits: np.ndarray) -> np.ndarray:
     """The maximum of each row (the last axis), keeping it. numpy reduces a short last axis row by row, ~80 ns
     a row: a classify batch's (64, T, 9) logits took 120 us of the interpreter lock that the event loop waits
     for. Many rows go class by class instead, one ufunc call per class over all rows (~20 us): a maximum is
-    the same whichever the order, so both ways give the same bits."""
+    the same whichever the order (but for the sign of a zero maximum, which changes no exp of the difference),
+    so the softmax is the same to the bit."""
     classes = logits.shape[-1]
-    if classes < 2 or logits.size < WIDE_ROWS * classes:
+    if classes < 2 or classes > FEW_CLASSES or logits.size < WIDE_ROWS * classes:
         return np.maximum.reduce(logits, axis=-1, keepdims=True)
     peak = np.maximum(logits[..., 0:1], logits[..., 1:2])
     for c in range(2, classes):

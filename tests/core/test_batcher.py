@@ -244,3 +244,40 @@ def test_an_item_alone_runs_without_yielding_and_one_that_is_not_yields_a_turn_f
     assert (alone, yielded) == (30, 40)
     assert ran_before_alone == [], "an item alone waited for a turn of the event loop"
     assert turns == ["alone", "not alone"], "an item not known to be alone ran without letting others queue"
+
+
+def test_stop_answers_items_gathering_for_a_batch_and_refuses_new_ones():
+    async def main():
+        model = Recorder()
+        batcher = await with_batcher(model, max_batch_size=8, max_delay_s=0.5)
+        gathering = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.05)  # taken from the queue, waiting for the batch to fill
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):  # not taken, to be left unanswered once the loop is gone
+            await asyncio.wait_for(batcher.submit(3), 2)
+        await asyncio.wait_for(stopping, 2)
+        return await asyncio.wait_for(asyncio.gather(*gathering), 2), model.batches
+
+    results, batches = asyncio.run(main())
+    assert results == [10, 20] and batches == [[1, 2]]
+
+
+def test_with_a_queue_delay_what_queued_during_a_batch_still_waits_to_fill():
+    """max_delay_s is a promise to wait for fuller batches: the worker thread does not run a short one it
+    finds queued at once, it leaves it to the event loop's wait."""
+
+    async def main():
+        model = Recorder(delay=0.05)
+        batcher = await with_batcher(model, max_batch_size=8, max_delay_s=0.3)
+        first = asyncio.create_task(batcher.submit(1))  # runs at ~0.3 s, until ~0.35 s
+        await asyncio.sleep(0.32)
+        second = asyncio.create_task(batcher.submit(2))  # queued while the first runs
+        await asyncio.sleep(0.13)
+        third = asyncio.create_task(batcher.submit(3))  # within the second's wait to fill
+        results = await asyncio.gather(first, second, third)
+        await batcher.stop()
+        return results, model.batches
+
+    results, batches = asyncio.run(main())
+    assert results == [10, 20, 30] and batches == [[1], [2, 3]], batches
