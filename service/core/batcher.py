@@ -6,7 +6,8 @@ future: with its own result, or with the batch's exception. While one batch runs
 gathers, so batches grow with load and a quiet server pays no wait. The worker thread takes the next
 batch from the queue itself as soon as one ends, until the queue is empty: were the event loop to hand
 over each batch, onnxruntime would wait for it to come round, behind every callback already due (at
-saturation a few milliseconds a batch).
+saturation a few milliseconds a batch). With a max_delay, a batch that is not full goes back to the
+event loop, which waits for it to fill.
 
 A batch that is `cheap` (a few frames in all: a few hundred microseconds of onnxruntime at most) that the
 event loop takes from the queue runs on the event loop instead: handing it to the worker thread and back
@@ -204,18 +205,20 @@ class Batcher(Generic[In, Out]):
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
         self.running = True
         try:
-            if self.cheap is not None and self.cheap([p.item for p in batch]):
-                self._settle(batch, *self._attempt(batch))
+            items = [p.item for p in batch]
+            if self.cheap is not None and self.cheap(items):
+                self._settle(batch, *self._attempt(batch, items))
             else:
                 await loop.run_in_executor(self.executor, self._drain, loop, batch)
         finally:
             self.running = False
 
-    def _attempt(self, batch: list[_Pending[In, Out]]) -> tuple[list[Out] | Exception, float, float]:
-        """The batch's results, or the exception it failed with; when it started and ended."""
+    def _attempt(self, batch: list[_Pending[In, Out]], items: list[In]) -> tuple[list[Out] | Exception, float, float]:
+        """The batch's results (of `items`, its items), or the exception it failed with; when it started and
+        ended."""
         started = time.perf_counter()
         try:
-            results = self.run_batch([p.item for p in batch])
+            results = self.run_batch(items)
             if len(results) != len(batch):
                 raise RuntimeError(f"{self.name}: model returned {len(results)} results for {len(batch)} items")
         except Exception as error:  # every caller hears about a failed batch; none is left hanging
@@ -226,7 +229,7 @@ class Batcher(Generic[In, Out]):
         """In the worker thread: `batch`, then whatever queued while it ran, batch after batch until the
         queue is empty, each one's outcome handed to the event loop as it ends."""
         while batch:
-            loop.call_soon_threadsafe(self._settle, batch, *self._attempt(batch))
+            loop.call_soon_threadsafe(self._settle, batch, *self._attempt(batch, [p.item for p in batch]))
             batch = []
             while self.pending and len(batch) < self.max_batch_size:
                 p = self.pending.popleft()  # a deque's append and popleft are atomic: submit may append meanwhile
