@@ -564,13 +564,15 @@ async def run_servers(cfg: BenchConfig, sequences: list[np.ndarray], in_process:
             results["points"] += await measure_rounds(http, "stream-http", level, cfg)
             ws: list[Run] = [(s, partial(stream_ws_client, s.host, s.port, sequences), None) for s in servers]
             results["points"] += await measure_rounds(ws, "stream-ws", level, cfg)
-        results["wrk"] = [await wrk_check(server, bodies, max(cfg.classify_levels), cfg) for server in servers]
-        steady = max(cfg.stream_levels)
-        print(f"steady streaming: {steady} WebSocket sessions of {STEADY_SEQUENCES} sequences each", flush=True)
-        runs = [(s, partial(stream_ws_client, s.host, s.port, sequences, STEADY_SEQUENCES), None) for s in servers]
-        results["points"] += await measure_rounds(runs, "stream-ws-steady", steady, cfg)
+        if cfg.classify_levels:
+            results["wrk"] = [await wrk_check(server, bodies, max(cfg.classify_levels), cfg) for server in servers]
+        if cfg.stream_levels:
+            steady = max(cfg.stream_levels)
+            print(f"steady streaming: {steady} WebSocket sessions of {STEADY_SEQUENCES} sequences each", flush=True)
+            runs = [(s, partial(stream_ws_client, s.host, s.port, sequences, STEADY_SEQUENCES), None) for s in servers]
+            results["points"] += await measure_rounds(runs, "stream-ws-steady", steady, cfg)
         print("stateless replay versus a session step (lstm-serve)", flush=True)
-        results["replay"] = await replay(ours, sequences, cfg)
+        results["replay"] = await replay(ours, sequences, cfg) if cfg.replay_lengths else []
         if cfg.open_loop and cfg.open_loop_rates:
             print(
                 f"open loop: one model step (1 frame per WebSocket message), {cfg.open_loop_arrivals} arrivals "
@@ -694,15 +696,17 @@ def main(argv: list[str] | None = None) -> None:
         "--classify-levels",
         type=levels,
         default=defaults.classify_levels,
-        help="concurrent clients, comma-separated",
+        help="concurrent clients, comma-separated (empty: skip classify)",
     )
     parser.add_argument(
         "--stream-levels",
         type=levels,
         default=defaults.stream_levels,
-        help="concurrent sessions, comma-separated",
+        help="concurrent sessions, comma-separated (empty: skip the streams)",
     )
-    parser.add_argument("--replay-lengths", type=levels, default=defaults.replay_lengths)
+    parser.add_argument(
+        "--replay-lengths", type=levels, default=defaults.replay_lengths, help="frames per replay (empty: skip it)"
+    )
     parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
     parser.add_argument("--duration-s", type=float, default=defaults.duration_s, help="measured seconds per point")
     parser.add_argument(

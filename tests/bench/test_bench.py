@@ -105,6 +105,22 @@ def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_with_every_part_left_out_still_starts_both_servers_and_reports(tmp_path):
+    """Empty levels skip a part (to measure only the Redis rows, say) rather than fail on an empty max()."""
+    out = tmp_path / "bench"
+    args = ["--classify-levels", "", "--stream-levels", "", "--replay-lengths", "", "--no-open-loop", "--no-redis"]
+    subprocess.run(
+        [sys.executable, "-m", "lstm_serve.cli", "bench", *args, "--out-dir", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["points"] == [] and results["replay"] == [] and "wrk" not in results
+    assert "## Targets" in (out / "results.md").read_text()
+
+
 class InstantServer:
     """A fake WebSocket that answers every message at once; its nth send blocks the event loop for a
     while, as a load generator's pause (GC, a busy core) would."""
