@@ -5,8 +5,8 @@ uvicorn's websockets-sansio protocol spends more on each message than the model 
 generator-based frame parser, a response object per handshake, an asyncio.Queue per connection, and a pause
 and a resume of the socket's reading (two epoll calls) around every message. Here a message is parsed where
 its bytes arrive and handed straight to the waiting `receive()`; reading pauses only when a client sends
-ahead of its replies (MAX_QUEUED messages waiting), which also bounds what one connection can make the
-server hold.
+ahead of its replies (MAX_QUEUED messages waiting) or stops reading them (the write buffer past its
+high-water mark, pongs included), which bounds what one connection can make the server hold.
 
 What the protocol checks, each answered as RFC 6455 says: a handshake that is not GET (405), lacks the
 upgrade headers (426), or has no valid Sec-WebSocket-Key or version 13 (400, 426); a request line or a
@@ -252,10 +252,27 @@ class WebSocketProtocol(asyncio.Protocol):
         return None  # the transport closes; connection_lost follows
 
     def pause_writing(self) -> None:
+        """The client does not read what we send: stop reading it too, or the pongs its pings ask for would
+        pile up in the write buffer without bound (the app's own replies already wait in send())."""
         self.writable.clear()
+        if not self.read_paused and not self.close_sent and not self.transport.is_closing():
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.writable.set()
+        self.resume_reading_if_caught_up()
+
+    def resume_reading_if_caught_up(self) -> None:
+        """Read on once the client reads again and the app has taken most of what waits for it."""
+        if (
+            self.read_paused
+            and self.writable.is_set()
+            and len(self.inbox) < MAX_QUEUED // 2
+            and not self.transport.is_closing()
+        ):
+            self.read_paused = False
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.handshake is None:
@@ -493,9 +510,7 @@ class WebSocketProtocol(asyncio.Protocol):
     async def receive(self) -> dict[str, Any]:
         if self.inbox:
             message = self.inbox.popleft()
-            if self.read_paused and len(self.inbox) < MAX_QUEUED // 2 and not self.transport.is_closing():
-                self.read_paused = False
-                self.transport.resume_reading()
+            self.resume_reading_if_caught_up()
         elif self.disconnect_message is not None:  # already told once; a receive after it gets it again
             return self.disconnect_message
         else:

@@ -6,6 +6,7 @@ against lstm-serve itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -57,7 +58,7 @@ async def echo_app(scope, receive, send) -> None:
 
 
 class EchoServer:
-    def __init__(self) -> None:
+    def __init__(self, ping_interval_s: float | None = 0.3) -> None:
         self.port = free_port()
         config = uvicorn.Config(
             echo_app,
@@ -65,7 +66,7 @@ class EchoServer:
             port=self.port,
             ws=WebSocketProtocol,
             ws_max_size=MAX_SIZE,
-            ws_ping_interval=0.3,
+            ws_ping_interval=ping_interval_s,
             ws_ping_timeout=0.3,
             lifespan="off",
             log_level="warning",
@@ -374,6 +375,44 @@ def test_a_client_that_answers_no_ping_is_dropped_and_one_that_does_stays(echo):
         opcode, payload = lively.read_frame()
     assert (opcode, payload) == (0x1, b"still here")
     lively.close()
+
+
+def test_a_client_that_floods_pings_and_reads_nothing_is_no_longer_read_and_recovers_when_it_reads():
+    """Each ping asks for a pong; a client that never reads them must not grow the server's write buffer
+    without bound (before: every pong queued, ~300 MB for 200 MB of pings). Reading pauses at the buffer's
+    high-water mark and resumes, losing nothing, once the client reads."""
+    ping = frame(0x9, b"p" * 125)  # its pong: 127 bytes
+    chunk, cap = ping * 8192, 64 * 2**20
+    with EchoServer(ping_interval_s=None) as echo:  # no keepalive: it would drop the client that reads nothing
+        ws = opened(echo.port)
+        sent = [0]
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):
+                while sent[0] < cap:
+                    ws.sock.sendall(chunk)
+                    sent[0] += len(chunk)
+
+        ws.sock.settimeout(30)
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        last = -1
+        while sent[0] != last and sent[0] < cap:  # until the sender is stuck or done
+            last = sent[0]
+            time.sleep(0.5)
+        (protocol,) = [c for c in echo.server.server_state.connections if isinstance(c, WebSocketProtocol)]
+        buffered = protocol.transport.get_write_buffer_size()
+        assert sent[0] < cap, "the server read every ping while the client read nothing"
+        assert buffered < 2 * 2**20, f"{buffered} bytes of pongs queued in the server"
+        received, expected = 0, None
+        while expected is None or received < expected:  # read, and the server reads on
+            received += len(ws.sock.recv(1 << 20))
+            if expected is None and not sender.is_alive():
+                expected = sent[0] // len(ping) * 127
+        assert received == expected, "a pong lost or doubled"
+        ws.send(frame(0x1, b"after the flood"))
+        assert ws.read_frame() == (0x1, b"after the flood")
+        ws.close()
 
 
 # -- lstm-serve on this protocol --------------------------------------------------------------------------
