@@ -62,12 +62,14 @@ class ResponseWriter:
             self.loop.call_soon(self.flush)
             return
         held, self.held = self.held, None
-        self.transport.writelines((held, data))  # one system call (writev), no copy of a large body
+        if not self.transport.is_closing():  # uvloop raises on a closed transport; the client is gone
+            self.transport.writelines((held, data))  # one system call (writev), no copy of a large body
 
     def flush(self) -> None:
         if self.held is not None:
             held, self.held = self.held, None
-            self.transport.write(held)
+            if not self.transport.is_closing():
+                self.transport.write(held)
 
     def close(self) -> None:
         self.flush()
@@ -190,7 +192,9 @@ class HeaderDeadline(HttpToolsProtocol):
             self.refusal = response
             self.flow.pause_reading()
             return
-        self.transport.write(response)
+        status_line, rest = response.split(b"\r\n", 1)
+        defaults = b"".join(b"%s: %s\r\n" % header for header in self.server_state.default_headers)
+        self.transport.write(b"%s\r\n%s%s" % (status_line, defaults, rest))  # date and server, as uvicorn's
         self.transport.close()
 
     def on_response_complete(self) -> None:

@@ -5,6 +5,8 @@ import asyncio
 import json
 import socket
 
+import uvloop
+
 from lstm_serve.http.connections import ResponseWriter
 
 
@@ -47,6 +49,29 @@ def test_a_head_and_its_body_go_out_in_one_write_and_a_lone_write_on_the_next_tu
     assert held == [] and together == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
     assert before_turn == together and after_turn[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert transport.writes[-1] == b"last words" and transport.closed, "close() dropped a held write"
+
+
+def test_writes_to_a_connection_the_client_has_closed_are_dropped_not_raised():
+    """uvloop raises RuntimeError on a closed transport; a response (or a held head's flush on the next turn)
+    whose client is gone must not surface as an error traceback in the log."""
+
+    async def main():
+        server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        loop, port = asyncio.get_running_loop(), server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        failures: list[dict] = []
+        loop.set_exception_handler(lambda _, context: failures.append(context))
+        writer = ResponseWriter(transport, loop)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n")  # held for the next turn
+        transport.close()
+        await asyncio.sleep(0.05)  # closed for good; the held write's flush ran after it
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        writer.write(b"body")
+        writer.close()
+        server.close()
+        return failures
+
+    assert uvloop.run(main()) == []
 
 
 def test_a_client_that_waits_for_100_continue_gets_it_and_then_its_answer(server):

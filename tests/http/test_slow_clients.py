@@ -50,6 +50,8 @@ def test_a_client_trickling_its_headers_gets_408_and_is_cut_off(strict):
             break
     answer, _ = read_until_closed(sock, 5)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert b"\r\ndate: " in head and b"\r\nserver: uvicorn" in head, "not the headers of every other answer"
     assert time.perf_counter() - started < 3.5, "the header deadline (1 s) was not kept"
     assert rejections(strict) == {"request_timeout": 1.0}
 
@@ -181,6 +183,7 @@ def test_headers_over_max_header_bytes_get_431_and_the_connection_closes_however
     sock.sendall(b"GET /v1/models/" + b"m" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     answer, _ = read_until_closed(sock, 5)
     assert answer.startswith(b"HTTP/1.1 414") and b'"code":"uri_too_long"' in answer, answer[:200]
+    assert b"\r\ndate: " in answer.split(b"\r\n\r\n")[0].lower()
     assert rejections(small_heads) == {"headers_too_large": 3.0, "uri_too_long": 1.0}
 
 
