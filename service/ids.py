@@ -16,3 +16,9 @@ COUNTER = itertools.count()
 
 def unique_id() -> str:
     return f"{PREFIX}{next(COUNTER):04x}"
+
+
+def caller_id(session_key: str) -> str:
+    """The id its caller knows a session by, from its store key (`<protocol>:<owner>:...:<id>`): what a
+    reply shows, never the store's key with its owner."""
+    return session_key.rsplit(":", 1)[-1]

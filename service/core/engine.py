@@ -22,6 +22,7 @@ from lstm_serve.core.metrics import Metrics
 from lstm_serve.core.runner import Item, Output
 from lstm_serve.core.session_state import Exported
 from lstm_serve.errors import SequenceConflict, SessionRestarted
+from lstm_serve.ids import caller_id
 from lstm_serve.settings import Settings
 from lstm_serve.state.directory import LocalDirectory, ModelDirectory
 from lstm_serve.state.sessions import SessionRecord, SessionStore, new_record
@@ -178,7 +179,8 @@ class Engine:
                     if seq == record.last_seq and digest == record.last_digest:
                         return await self.replay(model, record, chunk, per_frame)
                     raise SequenceConflict(
-                        f"seq {seq} does not match: session {session_id!r} has consumed {record.steps} frames",
+                        f"seq {seq} does not match: session {caller_id(session_id)!r} has consumed "
+                        f"{record.steps} frames",
                         expected_seq=record.steps,
                     )
                 state = list(record.state) if record.state else None
@@ -195,7 +197,8 @@ class Engine:
                 current = await self.store.load(session_id)
                 if current.incarnation != record.incarnation and (fresh or current.created_at > started - CLOCK_SKEW_S):
                     raise SessionRestarted(
-                        f"session {session_id!r} was restarted while this chunk ran; the chunk was not applied"
+                        f"session {caller_id(session_id)!r} was restarted while this chunk ran; "
+                        "the chunk was not applied"
                     )
                 record, fresh = current, True
         finally:

@@ -16,6 +16,7 @@ from lstm_serve.core.inputs import chunk_from_lists
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.core.session_state import Exported
 from lstm_serve.errors import InvalidInput, SessionNotFound
+from lstm_serve.ids import caller_id
 from lstm_serve.protocols import schemas
 from lstm_serve.protocols.codec import JSON, parse, read_body
 from lstm_serve.protocols.routing import V1, Content, Reply, Route, context
@@ -34,10 +35,6 @@ def store_key(session_id: str, owner: str) -> str:
     if not PUBLIC_ID.fullmatch(session_id):
         raise SessionNotFound(f"no session {session_id[:80]!r} (never created, deleted, or expired)")
     return f"{SESSION_PREFIX}{owner}:{session_id}"
-
-
-def public_id(key: str) -> str:
-    return key.rsplit(":", 1)[1]
 
 
 def session_key(request: Request | WebSocket) -> str:
@@ -74,7 +71,7 @@ def describe_model(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
 def describe_session(runtime: Runtime, record: SessionRecord) -> dict[str, Any]:
     last = record.last_probabilities
     return {
-        "session_id": public_id(record.session_id),
+        "session_id": caller_id(record.session_id),
         "model": record.model,
         "version": record.version,
         "steps": record.steps,

@@ -41,6 +41,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lstm_serve.errors import SessionNotFound, StoreUnavailable
+from lstm_serve.ids import caller_id
 from lstm_serve.state.resp import LeanRedis, bulk, pack
 from lstm_serve.state.sessions import KeyedLocks, SessionRecord, owner_full, server_full
 
@@ -347,11 +348,11 @@ class RedisSessionStore:
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         if not fields:
             self.recent.pop(session_id, None)
-            raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
+            raise SessionNotFound(f"no session {caller_id(session_id)!r} (never created, deleted, or expired)")
         if b"record" not in fields:  # written by a release before the one-blob layout
             raise SessionNotFound(
-                f"session {session_id!r} was created by an earlier lstm-serve release whose session layout this "
-                "one does not read; start a new session"
+                f"session {caller_id(session_id)!r} was created by an earlier lstm-serve release whose session "
+                "layout this one does not read; start a new session"
             )
         return self.remember(decode(session_id, fields))
 
@@ -371,7 +372,8 @@ class RedisSessionStore:
             self.recent.pop(record.session_id, None)
             self.commit_heads.pop(record.session_id, None)
             raise SessionNotFound(
-                f"session {record.session_id!r} was deleted or expired while this chunk ran; the chunk was not applied"
+                f"session {caller_id(record.session_id)!r} was deleted or expired while this chunk ran; "
+                "the chunk was not applied"
             )
         if result == 1:
             self.remember(record.revised(expected.revision + 1))
@@ -383,7 +385,7 @@ class RedisSessionStore:
         self.commit_heads.pop(session_id, None)
         deleted = await self.run_script(DELETE, [session_key(session_id), INDEX], [session_id, owner_index("")])
         if not deleted:
-            raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
+            raise SessionNotFound(f"no session {caller_id(session_id)!r} (never created, deleted, or expired)")
 
     @reachable
     async def sweep(self) -> int:

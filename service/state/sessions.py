@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lstm_serve.errors import SessionNotFound, TooManySessions
-from lstm_serve.ids import unique_id
+from lstm_serve.ids import caller_id, unique_id
 
 
 @dataclass(frozen=True)
@@ -259,11 +259,11 @@ class InMemorySessionStore:
     async def load(self, session_id: str) -> SessionRecord:
         record = self._sessions.get(session_id)
         if record is None:
-            raise SessionNotFound(f"no session {session_id!r} (never created, deleted, or expired)")
+            raise SessionNotFound(f"no session {caller_id(session_id)!r} (never created, deleted, or expired)")
         if self._expired(record, self.clock()):
             self._remove(session_id)
             self.on_expired(1)
-            raise SessionNotFound(f"session {session_id!r} expired after {self.ttl_s:g} s idle")
+            raise SessionNotFound(f"session {caller_id(session_id)!r} expired after {self.ttl_s:g} s idle")
         return record
 
     def recall(self, session_id: str) -> SessionRecord | None:
@@ -278,7 +278,7 @@ class InMemorySessionStore:
         stored = self._sessions.get(record.session_id)
         if stored is None:
             raise SessionNotFound(
-                f"session {record.session_id!r} was deleted while this chunk ran; the chunk was not applied"
+                f"session {caller_id(record.session_id)!r} was deleted while this chunk ran; the chunk was not applied"
             )
         if (stored.incarnation, stored.revision) != (expected.incarnation, expected.revision):
             return False

@@ -48,6 +48,7 @@ def test_session_lifecycle_fields(client):
         client.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}),
     ):
         assert call.status_code == 404 and call.json()["error"]["code"] == "session_not_found"
+        assert call.json()["error"]["message"].startswith(f"no session {sid!r} "), "not the id the caller knows"
 
 
 def test_unknown_model_for_a_session_is_a_404(client):
@@ -125,6 +126,7 @@ def test_seq_applies_once_replays_a_retry_and_refuses_the_rest(server, client):
     for refused in (different, ahead):
         assert refused.status_code == 409
         assert refused.json()["error"]["code"] == "seq_conflict" and refused.json()["error"]["expected_seq"] == 2
+        assert f"session {sid!r} has consumed 2 frames" in refused.json()["error"]["message"]
 
     async def race():  # ten clients send the same chunk with the same seq at once: it applies once
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:

@@ -138,3 +138,19 @@ def test_a_keyed_lock_waiter_cancelled_in_line_or_after_its_turn_never_strands_t
     assert order == ["last"]
     assert [type(r).__name__ for r in results] == ["CancelledError", "CancelledError", "NoneType"]
     assert len(locks) == 0
+
+
+def test_errors_name_the_session_by_the_id_its_caller_knows_not_by_its_store_key():
+    async def main():
+        store, clock, _ = make_store()
+        with pytest.raises(SessionNotFound) as unknown:
+            await store.load("v1:owner-digest:abc")
+        record = await store.create(new_record("m", 1, now=clock.now, session_id="v1:owner-digest:xyz"))
+        clock.now += 11
+        with pytest.raises(SessionNotFound) as expired:
+            await store.load(record.session_id)
+        return str(unknown.value), str(expired.value)
+
+    unknown, expired = asyncio.run(main())
+    assert unknown.startswith("no session 'abc' ") and expired.startswith("session 'xyz' expired")
+    assert "owner-digest" not in unknown + expired

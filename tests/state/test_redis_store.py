@@ -273,3 +273,21 @@ def test_a_stepped_session_stays_counted_while_its_index_is_renewed_only_once_pe
     assert set(counts) == {1}, "a live session dropped out of the count"
     assert 10 <= renewals <= 40 and commits > 3 * renewals, f"{renewals} index renewals for {commits} commits"
     assert (swept, left, expired) == (1, 0, [1])
+
+
+def test_errors_name_the_session_by_the_id_its_caller_knows_not_by_its_store_key(redis_server):
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        record = await store.create(new_record("m", 1, session_id="v1:owner-digest:xyz"))
+        await store.delete(record.session_id)
+        messages = []
+        for attempt in (store.load(record.session_id), store.commit(record.advanced(steps=1), record)):
+            with pytest.raises(SessionNotFound) as refused:
+                await attempt
+            messages.append(str(refused.value))
+        await store.close()
+        return messages
+
+    loaded, committed = run(main())
+    assert loaded.startswith("no session 'xyz' ") and committed.startswith("session 'xyz' was deleted")
+    assert "owner-digest" not in loaded + committed
