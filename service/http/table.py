@@ -49,7 +49,8 @@ class RouteTable:
                 return Match(None)
         route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
         if route is None:
-            allowed = tuple(sorted(m for m in methods if m != "WEBSOCKET"))
+            served = {m for m in methods if m != "WEBSOCKET"} | ({"HEAD"} if "GET" in methods else set())
+            allowed = tuple(sorted(served))
             return Match(None, params, allowed, template)
         return Match(route, params, (), template)
 

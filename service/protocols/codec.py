@@ -3,6 +3,7 @@ directly."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import orjson
@@ -28,11 +29,26 @@ class JSON(Response):
         return dumps(content)
 
 
-def validation_error(error: ValidationError, where: str = "body") -> ServiceError:
+HIGH, LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+LONE_SURROGATE = re.compile(HIGH + rb"(?!" + LOW + rb")|(?<!" + HIGH + rb")" + LOW)
+
+
+def json_hint(payload: bytes | str) -> str:
+    """What the parser's message does not say about two mistakes it reports only by their position."""
+    raw = payload.encode() if isinstance(payload, str) else payload
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return " (the body starts with a byte order mark; JSON sent over a network has none, RFC 8259 8.1)"
+    if LONE_SURROGATE.search(raw):
+        return " (a \\uD800-\\uDFFF escape is half of a surrogate pair and must come with its other half)"
+    return ""
+
+
+def validation_error(error: ValidationError, where: str = "body", payload: bytes | str = b"") -> ServiceError:
     problems = error.errors(include_url=False)
     if any(p["type"] == "json_invalid" for p in problems):
         detail = next(p for p in problems if p["type"] == "json_invalid")
-        return MalformedRequest(f"{where} is not valid JSON: {detail['ctx'].get('error', detail['msg'])}")
+        reason = detail["ctx"].get("error", detail["msg"])
+        return MalformedRequest(f"{where} is not valid JSON: {reason}{json_hint(payload)}")
     described = "; ".join(f"{'.'.join(str(part) for part in p['loc']) or where}: {p['msg']}" for p in problems[:3])
     more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
     return InvalidInput(f"invalid {where}: {described}{more}")
@@ -42,7 +58,7 @@ def parse(model: type[M], payload: bytes | str, where: str = "body") -> M:
     try:
         return model.model_validate_json(payload)
     except ValidationError as error:
-        raise validation_error(error, where) from None
+        raise validation_error(error, where, payload) from None
 
 
 async def read_body(request: Request) -> bytes:

@@ -109,6 +109,8 @@ def read_request(body: bytes, header_length: str | None) -> tuple[InferenceReque
         count = element_count(tensor.name, tensor.shape)
         size = tensor.parameters.get("binary_data_size")
         if size is not None:
+            if tensor.data is not None:  # the binary extension: "the data field must not be present"
+                raise InvalidInput(f"input {tensor.name!r} has both data and parameters.binary_data_size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
                 raise MalformedRequest(
                     f"input {tensor.name!r}: binary_data_size {size!r} does not fit the "

@@ -242,6 +242,9 @@ def test_unknown_model_version_endpoint_and_method(client):
     wrong_method = client.get(f"/v2/models/{MODEL}/infer")
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
     assert set(wrong_method.json()) == {"error", "request_id"}
+    read_only = client.post(f"/v2/models/{MODEL}")  # HEAD is served wherever GET is, and Allow says so
+    assert read_only.status_code == 405 and read_only.headers["allow"] == "GET, HEAD"
+    assert client.head(f"/v2/models/{MODEL}").status_code == 200
 
 
 def test_binary_framing_errors(client):
@@ -249,6 +252,19 @@ def test_binary_framing_errors(client):
         {"inputs": [{"name": "x", "shape": [1, 2, 12], "datatype": "FP32", "parameters": {"binary_data_size": 96}}]}
     ).encode()
     data = np.ones((1, 2, 12), "<f4").tobytes()
+    both = json.dumps(  # which of the two holds the tensor is not for the server to guess
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [1, 2, 12],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 96},
+                    "data": [0.5] * 24,
+                }
+            ]
+        }
+    ).encode()
     ok = infer_raw(client, header + data, {"Inference-Header-Content-Length": str(len(header))})
     assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
     for body, length, message in [
@@ -257,6 +273,7 @@ def test_binary_framing_errors(client):
         (header + data, 10**6, "Inference-Header-Content-Length"),
         (header + data, "ten", "Inference-Header-Content-Length"),
         (header[:-1] + data, len(header) - 1, "not valid JSON"),
+        (both + data, len(both), "both data and parameters.binary_data_size"),
     ]:
         response = infer_raw(client, body, {"Inference-Header-Content-Length": str(length)})
         assert response.status_code == 400 and message in response.json()["error"], message

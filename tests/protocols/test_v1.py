@@ -112,10 +112,20 @@ def test_nan_and_inf_are_refused(client, first_value):
     assert "frame 0 holds NaN or Inf" in response.json()["error"]["message"]
 
 
-def test_malformed_json_is_a_400(client):
-    truncated = b'{"sequences": [[[1,2'
-    response = client.post("/v1/classify", content=truncated, headers={"content-type": "application/json"})
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"sequences": [[[1,2', "not valid JSON: "),
+        (b'\xef\xbb\xbf{"sequences": [[[0.1]]]}', "starts with a byte order mark"),
+        (b'{"sequences": [[[0.1]]], "model": "\\ud800"}', "half of a surrogate pair"),
+        (b'{"sequences": [[[0.1]]], "model": "\\udc00x"}', "half of a surrogate pair"),
+    ],
+    ids=["truncated", "byte-order-mark", "lone-high-surrogate", "lone-low-surrogate"],
+)
+def test_malformed_json_is_a_400_that_says_why(client, body, says):
+    response = client.post("/v1/classify", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "malformed_request"
+    assert says in response.json()["error"]["message"]
 
 
 def test_an_oversized_body_is_a_413_declared_or_streamed(client):
