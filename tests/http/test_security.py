@@ -1,6 +1,7 @@
 """Secure by default, against real servers: API keys, sessions that belong to their key, limits per key,
 Origin checks and CORS, request ids and logs. Every refusal has its status, its body and no side effect."""
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -191,8 +192,9 @@ def test_sessions_per_key_in_memory_and_per_address_without_keys(start_server):
 def test_a_key_over_its_websockets_is_closed_with_4429(start_server):
     server = start_server(env={**KEYS, "LSTM_SERVE_MAX_WEBSOCKETS_PER_KEY": "2"})
     session_id = httpx.post(f"{server.url}/v1/sessions", json={}, headers=auth(ALICE)).json()["session_id"]
-    open_ones = [connect(ws_url(server, session_id), additional_headers=auth(ALICE)) for _ in range(2)]
-    try:
+    with contextlib.ExitStack() as open_ones:
+        for _ in range(2):
+            open_ones.enter_context(connect(ws_url(server, session_id), additional_headers=auth(ALICE)))
         with connect(ws_url(server, session_id), additional_headers=auth(ALICE)) as third:
             assert json.loads(third.recv())["error"]["code"] == "too_many_sessions"
             with pytest.raises(ConnectionClosed):
@@ -201,9 +203,6 @@ def test_a_key_over_its_websockets_is_closed_with_4429(start_server):
         with connect(ws_url(server, session_id), additional_headers=auth(ALICE)) as again:
             pass  # still at the limit: refused again
         assert again.close_code == 4429
-    finally:
-        for ws in open_ones:
-            ws.close()
     time.sleep(0.3)
     with connect(ws_url(server, session_id), additional_headers=auth(ALICE)) as ws:
         ws.send(json.dumps({"inputs": FRAMES[:1]}))
