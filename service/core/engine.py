@@ -99,17 +99,18 @@ class Engine:
     def session_ttl_s(self) -> float:
         return self.store.ttl_s
 
-    async def create_session(self, model: LoadedModel, session_id: str, owner: str) -> SessionRecord:
+    async def create_session(self, model: LoadedModel, session_id: str, quota: str) -> SessionRecord:
+        """`quota`: whose share of sessions it counts against (Caller.quota_key)."""
         self.fleet.check_new_session(model)
-        return await self.store.create(new_record(model.name, model.version, session_id, owner=owner))
+        return await self.store.create(new_record(model.name, model.version, session_id, owner=quota))
 
     async def import_session(
-        self, model: LoadedModel, session_id: str, owner: str, exported: Exported
+        self, model: LoadedModel, session_id: str, quota: str, exported: Exported
     ) -> SessionRecord:
         """A new session that continues from an exported state (core/session_state.py)."""
         self.fleet.check_new_session(model)
         record = new_record(
-            model.name, model.version, session_id, owner=owner, steps=exported.steps, state=exported.state
+            model.name, model.version, session_id, owner=quota, steps=exported.steps, state=exported.state
         )
         return await self.store.create(record)
 
@@ -128,7 +129,7 @@ class Engine:
     def session_model(self, record: SessionRecord) -> LoadedModel:
         return self.fleet.session_model(record.model, record.version)
 
-    async def restart(self, model: LoadedModel, session_id: str, chunk: Chunk, owner: str) -> StepResult:
+    async def restart(self, model: LoadedModel, session_id: str, chunk: Chunk, quota: str) -> StepResult:
         """The session `session_id` from zero state with exactly this chunk, replacing any session of
         that id (a step still running on the old one fails instead of landing on this one)."""
         self.fleet.check_new_session(model)
@@ -138,7 +139,7 @@ class Engine:
                 model.name,
                 model.version,
                 session_id,
-                owner=owner,
+                owner=quota,
                 steps=len(chunk),
                 state=tuple(out.state),
                 last_seq=0,

@@ -17,6 +17,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lstm_serve.core.access import Caller
 from lstm_serve.core.engine import LoadedModel
 from lstm_serve.core.inputs import Chunk
 from lstm_serve.core.repository import version_number
@@ -134,12 +135,12 @@ def resolve(runtime: Runtime, params: dict[str, str]) -> LoadedModel:
 
 # -- request -> sequences ------------------------------------------------------------------------
 async def run_sequence(
-    runtime: Runtime, model: LoadedModel, sequence: Sequence, chunk: Chunk, owner: str
+    runtime: Runtime, model: LoadedModel, sequence: Sequence, chunk: Chunk, caller: Caller
 ) -> tuple[Output, int, LoadedModel]:
     """One request of a sequence: start = fresh state, otherwise continue it; end = free it afterwards.
     Sequence ids are the caller's own: two API keys may both use sequence_id 1. A sequence runs on the
     version it started on, whatever version later requests name: the model that ran is returned."""
-    engine, session_id = runtime.engine, sequence.session_id(model.name, owner)
+    engine, session_id = runtime.engine, sequence.session_id(model.name, caller.owner)
     if sequence.start and sequence.end:  # the whole sequence in one request: nothing to keep
         (out,) = await engine.classify(model, [chunk])
         with contextlib.suppress(SessionNotFound):
@@ -147,7 +148,7 @@ async def run_sequence(
         return out, len(chunk), model
     try:
         if sequence.start:
-            result = await engine.restart(model, session_id, chunk, owner)
+            result = await engine.restart(model, session_id, chunk, caller.quota_key)
         else:
             result = await engine.step(session_id, lambda ran_on: same_width(chunk, ran_on), None, True)
     except SessionNotFound:
@@ -246,8 +247,8 @@ async def infer(request: Request, runtime: Runtime) -> Response:
     if inference.sequence is None:
         outs = await runtime.engine.classify(model, inference.chunks)
     else:
-        owner = context(request).caller.owner
-        out, steps, model = await run_sequence(runtime, model, inference.sequence, inference.chunks[0], owner)
+        caller = context(request).caller
+        out, steps, model = await run_sequence(runtime, model, inference.sequence, inference.chunks[0], caller)
         head["model_version"] = str(model.version)
         outs = [out]
         head["parameters"] = {"sequence_id": inference.sequence.id, "sequence_steps": steps}

@@ -123,10 +123,10 @@ async def create_session(request: Request, runtime: Runtime) -> Response:
     key = store_key(session_id, caller.owner)
     if body.state is not None:
         model, exported = checked_import(runtime, body.model, body.version, body.state)
-        record = await runtime.engine.import_session(model, key, caller.owner, exported)
+        record = await runtime.engine.import_session(model, key, caller.quota_key, exported)
     else:
         model = runtime.engine.model(body.model, body.version)
-        record = await runtime.engine.create_session(model, key, caller.owner)
+        record = await runtime.engine.create_session(model, key, caller.quota_key)
     context(request).session_id = session_id
     info = describe_session(runtime, record)
     return JSON({k: info[k] for k in ("session_id", "model", "version", "steps", "expires_at")}, status_code=201)

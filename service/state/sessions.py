@@ -42,7 +42,7 @@ class SessionRecord:
     last_probabilities: np.ndarray | None = None  # (C,) after the last applied chunk
     previous_state: tuple[np.ndarray, ...] | None = None  # the state the last applied chunk started from
     revision: int = 0  # bumped by every commit; commits are compare-and-set on (incarnation, revision)
-    owner: str = ""  # the key (by id) it belongs to; sessions per owner are capped
+    owner: str = ""  # whose share it counts against: an API key, or a client address without keys (Caller.quota_key)
 
     def advanced(self, **changes: Any) -> SessionRecord:
         """A copy with `changes`: dataclasses.replace re-runs __init__ through every field, which costs more

@@ -187,6 +187,14 @@ def test_sessions_per_key_in_memory_and_per_address_without_keys(start_server):
     created = [httpx.post(f"{server.url}/v1/sessions", json={}) for _ in range(3)]
     assert [r.status_code for r in created] == [201, 201, 429]
     assert "API key (or client address)" in created[2].json()["error"]["message"]
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as elsewhere:
+        # another address has its own share, and sessions stay open to every caller on a server without keys
+        assert elsewhere.post(f"{server.url}/v1/sessions", json={}).status_code == 201
+        theirs = created[0].json()["session_id"]
+        step = elsewhere.post(f"{server.url}/v1/sessions/{theirs}/steps", json={"inputs": FRAMES[:1]})
+        assert step.status_code == 200
+        assert elsewhere.delete(f"{server.url}/v1/sessions/{theirs}").status_code == 204
+    assert httpx.post(f"{server.url}/v1/sessions", json={}).status_code == 201, "a deleted session kept its place"
 
 
 def test_a_key_over_its_websockets_is_closed_with_4429(start_server):
