@@ -60,6 +60,20 @@ def client_address(scope: Scope) -> str:
     return client[0] if client else "unknown"
 
 
+def addressed_by_ip_or_localhost(host: str) -> bool:
+    """A Host header (name[:port]) that names the server by an IP address or as localhost."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name.startswith("[") and "]" in name:  # [v6]:port
+        name = name[1 : name.index("]")]
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 class Guard:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -82,12 +96,18 @@ class Guard:
 
     @staticmethod
     def same_origin(scope: Scope, origin: str) -> bool:
-        """A page this server served (/docs), whose browser sends Origin on every POST."""
+        """A page this server served (/docs), whose browser sends Origin on every POST. Only where the server
+        is addressed by an IP address or localhost: a page on any other name may have had its name's DNS
+        answer turned to this server (DNS rebinding), and its browser then sends that name as both Host and
+        Origin. A server reached by a domain name lists it in cors_origins instead."""
         host = header(scope, b"host")
-        if host is None:
+        if host is None or sum(1 for name, _ in scope["headers"] if name in (b"origin", b"host")) > 2:
+            return False  # a second Host or Origin: which one a proxy or the browser meant is anyone's guess
+        named = host.decode("latin-1").lower()
+        if not addressed_by_ip_or_localhost(named):
             return False
         scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
-        return origin.lower() == f"{scheme}://{host.decode('latin-1').lower()}"
+        return origin.lower() == f"{scheme}://{named}"
 
     def cors_headers(self, origin: str | None) -> list[tuple[bytes, bytes]]:
         """Response headers that let a listed origin's page read the answer."""

@@ -237,6 +237,13 @@ def test_a_foreign_origin_is_refused_before_anything_changes(start_server):
         assert "X-Request-ID" in allowed.headers["access-control-expose-headers"]
         own = c.post("/v1/sessions", json={}, headers={"Origin": server.url})  # the server's own pages (/docs)
         assert own.status_code == 201 and "access-control-allow-origin" not in own.headers
+        port = server.url.rsplit(":", 1)[1]
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}  # DNS rebinding
+        assert c.post("/v1/sessions", json={}, headers=rebound).status_code == 403
+        assert c.post("/v2/repository/index", headers=rebound).status_code == 403
+        twice = [("Origin", server.url), ("Origin", "http://evil.example")]
+        assert c.post("/v1/sessions", json={}, headers=twice).status_code == 403
+        assert active_sessions(c) == before + 2, "a refused cross-origin request created a session"
         assert c.get("/healthz", headers={"Origin": "https://evil.example"}).status_code == 200
 
 
