@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("lstm_serve")
 
 
 @dataclass(frozen=True)
@@ -73,17 +76,23 @@ def load_entry(version_dir: Path) -> ModelEntry:
             raise RepositoryError(f"{config_path} lacks {key!r}")
     if is_version(version_dir.name) and str(config["version"]) != str(int(version_dir.name)):
         raise RepositoryError(f"{config_path} says version {config['version']}, but its folder is {version_dir.name}")
-    return ModelEntry(name=config["name"], version=int(config["version"]), path=version_dir, config=config)
+    version = version_number(str(config["version"]))
+    if version is None:
+        raise RepositoryError(f"{config_path}: version {str(config['version'])[:40]!r} is not 0 to 18 digits")
+    return ModelEntry(name=config["name"], version=version, path=version_dir, config=config)
+
+
+MAX_VERSION_DIGITS = 18  # a version fits a signed 64-bit integer, which JSON writers and clients take
 
 
 def is_version(name: str) -> bool:
-    """A version folder's name: ASCII digits (str.isdigit() also takes '²', which int() refuses)."""
-    return name.isascii() and name.isdigit()
+    """A version folder's name: up to 18 ASCII digits (str.isdigit() also takes '²', which int() refuses)."""
+    return name.isascii() and name.isdigit() and len(name) <= MAX_VERSION_DIGITS
 
 
 def version_number(text: str) -> int | None:
     """A version as a request names it (a path segment, a parameter), or None if it is not one."""
-    return int(text) if is_version(text) and len(text) <= 18 else None
+    return int(text) if is_version(text) else None
 
 
 def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
@@ -92,7 +101,10 @@ def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
         raise RepositoryError(f"model repository {root} does not exist")
     found: dict[str, dict[int, Path]] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and is_version(p.name)}
+        folders = [p for p in model_dir.iterdir() if p.is_dir()]
+        for too_long in (p for p in folders if p.name.isascii() and p.name.isdigit() and not is_version(p.name)):
+            log.warning("skipping %s: a version number has at most %d digits", too_long, MAX_VERSION_DIGITS)
+        versions = {int(p.name): p for p in folders if is_version(p.name)}
         if versions:
             found[model_dir.name] = dict(sorted(versions.items()))
     return found
