@@ -182,14 +182,16 @@ def top_classes(values: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     return np.array(cells, dtype=object).reshape(order.shape)
 
 
-def output_tensors(model: LoadedModel, outs: list[Output], wanted: list[WantedOutput]) -> list[OutputTensor]:
+def output_tensors(
+    model: LoadedModel, outs: list[Output], wanted: list[WantedOutput], steps: int
+) -> list[OutputTensor]:
+    """The outputs asked for; per-step ones [B, steps, C] like the input x, zero past each sequence's length."""
     tensors = []
     for want in wanted:
         if want.name == PROBABILITIES:
             array = np.stack([out.probabilities[-1] for out in outs])
-        else:  # per-step logits, zero past each sequence's length
-            T = max(len(out.logits) for out in outs)
-            array = np.zeros((len(outs), T, len(model.entry.labels)), np.float32)
+        else:
+            array = np.zeros((len(outs), steps, len(model.entry.labels)), np.float32)
             for row, out in enumerate(outs):
                 array[row, : len(out.logits)] = out.logits
         if want.classes:
@@ -252,7 +254,7 @@ async def infer(request: Request, runtime: Runtime) -> Response:
         head["model_version"] = str(model.version)
         outs = [out]
         head["parameters"] = {"sequence_id": inference.sequence.id, "sequence_steps": steps}
-    content, header_length = write_response(head, output_tensors(model, outs, inference.wanted))
+    content, header_length = write_response(head, output_tensors(model, outs, inference.wanted, inference.steps))
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(

@@ -125,6 +125,7 @@ class Inference:
     chunks: list[Chunk]
     wanted: list[WantedOutput]
     sequence: Sequence | None
+    steps: int  # T of the input x: per-step outputs are [B, T, ...] whatever the lengths
 
 
 def decode_inference(
@@ -138,4 +139,4 @@ def decode_inference(
     sequence = Sequence.from_parameters(request.parameters)
     if sequence is not None and len(chunks) != 1:
         raise InvalidInput(f"a sequence request carries one sequence: x must be [1, T, D], not B={len(chunks)}")
-    return Inference(request, chunks, wanted, sequence)
+    return Inference(request, chunks, wanted, sequence, tensors[input_names(entry)[0]].shape[1])

@@ -79,6 +79,7 @@ def test_health_and_metadata(triton_client):
 def test_infer_equals_v1_classify(triton_client, client, test_sequences, binary):
     sequences = test_sequences[:37]  # lengths 7..29: padded, with a lengths input
     x, lengths = padded(sequences)
+    x = np.concatenate([x, np.zeros((len(x), 3, x.shape[2]), np.float32)], axis=1)  # padded past the longest
     result = triton_client.infer(
         MODEL,
         [tensor("x", x, "FP32", binary), tensor("lengths", lengths, "INT64", binary)],
@@ -90,7 +91,7 @@ def test_infer_equals_v1_classify(triton_client, client, test_sequences, binary)
     probabilities, logits = result.as_numpy("probabilities"), result.as_numpy("logits")
     assert probabilities.shape == (37, 9) and probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities, v1_probabilities(client, sequences), atol=ATOL)
-    assert logits.shape == (37, lengths.max(), 9)
+    assert logits.shape == (37, lengths.max() + 3, 9), "per-step outputs are [B, T, C] with the input's T"
     for row, n in enumerate(lengths):  # softmax of the last valid step's logits is the prediction
         last = np.exp(logits[row, n - 1] - logits[row, n - 1].max())
         np.testing.assert_allclose(last / last.sum(), probabilities[row], atol=ATOL)
