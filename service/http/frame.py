@@ -132,6 +132,11 @@ class Frame:
                 raise UnsupportedMediaType(
                     f"Content-Type {given!r} is not taken here; send {' or '.join(route.media_types)}"
                 )
+        encoding = header(scope, b"content-encoding")
+        if has_body and encoding is not None and not route.compressed_body and encoding.strip().lower() != b"identity":
+            raise UnsupportedMediaType(
+                f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not taken here; send the body uncompressed"
+            )
         received = 0
         timeout_s = self.runtime.settings.body_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s - (time.perf_counter() - started)

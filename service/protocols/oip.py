@@ -290,6 +290,7 @@ def model_routes(base: str, parameters: dict[str, dict[str, Any]]) -> list[Route
                 Content("application/octet-stream", {"type": "string", "format": "binary"}),
             ),
             untyped_body=True,
+            compressed_body=True,
             parameters=parameters,
             description=INFER_DESCRIPTION,
             replies=(

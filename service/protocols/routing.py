@@ -118,6 +118,7 @@ class Route:
     request: tuple[Content, ...] = ()  # the bodies it reads, by media type; () = it reads none
     body_required: bool = True
     untyped_body: bool = False  # a body without Content-Type is taken as the first media type
+    compressed_body: bool = False  # it reads a gzip or deflate Content-Encoding itself; others get 415 for one
     parameters: dict[str, dict[str, Any]] = field(default_factory=dict)  # path parameter -> JSON schema
     description: str = ""
     in_schema: bool = True  # documented in OpenAPI (WebSockets are, in AsyncAPI, instead)

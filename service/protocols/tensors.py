@@ -53,6 +53,7 @@ class OutputTensor:
 
 def decompress(body: bytes, encoding: str | None, limits: Limits) -> bytes:
     """Content-Encoding gzip or deflate (what tritonclient's request_compression_algorithm sends)."""
+    encoding = (encoding or "").strip().lower()  # content codings are case-insensitive (RFC 9110 8.4.1)
     if not encoding or encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
@@ -65,6 +66,8 @@ def decompress(body: bytes, encoding: str | None, limits: Limits) -> bytes:
     check_body_size(len(data), limits, "the decompressed body")
     if not inflater.eof:
         raise MalformedRequest(f"the {encoding} body could not be decompressed: it ends before its stream does")
+    if inflater.unused_data:
+        raise MalformedRequest(f"the {encoding} body has bytes after its compressed stream (one stream per body)")
     return data
 
 

@@ -290,6 +290,17 @@ def test_binary_framing_errors(client):
     assert response.status_code == 413 and "decompressed" in response.json()["error"]
     response = infer_raw(client, header + data, {"Content-Encoding": "br"})
     assert response.status_code == 415 and "br" in response.json()["error"]
+    framed = {"Inference-Header-Content-Length": str(len(header))}
+    response = infer_raw(client, gzip.compress(header + data), {**framed, "Content-Encoding": "GZip"})
+    assert response.status_code == 200, "content codings are case-insensitive"
+    response = infer_raw(client, gzip.compress(header + data) + b"junk", {**framed, "Content-Encoding": "gzip"})
+    assert response.status_code == 400 and "after its compressed stream" in response.json()["error"]
+    v1 = client.post(
+        "/v1/classify",
+        content=gzip.compress(b'{"sequences": [[[0.5]]]}'),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert v1.status_code == 415 and "Content-Encoding 'gzip'" in v1.json()["error"]["message"]
     assert client.get("/readyz").status_code == 200  # still serving
 
 
