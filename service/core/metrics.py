@@ -114,6 +114,9 @@ class LoopMetrics:
             yield metric.family()
 
 
+LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "WS"})
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -148,6 +151,8 @@ class Metrics:
         labels = (route, method, status)
         children = self.request_children.get(labels)
         if children is None:
+            if method not in LABELLED_METHODS:  # PROPFIND, MKCOL, ...: a client's choice must not mint series
+                labels = (route, "OTHER", status)
             children = self.request_children[labels] = (self.requests.labels(*labels), self.latency.labels(*labels))
         children[0].inc()
         children[1].observe(seconds)

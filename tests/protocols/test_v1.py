@@ -179,6 +179,9 @@ def test_metric_labels_use_route_templates_never_session_ids(client):
     sid = client.post("/v1/sessions", json={}).json()["session_id"]
     client.put(f"/v1/sessions/{sid}")  # 405 on a session path
     client.get(f"/v1/sessions/{sid}")
+    for method in ("PROPFIND", "MKCOL", "QUERY"):  # methods httptools parses, one series for all of them
+        assert client.request(method, f"/v1/sessions/{sid}").status_code == 405
     text = client.get("/metrics").text
     assert sid not in text
+    assert "PROPFIND" not in text and 'method="OTHER",route="/v1/sessions/{session_id}",status="405"' in text
     assert 'lstm_serve_requests_total{method="PUT",route="/v1/sessions/{session_id}",status="405"}' in text
