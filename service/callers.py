@@ -27,13 +27,27 @@ class InputError(ValueError):
 
 
 def read_sequences(path: str) -> tuple[list[np.ndarray], list[str] | None]:
-    """The sequences in a file, and their true labels when the file has them."""
+    """The sequences in a file, and their true labels when the file has them; each of one frame or more,
+    every number finite (what the server refuses is refused here too, before any model runs)."""
+    sequences, labels = read_file(path)
+    for i, sequence in enumerate(sequences):
+        if len(sequence) == 0:
+            raise InputError(f"{path}: sequence {i} has no frames")
+        if not np.isfinite(sequence).all():
+            raise InputError(f"{path}: sequence {i} holds NaN or Inf (or a value beyond float32)")
+    return sequences, labels
+
+
+def read_file(path: str) -> tuple[list[np.ndarray], list[str] | None]:
     file = Path(path)
     if not file.is_file():
         raise InputError(f"{path}: no such file")
     suffix = file.suffix.lower()
     if suffix == ".npy":
-        array = np.load(file)
+        try:
+            array = np.load(file).astype(np.float32)  # no pickles: an object array is refused
+        except (ValueError, TypeError, OSError, EOFError) as error:
+            raise InputError(f"{path}: not a numeric .npy array ({str(error)[:100]})") from None
         if array.ndim == 2:
             return [array.astype(np.float32)], None
         if array.ndim == 3:

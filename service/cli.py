@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -108,6 +109,7 @@ def check_servable(settings: Settings) -> None:
         entries = load_repository(settings.model_repository)
         choose_providers(settings.providers)
         KeyRing.from_settings(settings)
+        KeyRing.admin_from_settings(settings)
     except (RepositoryError, RuntimeError, KeyFileError) as error:
         fail("serve", str(error))
         return
@@ -366,7 +368,13 @@ def top_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
-        COMMANDS[argv[0]][0](argv[1:])
+        try:
+            COMMANDS[argv[0]][0](argv[1:])
+        except (ValueError, TypeError, LookupError, OSError, RuntimeError) as error:
+            if os.environ.get("LSTM_SERVE_TRACEBACK"):
+                raise
+            # a bad file, address or module named on the command line: one line, not a traceback
+            fail(argv[0], f"{error} ({type(error).__name__}; LSTM_SERVE_TRACEBACK=1 shows where)")
         return
     parser = top_parser()
     parser.parse_args(argv)  # --help and --version exit here; an unknown command is an argparse error

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -46,6 +47,10 @@ def test_version():
         (["serve", "--model-repository", "/nowhere"], "model repository /nowhere does not exist"),
         (["serve", "--default-model", "nope"], "default model 'nope' is not in"),
         (["nope"], "invalid choice: 'nope'"),
+        (["serve", "--admin-keys", "sha256:xyz"], "admin_keys: sha256: must be followed by 64 hex digits"),
+        (["serve", "--redis-url", "http://x"], "Redis URL must specify one of the following schemes"),
+        (["models", "--model-repository", "/nowhere"], "model repository /nowhere does not exist"),
+        (["bench", "--url", "notaurl"], "'notaurl' needs a host and a port"),
     ],
 )
 def test_a_mistake_is_one_line_on_stderr_and_a_nonzero_exit(args, message):
@@ -53,3 +58,19 @@ def test_a_mistake_is_one_line_on_stderr_and_a_nonzero_exit(args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2  # argparse adds its usage line to its own errors
+
+
+def test_a_file_the_server_would_refuse_is_refused_by_the_local_commands_in_one_line(tmp_path):
+    np.save(tmp_path / "nan.npy", np.full((3, 12), np.nan, np.float32))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 12), np.float32))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    (tmp_path / "broken.npy").write_bytes(b"not numpy")
+    for name, message in [
+        ("nan.npy", "sequence 0 holds NaN or Inf"),
+        ("empty.npy", "sequence 0 has no frames"),
+        ("objects.npy", "not a numeric .npy array"),
+        ("broken.npy", "not a numeric .npy array"),
+    ]:
+        result = run("classify", str(tmp_path / name))
+        assert result.returncode == 2 and message in result.stderr, (name, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
