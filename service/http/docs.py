@@ -41,18 +41,30 @@ def server_version() -> str:
         return "0+unknown"
 
 
+def served_versions(runtime: Runtime) -> object:
+    engine = runtime.engine
+    versions = {name: engine.fleet.version_states(name) for name in sorted(engine.models)}
+    return engine.default_model, [
+        (name, [(v["version"], v["status"]) for v in states]) for name, states in versions.items()
+    ]
+
+
 class Documents:
-    """The documents of one table, built on first request (the models must be loaded) and kept."""
+    """The documents of one table, built on first request (the models must be loaded) and kept until what is
+    served changes: a version loaded, draining or unloaded changes the schemas (the versions a body may name,
+    the frame widths, the examples)."""
 
     def __init__(self, table: Callable[[], RouteTable]) -> None:
         self.table = table
-        self.cache: dict[str, dict[str, Any]] = {}
+        self.cache: dict[str, tuple[object, dict[str, Any]]] = {}
 
     def get(self, name: str, runtime: Runtime) -> dict[str, Any]:
-        if name not in self.cache:
+        served = served_versions(runtime)
+        kept = self.cache.get(name)
+        if kept is None or kept[0] != served:
             build = openapi_document if name == "openapi" else asyncapi_document
-            self.cache[name] = build(self.table(), runtime, server_version())
-        return self.cache[name]
+            kept = self.cache[name] = (served, build(self.table(), runtime, server_version()))
+        return kept[1]
 
     # -- endpoints -------------------------------------------------------------------------------------
     async def openapi(self, request: Request, runtime: Runtime) -> Response:

@@ -35,6 +35,7 @@ from lstm_serve.protocols.oip_requests import (
     input_names,
 )
 from lstm_serve.protocols.routing import OIP, Content, Reply, Route, context
+from lstm_serve.protocols.schemas import default_example, example_model
 from lstm_serve.protocols.tensors import HEADER_LENGTH, OutputTensor, write_response
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "sequence"]
@@ -345,14 +346,13 @@ def model_routes(base: str, parameters: dict[str, dict[str, Any]]) -> list[Route
 
 
 def inference_example(runtime: Runtime) -> dict[str, Any]:
-    model = runtime.engine.model()
-    example = model.entry.example
-    frames = example["frames"] if example else [[0.0] * model.entry.input_dim]
+    model = example_model(runtime)
+    frames = default_example(runtime)
     return {
         "id": "example",
         "inputs": [
             {
-                "name": model.entry.frames_input,
+                "name": model.entry.frames_input if model else "x",
                 "datatype": "FP32",
                 "shape": [1, len(frames), len(frames[0])],
                 "data": [value for frame in frames for value in frame],

@@ -237,9 +237,19 @@ def step_schema(runtime: Runtime) -> dict[str, Any]:
     }
 
 
+def example_model(runtime: Runtime) -> LoadedModel | None:
+    """The model the documents' examples show: the default, else any served one (the default's versions may
+    all be unloaded), else none."""
+    models = runtime.engine.models
+    return models.get(runtime.engine.default_model) or next(iter(models.values()), None)
+
+
 def default_example(runtime: Runtime) -> list[list[float]]:
-    example = runtime.engine.model().entry.example
-    return example["frames"] if example else [[0.0] * runtime.engine.model().entry.input_dim]
+    model = example_model(runtime)
+    if model is None:
+        return [[0.0]]
+    example = model.entry.example
+    return example["frames"] if example else [[0.0] * model.entry.input_dim]
 
 
 def classify_example(runtime: Runtime) -> dict[str, Any]:

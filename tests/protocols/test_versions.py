@@ -295,3 +295,18 @@ def test_a_version_that_fails_its_checks_at_start_stops_the_start(start_server, 
         pytest.fail(f"the server started with a damaged version: {server.output()[-2000:]}")
     assert server.proc.returncode != 0
     assert "japanese-vowels v1 was not loaded" in server.output() and "sha256" in server.output()
+
+
+def test_the_api_documents_follow_loads_and_unloads(start_server, repository):
+    """Every body the schema allows is one the server accepts, after a hot load too; and with the default
+    model unloaded the documents still build (they answered 410 before)."""
+    server = start_server("--model-repository", str(repository), "--version-policy", "all")
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert '"enum":[1]' in c.get("/openapi.json").text
+        add_version(repository, 2)
+        assert c.post("/v2/repository/models/japanese-vowels/load").status_code == 200
+        document = c.get("/openapi.json").text
+        assert '"enum":[1,2]' in document and '"enum":[1]' not in document
+        assert c.post("/v2/repository/models/japanese-vowels/unload").status_code == 200
+        for path in ("/openapi.json", "/asyncapi.json"):
+            assert c.get(path).status_code == 200, path
