@@ -24,6 +24,7 @@ import asyncio
 from typing import Any, ClassVar
 
 from prometheus_client import Counter
+from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 BODY_COMPLETE = "lstm_serve.body_complete"  # in a request's scope once all its body has arrived
@@ -44,6 +45,32 @@ URI_TOO_LONG_RESPONSE = (
     b"HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: %d\r\n\r\n%s" % (len(URI_TOO_LONG_BODY), URI_TOO_LONG_BODY)
 )
+
+
+BUSY_BODY = (
+    b'{"error":{"code":"too_many_connections","message":"the server holds its maximum of open connections '
+    b'(max_connections); retry shortly"}}'
+)
+
+
+async def too_many_connections(scope: Any, receive: Any, send: Any) -> None:
+    """What a request gets past max_connections (uvicorn's limit_concurrency): the error shape of every other
+    refusal, a Retry-After, and a count in lstm_serve_rejected_requests_total; uvicorn's own answer is a
+    plain-text 503 that no metric sees."""
+    if HeaderDeadline.rejected is not None:
+        HeaderDeadline.rejected.labels("too_many_connections").inc()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(BUSY_BODY)),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": BUSY_BODY, "more_body": False})
+
+
+# uvicorn's HTTP protocol looks this name up in its module each time it refuses a request over the limit
+httptools_impl.service_unavailable = too_many_connections
 
 
 class ResponseWriter:

@@ -350,12 +350,16 @@ def test_connections_over_max_connections_get_503(start_server):
     held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
     try:
         time.sleep(0.2)
-        assert httpx.get(f"{server.url}/v1/models").status_code == 503
+        refused = httpx.get(f"{server.url}/v1/models")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "too_many_connections"
     finally:
         for sock in held:
             sock.close()
     time.sleep(0.3)
     assert httpx.get(f"{server.url}/v1/models").status_code == 200
+    counted = 'lstm_serve_rejected_requests_total{reason="too_many_connections"} 1.0'
+    assert counted in httpx.get(f"{server.url}/metrics").text
 
 
 def test_a_header_sent_twice_reads_as_its_first_value_on_every_look():
