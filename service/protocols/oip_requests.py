@@ -69,7 +69,9 @@ def wanted_outputs(request: InferenceRequest, entry: ModelEntry) -> list[WantedO
     if request.outputs is None:
         return [WantedOutput(name, binary_default, 0) for name in (PROBABILITIES, LOGITS)]
     wanted, C = [], len(entry.labels)
-    for out in request.outputs:
+    for k, out in enumerate(request.outputs):
+        if any(earlier.name == out.name for earlier in request.outputs[:k]):
+            raise InvalidInput(f"output {out.name!r} is asked for twice")
         if out.name not in (PROBABILITIES, LOGITS):
             raise InvalidInput(
                 f"unexpected inference output {out.name!r} for model {entry.name!r}; it has "

@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from lstm_serve.core.batcher import arrivals
 from lstm_serve.core.engine import LoadedModel
 from lstm_serve.core.inputs import Chunk, check_body_size, chunk_from_bytes, chunk_from_lists
+from lstm_serve.core.repository import version_number
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import REJECTIONS, InvalidInput, ServiceError, SessionNotFound
 from lstm_serve.protocols import schemas
@@ -50,7 +51,7 @@ def split_seq_header(payload: bytes) -> tuple[int | None, bytes]:
 
 def check_version(wanted: str | None, model: LoadedModel) -> None:
     """`?version=N` on the URL: the client states the model version it expects the session to run on."""
-    if wanted is not None and wanted != str(model.version):
+    if wanted is not None and version_number(wanted) != model.version:  # "01" is 1, as in /v2 paths
         raise InvalidInput(
             f"this session runs on {model.name} v{model.version}, not version {wanted[:20]!r}: a session stays "
             "on the version it started on; start a new session for another"

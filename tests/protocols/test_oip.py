@@ -197,6 +197,11 @@ def x_tensor(shape, data=None, datatype="FP32", **extra):
         ),
         ({"inputs": [x_tensor([1, 2, 12])], "outputs": [{"name": "hn"}]}, 400, "unexpected inference output"),
         (
+            {"inputs": [x_tensor([1, 2, 12])], "outputs": [{"name": "logits"}, {"name": "logits"}]},
+            400,
+            "output 'logits' is asked for twice",
+        ),
+        (
             {"inputs": [x_tensor([1, 2, 12])], "outputs": [{"name": "logits", "parameters": {"classification": 10}}]},
             400,
             "classification",

@@ -155,6 +155,9 @@ def test_the_version_policy_picks_what_serves_and_a_request_may_name_a_version(
         ws_url = server.url.replace("http", "ws") + f"/v1/sessions/{session['session_id']}/stream?version=3"
         with connect(ws_url) as ws:
             assert "runs on japanese-vowels v2" in json.loads(ws.recv())["error"]["message"]
+        with connect(ws_url.replace("version=3", "version=02")) as ws:  # a version number, as in /v2 paths
+            ws.send(json.dumps({"inputs": sequence[:1].tolist()}))
+            assert json.loads(ws.recv())["steps"] == len(sequence) + 1
         oip = f"/v2/models/{MODEL}/versions/2/infer"
         infer = {
             "inputs": [
