@@ -57,7 +57,8 @@ def configure(log_format: str) -> dict[str, Any]:
 def request_line(
     context: RequestContext, method: str, route: str, status: int, latency_s: float, access_log: bool
 ) -> None:
-    level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+    # a 503 is a refusal the server chose (overloaded, draining, a version loading), not a failure
+    level = logging.ERROR if status >= 500 and status != 503 else logging.WARNING if status >= 400 else logging.INFO
     if level == logging.INFO and not access_log:
         return
     caller = context.caller

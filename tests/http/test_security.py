@@ -4,6 +4,7 @@ Origin checks and CORS, request ids and logs. Every refusal has its status, its 
 import contextlib
 import hashlib
 import json
+import logging
 import socket
 import time
 
@@ -376,3 +377,15 @@ def test_a_header_sent_twice_reads_as_its_first_value_on_every_look():
     assert header(scope, b"authorization") == b"Bearer first"  # again, from the kept lookup
     assert header(scope, b"x-request-id") == b"abc"
     assert header(scope, b"origin") is None
+
+
+def test_a_refusal_logs_a_warning_and_only_a_failure_an_error(caplog):
+    """A 503 (overloaded, draining: /readyz during a drain) is the server doing its job, not an error."""
+    from lstm_serve.core.access import Caller, RequestContext
+    from lstm_serve.http import logs
+
+    context = RequestContext("r1", Caller(None, "127.0.0.1"))
+    with caplog.at_level(logging.INFO, logger="lstm_serve"):
+        for status in (503, 500, 404):
+            logs.request_line(context, "GET", "/readyz", status, 0.001, access_log=False)
+    assert [r.levelname for r in caplog.records] == ["WARNING", "ERROR", "WARNING"]
