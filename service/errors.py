@@ -70,6 +70,10 @@ class MethodNotAllowed(ServiceError):
     status, code = 405, "method_not_allowed"
 
 
+class UpgradeRequired(ServiceError):
+    status, code = 426, "upgrade_required"
+
+
 class ModelNotFound(ServiceError):
     status, code = 404, "model_not_found"
 

@@ -31,6 +31,7 @@ from lstm_serve.errors import (
     TooManySessions,
     Unauthorized,
     UnsupportedMediaType,
+    UpgradeRequired,
 )
 from lstm_serve.http import logs
 from lstm_serve.http.connections import BODY_COMPLETE
@@ -93,6 +94,11 @@ class Frame:
                     if found.allowed:
                         allow = ", ".join(found.allowed)
                         raise MethodNotAllowed(f"{method} is not allowed here; use {allow}", headers={"Allow": allow})
+                    if found.websocket:
+                        raise UpgradeRequired(
+                            f"{path[:100]} is a WebSocket: open it with a GET that upgrades (Upgrade: websocket)",
+                            headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+                        )
                     raise NotFound(f"no endpoint {method} {path}; see /docs")
                 context.caller = self.guard.authenticate(scope, route)
                 if not route.public:

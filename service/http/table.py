@@ -16,6 +16,7 @@ class Match:
     params: dict[str, str] = field(default_factory=dict)
     allowed: tuple[str, ...] = ()  # the methods the path takes, when the method asked for is not one of them
     template: str | None = None  # the matched path template: the metric label, never the raw path
+    websocket: bool = False  # the path is a WebSocket's: a plain request there needs to upgrade
 
 
 class RouteTable:
@@ -51,7 +52,7 @@ class RouteTable:
         if route is None:
             served = {m for m in methods if m != "WEBSOCKET"} | ({"HEAD"} if "GET" in methods else set())
             allowed = tuple(sorted(served))
-            return Match(None, params, allowed, template)
+            return Match(None, params, allowed, template, "WEBSOCKET" in methods)
         return Match(route, params, (), template)
 
     @staticmethod

@@ -146,6 +146,9 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
     assert client.get("/v1/nothing").json()["error"]["code"] == "not_found"
     response = client.put("/v1/classify")
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    plain = client.get("/v1/sessions/abc/stream")  # a WebSocket's path without the upgrade
+    assert plain.status_code == 426 and plain.headers["upgrade"] == "websocket"
+    assert plain.json()["error"]["code"] == "upgrade_required"
 
 
 def test_metrics_expose_the_promised_series(client):
