@@ -158,8 +158,8 @@ def checked_import(
         raise InvalidInput(f"the body names model {named!r} but the state is of {name!r}")
     if version is not None and of is not None and version != of:
         raise InvalidInput(f"the body names version {version} but the state is of version {str(of)[:20]}")
-    served = (
-        isinstance(of, int) and not isinstance(of, bool) and of in runtime.engine.fleet.versions_of(str(name), True)
+    served = (  # draining versions too: the import then answers 410 as a new session on that version does
+        isinstance(of, int) and not isinstance(of, bool) and of in runtime.engine.fleet.versions_of(str(name), False)
     )
     model = runtime.engine.model(name if isinstance(name, str) else None, of if served else None)
     return model, session_state.check(model.entry, state)

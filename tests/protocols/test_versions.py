@@ -116,6 +116,9 @@ def test_after_an_unload_and_its_drain_the_old_version_answers_410_everywhere(st
         assert unloaded.status_code == 200, unloaded.text
         assert step(c, on_v1, sequence[4:8]).status_code == 200  # draining: the live session goes on
         assert c.post("/v1/sessions", json={"version": 1}).status_code == 410  # but no new one starts on v1
+        exported = c.get(f"/v1/sessions/{on_v1}/state").json()
+        imported = c.post("/v1/sessions", json={"state": exported})  # nor one from its exported state
+        assert imported.status_code == 410 and "is draining" in imported.json()["error"]["message"]
 
         def retired() -> httpx.Response:
             reply = step(c, on_v1, sequence[8:10])
