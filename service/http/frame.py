@@ -49,6 +49,10 @@ def media_type(value: bytes) -> str:
     return value.split(b";", 1)[0].strip().lower().decode("latin-1")
 
 
+def unsupported_type(given: str, route: Route) -> UnsupportedMediaType:
+    return UnsupportedMediaType(f"Content-Type {given!r} is not taken here; send {' or '.join(route.media_types)}")
+
+
 class Frame:
     def __init__(self, table: RouteTable, runtime: Runtime, lifespan: Lifespan) -> None:
         self.table, self.runtime, self.lifespan_context = table, runtime, lifespan
@@ -132,12 +136,12 @@ class Frame:
             check_body_size(int(declared), limits)
         has_body = (declared is not None and declared != b"0") or header(scope, b"transfer-encoding") is not None
         content_type = header(scope, b"content-type")
-        if has_body and (content_type is not None or not route.untyped_body):
+        # a chunked body of unknown length without a type, where a body is optional: an empty one is no body
+        untyped_chunks = has_body and content_type is None and declared is None and not route.body_required
+        if has_body and not untyped_chunks and (content_type is not None or not route.untyped_body):
             given = media_type(content_type) if content_type is not None else "none"
             if given not in route.media_types:
-                raise UnsupportedMediaType(
-                    f"Content-Type {given!r} is not taken here; send {' or '.join(route.media_types)}"
-                )
+                raise unsupported_type(given, route)
         encoding = header(scope, b"content-encoding")
         if has_body and encoding is not None and not route.compressed_body and encoding.strip().lower() != b"identity":
             raise UnsupportedMediaType(
@@ -163,6 +167,8 @@ class Frame:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 check_body_size(received, limits)
+                if received and untyped_chunks and not route.untyped_body:
+                    raise unsupported_type("none", route)
             return message
 
         return limited

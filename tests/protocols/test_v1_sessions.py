@@ -198,3 +198,18 @@ def test_websocket_to_an_unknown_session_says_so_and_closes(server):
         with pytest.raises(Exception):  # noqa: B017 - closed by the server, code 4404
             ws.recv()
         assert ws.close_code == 4404
+
+
+def test_an_empty_chunked_body_is_no_body_and_a_typeless_one_is_refused(client):
+    """POST /v1/sessions takes no body; sent chunked, an empty one is the same (it was 415 for lacking a type)."""
+
+    def chunks(*parts: bytes):
+        yield from parts
+
+    empty = client.post("/v1/sessions", content=chunks())
+    assert empty.status_code == 201, empty.text
+    assert empty.request.headers.get("transfer-encoding") == "chunked"
+    typeless = client.post("/v1/sessions", content=chunks(b"{}"))
+    assert typeless.status_code == 415 and "Content-Type 'none'" in typeless.json()["error"]["message"]
+    typed = client.post("/v1/sessions", content=chunks(b"{}"), headers={"Content-Type": "application/json"})
+    assert typed.status_code == 201
