@@ -49,9 +49,9 @@ def read_file(path: str) -> tuple[list[np.ndarray], list[str] | None]:
         except (ValueError, TypeError, OSError, EOFError) as error:
             raise InputError(f"{path}: not a numeric .npy array ({str(error)[:100]})") from None
         if array.ndim == 2:
-            return [array.astype(np.float32)], None
+            return [array], None
         if array.ndim == 3:
-            return [a.astype(np.float32) for a in array], None
+            return list(array), None
         raise InputError(f"{path}: a .npy must be [T, D] or [N, T, D]; it is {list(array.shape)}")
     if suffix in (".csv", ".npz"):
         from lstm_serve.model.data import DataError, read_user_data

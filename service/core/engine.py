@@ -102,7 +102,7 @@ class Engine:
     async def create_session(self, model: LoadedModel, session_id: str, quota: str) -> SessionRecord:
         """`quota`: whose share of sessions it counts against (Caller.quota_key)."""
         self.fleet.check_new_session(model)
-        return await self.store.create(new_record(model.name, model.version, session_id, owner=quota))
+        return await self.store.create(new_record(model.name, model.version, session_id, quota=quota))
 
     async def import_session(
         self, model: LoadedModel, session_id: str, quota: str, exported: Exported
@@ -110,7 +110,7 @@ class Engine:
         """A new session that continues from an exported state (core/session_state.py)."""
         self.fleet.check_new_session(model)
         record = new_record(
-            model.name, model.version, session_id, owner=quota, steps=exported.steps, state=exported.state
+            model.name, model.version, session_id, quota=quota, steps=exported.steps, state=exported.state
         )
         return await self.store.create(record)
 
@@ -139,7 +139,7 @@ class Engine:
                 model.name,
                 model.version,
                 session_id,
-                owner=quota,
+                quota=quota,
                 steps=len(chunk),
                 state=tuple(out.state),
                 last_seq=0,

@@ -137,7 +137,8 @@ class Frame:
         has_body = (declared is not None and declared != b"0") or header(scope, b"transfer-encoding") is not None
         content_type = header(scope, b"content-type")
         # a chunked body of unknown length without a type, where a body is optional: an empty one is no body
-        untyped_chunks = has_body and content_type is None and declared is None and not route.body_required
+        optional_typed_body = not route.body_required and not route.untyped_body
+        untyped_chunks = has_body and content_type is None and declared is None and optional_typed_body
         if has_body and not untyped_chunks and (content_type is not None or not route.untyped_body):
             given = media_type(content_type) if content_type is not None else "none"
             if given not in route.media_types:
@@ -167,7 +168,7 @@ class Frame:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 check_body_size(received, limits)
-                if received and untyped_chunks and not route.untyped_body:
+                if received and untyped_chunks:
                     raise unsupported_type("none", route)
             return message
 

@@ -62,9 +62,7 @@ def client_address(scope: Scope) -> str:
 
 def addressed_by_ip_or_localhost(host: str) -> bool:
     """A Host header (name[:port]) that names the server by an IP address or as localhost."""
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if name.startswith("[") and "]" in name:  # [v6]:port
-        name = name[1 : name.index("]")]
+    name = host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]  # [v6]:port
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:

@@ -68,9 +68,10 @@ def wanted_outputs(request: InferenceRequest, entry: ModelEntry) -> list[WantedO
         raise InvalidInput("parameters.binary_data_output must be a boolean")
     if request.outputs is None:
         return [WantedOutput(name, binary_default, 0) for name in (PROBABILITIES, LOGITS)]
-    wanted, C = [], len(entry.labels)
-    for k, out in enumerate(request.outputs):
-        if any(earlier.name == out.name for earlier in request.outputs[:k]):
+    wanted: list[WantedOutput] = []
+    C = len(entry.labels)
+    for out in request.outputs:
+        if any(earlier.name == out.name for earlier in wanted):
             raise InvalidInput(f"output {out.name!r} is asked for twice")
         if out.name not in (PROBABILITIES, LOGITS):
             raise InvalidInput(

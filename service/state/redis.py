@@ -206,7 +206,8 @@ def encode(record: SessionRecord) -> dict[str, bytes | str]:
     """The hash fields: what the Lua scripts compare (incarnation; revision is added by the caller), the
     owner (for its index on delete), and the rest of the record as one blob: fewer arguments to build and
     fields to parse per step than a field per attribute."""
-    return {"incarnation": record.incarnation, "owner": record.owner, "record": encode_blob(record)}
+    # the hash field keeps its name "owner" (DELETE reads it), so sessions stored by an earlier release stay counted
+    return {"incarnation": record.incarnation, "owner": record.quota, "record": encode_blob(record)}
 
 
 def encode_blob(record: SessionRecord) -> bytes:
@@ -251,7 +252,7 @@ def decode(session_id: str, fields: dict[bytes, bytes]) -> SessionRecord:
         last_probabilities=None if last is None else last[0],
         previous_state=previous,
         revision=int(fields[b"revision"]),
-        owner=fields.get(b"owner", b"").decode(),
+        quota=fields.get(b"owner", b"").decode(),
     )
 
 
@@ -288,7 +289,7 @@ class RedisSessionStore:
         kept = self.commit_heads.get(record.session_id)
         if kept is not None and kept[0] == record.incarnation:
             return kept[1]
-        keys = (session_key(record.session_id), INDEX, owner_index(record.owner))
+        keys = (session_key(record.session_id), INDEX, owner_index(record.quota))
         args = (record.incarnation, record.session_id, self.ttl_s, self.index_slack_s)
         head = pack(("EVALSHA", SHA1[COMMIT], len(keys), *keys, *args), extra=4)
         self.commit_heads[record.session_id] = (record.incarnation, head)
@@ -325,7 +326,7 @@ class RedisSessionStore:
         fields = {**encode(record), "revision": str(record.revision)}
         stored = await self.run_script(
             CREATE,
-            [session_key(record.session_id), INDEX, owner_index(record.owner)],
+            [session_key(record.session_id), INDEX, owner_index(record.quota)],
             [
                 record.last_used,
                 self.ttl_s,

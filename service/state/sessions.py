@@ -42,7 +42,7 @@ class SessionRecord:
     last_probabilities: np.ndarray | None = None  # (C,) after the last applied chunk
     previous_state: tuple[np.ndarray, ...] | None = None  # the state the last applied chunk started from
     revision: int = 0  # bumped by every commit; commits are compare-and-set on (incarnation, revision)
-    owner: str = ""  # whose share it counts against: an API key, or a client address without keys (Caller.quota_key)
+    quota: str = ""  # whose share it counts against: an API key, or a client address without keys (Caller.quota_key)
 
     def advanced(self, **changes: Any) -> SessionRecord:
         """A copy with `changes`: dataclasses.replace re-runs __init__ through every field, which costs more
@@ -229,7 +229,7 @@ class InMemorySessionStore:
         self.max_per_owner = max_per_owner or max_sessions
         self.on_expired, self.clock = on_expired, clock
         self._sessions: OrderedDict[str, SessionRecord] = OrderedDict()
-        self._owned: Counter[str] = Counter()  # live sessions per owner
+        self._owned: Counter[str] = Counter()  # live sessions per quota key
         self.lock = KeyedLocks()
 
     def _expired(self, record: SessionRecord, now: float) -> bool:
@@ -238,23 +238,23 @@ class InMemorySessionStore:
     async def create(self, record: SessionRecord) -> SessionRecord:
         replacing = record.session_id in self._sessions
         if not replacing:
-            full = len(self._sessions) >= self.max_sessions or self._owned[record.owner] >= self.max_per_owner
+            full = len(self._sessions) >= self.max_sessions or self._owned[record.quota] >= self.max_per_owner
             if full:
                 await self.sweep()
             if len(self._sessions) >= self.max_sessions:
                 raise server_full(self.max_sessions, self.ttl_s)
-            if self._owned[record.owner] >= self.max_per_owner:
+            if self._owned[record.quota] >= self.max_per_owner:
                 raise owner_full(self.max_per_owner, self.ttl_s)
-            self._owned[record.owner] += 1
+            self._owned[record.quota] += 1
         self._sessions.pop(record.session_id, None)
         self._sessions[record.session_id] = record
         return record
 
     def _remove(self, session_id: str) -> None:
         record = self._sessions.pop(session_id)
-        self._owned[record.owner] -= 1
-        if not self._owned[record.owner]:
-            del self._owned[record.owner]
+        self._owned[record.quota] -= 1
+        if not self._owned[record.quota]:
+            del self._owned[record.quota]
 
     async def load(self, session_id: str) -> SessionRecord:
         record = self._sessions.get(session_id)
