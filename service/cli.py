@@ -356,7 +356,8 @@ def top_parser() -> argparse.ArgumentParser:
         "lstm-serve",
         description="Serve recurrent sequence classifiers: HTTP classification and stateful "
         "streaming sessions on onnxruntime.",
-        epilog="`lstm-serve COMMAND --help` lists a command's options.",
+        epilog="`lstm-serve COMMAND --help` lists a command's options. An error is one line (exit code 2); "
+        "LSTM_SERVE_TRACEBACK=1 shows its traceback instead.",
     )
     parser.add_argument("--version", action="version", version=f"lstm-serve {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,5 +1,6 @@
 """`lstm-serve` as an operator meets it: help, version, and one clear line for a mistake."""
 
+import os
 import subprocess
 import sys
 
@@ -9,9 +10,14 @@ import pytest
 from tests.conftest import ROOT
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lstm_serve.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "lstm_serve.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -58,6 +64,17 @@ def test_a_mistake_is_one_line_on_stderr_and_a_nonzero_exit(args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2  # argparse adds its usage line to its own errors
+
+
+def test_lstm_serve_traceback_shows_where_a_one_line_error_came_from(tmp_path):
+    assert "LSTM_SERVE_TRACEBACK=1" in run("--help").stdout
+    args = ("models", "--model-repository", str(tmp_path / "nowhere"))
+    one_line = run(*args)
+    assert one_line.returncode == 2 and "Traceback" not in one_line.stderr
+    assert "does not exist (RepositoryError; LSTM_SERVE_TRACEBACK=1 shows where)" in one_line.stderr
+    traced = run(*args, env={"LSTM_SERVE_TRACEBACK": "1"})
+    assert traced.returncode != 0 and "Traceback (most recent call last)" in traced.stderr
+    assert "RepositoryError: model repository" in traced.stderr
 
 
 def test_a_file_the_server_would_refuse_is_refused_by_the_local_commands_in_one_line(tmp_path):

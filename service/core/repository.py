@@ -85,9 +85,14 @@ def load_entry(version_dir: Path) -> ModelEntry:
 MAX_VERSION_DIGITS = 18  # a version fits a signed 64-bit integer, which JSON writers and clients take
 
 
+def is_number(name: str) -> bool:
+    """ASCII digits only (str.isdigit() also takes '²', which int() refuses)."""
+    return name.isascii() and name.isdigit()
+
+
 def is_version(name: str) -> bool:
-    """A version folder's name: up to 18 ASCII digits (str.isdigit() also takes '²', which int() refuses)."""
-    return name.isascii() and name.isdigit() and len(name) <= MAX_VERSION_DIGITS
+    """A version folder's name: a number of up to 18 digits."""
+    return is_number(name) and len(name) <= MAX_VERSION_DIGITS
 
 
 def version_number(text: str) -> int | None:
@@ -102,7 +107,7 @@ def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
     found: dict[str, dict[int, Path]] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         folders = [p for p in model_dir.iterdir() if p.is_dir()]
-        for too_long in (p for p in folders if p.name.isascii() and p.name.isdigit() and not is_version(p.name)):
+        for too_long in (p for p in folders if is_number(p.name) and len(p.name) > MAX_VERSION_DIGITS):
             log.warning("skipping %s: a version number has at most %d digits", too_long, MAX_VERSION_DIGITS)
         versions = {int(p.name): p for p in folders if is_version(p.name)}
         if versions:

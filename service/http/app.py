@@ -37,9 +37,9 @@ def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
         from lstm_serve.state.redis import RedisSessionStore
 
         return RedisSessionStore(
-            settings.redis_url, settings.session_ttl_s, settings.max_sessions, expired, max_per_owner=per_key
+            settings.redis_url, settings.session_ttl_s, settings.max_sessions, expired, max_per_quota=per_key
         )
-    return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions, expired, max_per_owner=per_key)
+    return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions, expired, max_per_quota=per_key)
 
 
 def make_directory(settings: Settings, store: SessionStore) -> ModelDirectory:

@@ -1,20 +1,20 @@
 """Sessions in Redis, shared by every replica.
 
-Per session a hash `lstm-serve:s:<id>` holds the incarnation, a revision number, the owner, and `record`:
-one blob of the model and version, timestamps, frames consumed, the state tensors as float32 bytes, and
-what a retry of the last chunk needs (its seq and digest, the probabilities after it, the state before
-it). A replica remembers its last view of recent sessions and steps from it without reading the session
-first: if another replica moved the session on, the commit finds out and the step starts again from
-what Redis holds. Commits are a Lua compare-and-set on (incarnation, revision), so two replicas stepping
-one session at the same moment both apply, in some order, each exactly once, and a step never lands on a
-restarted session.
+Per session a hash `lstm-serve:s:<id>` holds the incarnation, a revision number, whose quota the session
+counts against (field `owner`), and `record`: one blob of the model and version, timestamps, frames
+consumed, the state tensors as float32 bytes, and what a retry of the last chunk needs (its seq and
+digest, the probabilities after it, the state before it). A replica remembers its last view of recent
+sessions and steps from it without reading the session first: if another replica moved the session on,
+the commit finds out and the step starts again from what Redis holds. Commits are a Lua compare-and-set
+on (incarnation, revision), so two replicas stepping one session at the same moment both apply, in some
+order, each exactly once, and a step never lands on a restarted session.
 
-Idle expiry is a Redis TTL on the hash; sorted sets count live sessions, in all and per owner (API key),
-and expired ones. A session's score there is an upper bound of its last use, renewed by a commit only
-once the last bound has passed (each bound reaches INDEX_SLACK_S ahead): rewriting the sorted sets on
-every step cost Redis more than the rest of the step (a small sorted set is a flat list, rewritten in
-full). So a count may still include a session that expired within the last INDEX_SLACK_S, and the sweep
-counts an expiry up to that late; a live session is never left out.
+Idle expiry is a Redis TTL on the hash; sorted sets count live sessions, in all and per quota (an API key,
+or a client address without keys), and expired ones. A session's score there is an upper bound of its
+last use, renewed by a commit only once the last bound has passed (each bound reaches INDEX_SLACK_S
+ahead): rewriting the sorted sets on every step cost Redis more than the rest of the step (a small sorted
+set is a flat list, rewritten in full). So a count may still include a session that expired within the
+last INDEX_SLACK_S, and the sweep counts an expiry up to that late; a live session is never left out.
 
 Request-rate buckets per caller live here too, so limits hold across replicas. The commands of every
 step (create, load, commit, delete) go over one pipelined connection (state/resp.py): a batch's commits
@@ -43,7 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from lstm_serve.errors import SessionNotFound, StoreUnavailable
 from lstm_serve.ids import caller_id
 from lstm_serve.state.resp import LeanRedis, bulk, pack
-from lstm_serve.state.sessions import KeyedLocks, SessionRecord, owner_full, server_full
+from lstm_serve.state.sessions import KeyedLocks, SessionRecord, quota_full, server_full
 
 log = logging.getLogger("lstm_serve")
 T = TypeVar("T")
@@ -55,8 +55,8 @@ GENERATION = PREFIX + "models:generation"  # bumped by every change of a table
 RECENT_SESSIONS = 1024  # sessions whose last state a replica keeps, to step them without reading it first
 INDEX_SLACK_S = 1.0  # at most this far (and at most a tenth of the TTL) a session's index score runs ahead
 
-# KEYS[1] session hash, KEYS[2] index, KEYS[3] the owner's index; ARGV: now, ttl, max, max per owner, id,
-# index slack, fields... -> 1 stored, -1 when the store is full, -2 when the owner's share is.
+# KEYS[1] session hash, KEYS[2] index, KEYS[3] the quota's index; ARGV: now, ttl, max, max per quota, id,
+# index slack, fields... -> 1 stored, -1 when the store is full, -2 when the quota's share is.
 # A restart (the id exists) keeps its slot; the record's new incarnation tells it from the old one.
 CREATE = """
 local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -75,7 +75,7 @@ redis.call('EXPIRE', KEYS[3], math.ceil(ttl + tonumber(ARGV[6])))
 return 1
 """
 
-# KEYS[1] session hash, KEYS[2] index, KEYS[3] the owner's index; ARGV: expected incarnation, id, ttl, index
+# KEYS[1] session hash, KEYS[2] index, KEYS[3] the quota's index; ARGV: expected incarnation, id, ttl, index
 # slack, expected revision, now, new revision, record -> 1 committed, 0 lost the race (moved on or
 # replaced), -1 session gone. The first four are the same for every step of a session (their encoding is
 # kept); the index scores are renewed only once the last bound (`indexed`) has passed.
@@ -96,8 +96,8 @@ end
 return 1
 """
 
-# KEYS[1] session hash, KEYS[2] index; ARGV: id, the owners' index prefix -> 1 deleted, 0 no such session.
-# The owner's index is named by the hash's owner field, read here: one round trip.
+# KEYS[1] session hash, KEYS[2] index; ARGV: id, the quota indexes' prefix -> 1 deleted, 0 no such session.
+# The quota's index is named by the hash's owner field, read here: one round trip.
 DELETE = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then return 0 end
@@ -132,8 +132,8 @@ def session_key(session_id: str) -> str:
     return f"{PREFIX}s:{session_id}"
 
 
-def owner_index(owner: str) -> str:
-    return f"{PREFIX}o:{owner}"
+def quota_index(quota: str) -> str:
+    return f"{PREFIX}o:{quota}"
 
 
 class OutageLog:
@@ -204,7 +204,7 @@ def decode_arrays(blob: bytes) -> tuple[np.ndarray, ...] | None:
 
 def encode(record: SessionRecord) -> dict[str, bytes | str]:
     """The hash fields: what the Lua scripts compare (incarnation; revision is added by the caller), the
-    owner (for its index on delete), and the rest of the record as one blob: fewer arguments to build and
+    quota holder (for its index on delete), and the rest of the record as one blob: fewer arguments to build and
     fields to parse per step than a field per attribute."""
     # the hash field keeps its name "owner" (DELETE reads it), so sessions stored by an earlier release stay counted
     return {"incarnation": record.incarnation, "owner": record.quota, "record": encode_blob(record)}
@@ -268,10 +268,10 @@ class RedisSessionStore:
         max_sessions: int,
         on_expired: Callable[[int], None] = lambda n: None,
         timeout_s: float = 2.0,
-        max_per_owner: int | None = None,
+        max_per_quota: int | None = None,
     ) -> None:
         self.ttl_s, self.max_sessions, self.on_expired = ttl_s, max_sessions, on_expired
-        self.max_per_owner = max_per_owner or max_sessions
+        self.max_per_quota = max_per_quota or max_sessions
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10
         )
@@ -289,7 +289,7 @@ class RedisSessionStore:
         kept = self.commit_heads.get(record.session_id)
         if kept is not None and kept[0] == record.incarnation:
             return kept[1]
-        keys = (session_key(record.session_id), INDEX, owner_index(record.quota))
+        keys = (session_key(record.session_id), INDEX, quota_index(record.quota))
         args = (record.incarnation, record.session_id, self.ttl_s, self.index_slack_s)
         head = pack(("EVALSHA", SHA1[COMMIT], len(keys), *keys, *args), extra=4)
         self.commit_heads[record.session_id] = (record.incarnation, head)
@@ -326,12 +326,12 @@ class RedisSessionStore:
         fields = {**encode(record), "revision": str(record.revision)}
         stored = await self.run_script(
             CREATE,
-            [session_key(record.session_id), INDEX, owner_index(record.quota)],
+            [session_key(record.session_id), INDEX, quota_index(record.quota)],
             [
                 record.last_used,
                 self.ttl_s,
                 self.max_sessions,
-                self.max_per_owner,
+                self.max_per_quota,
                 record.session_id,
                 self.index_slack_s,
                 *flatten(fields),
@@ -340,7 +340,7 @@ class RedisSessionStore:
         if stored == -1:
             raise server_full(self.max_sessions, self.ttl_s)
         if stored == -2:
-            raise owner_full(self.max_per_owner, self.ttl_s)
+            raise quota_full(self.max_per_quota, self.ttl_s)
         return self.remember(record)
 
     @reachable
@@ -384,7 +384,7 @@ class RedisSessionStore:
     async def delete(self, session_id: str) -> None:
         self.recent.pop(session_id, None)
         self.commit_heads.pop(session_id, None)
-        deleted = await self.run_script(DELETE, [session_key(session_id), INDEX], [session_id, owner_index("")])
+        deleted = await self.run_script(DELETE, [session_key(session_id), INDEX], [session_id, quota_index("")])
         if not deleted:
             raise SessionNotFound(f"no session {caller_id(session_id)!r} (never created, deleted, or expired)")
 

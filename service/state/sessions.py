@@ -116,9 +116,9 @@ def server_full(max_sessions: int, ttl_s: float) -> TooManySessions:
     )
 
 
-def owner_full(max_per_owner: int, ttl_s: float) -> TooManySessions:
+def quota_full(max_per_quota: int, ttl_s: float) -> TooManySessions:
     return TooManySessions(
-        f"this API key (or client address) holds its maximum of {max_per_owner} sessions; delete finished "
+        f"this API key (or client address) holds its maximum of {max_per_quota} sessions; delete finished "
         "sessions or retry after idle ones expire",
         headers={"Retry-After": str(max(1, round(ttl_s / 10)))},
     )
@@ -223,13 +223,13 @@ class InMemorySessionStore:
         max_sessions: int,
         on_expired: Callable[[int], None] = lambda n: None,
         clock: Callable[[], float] = time.time,
-        max_per_owner: int | None = None,
+        max_per_quota: int | None = None,
     ) -> None:
         self.ttl_s, self.max_sessions = ttl_s, max_sessions
-        self.max_per_owner = max_per_owner or max_sessions
+        self.max_per_quota = max_per_quota or max_sessions
         self.on_expired, self.clock = on_expired, clock
         self._sessions: OrderedDict[str, SessionRecord] = OrderedDict()
-        self._owned: Counter[str] = Counter()  # live sessions per quota key
+        self._per_quota: Counter[str] = Counter()  # live sessions per quota key
         self.lock = KeyedLocks()
 
     def _expired(self, record: SessionRecord, now: float) -> bool:
@@ -238,23 +238,23 @@ class InMemorySessionStore:
     async def create(self, record: SessionRecord) -> SessionRecord:
         replacing = record.session_id in self._sessions
         if not replacing:
-            full = len(self._sessions) >= self.max_sessions or self._owned[record.quota] >= self.max_per_owner
+            full = len(self._sessions) >= self.max_sessions or self._per_quota[record.quota] >= self.max_per_quota
             if full:
                 await self.sweep()
             if len(self._sessions) >= self.max_sessions:
                 raise server_full(self.max_sessions, self.ttl_s)
-            if self._owned[record.quota] >= self.max_per_owner:
-                raise owner_full(self.max_per_owner, self.ttl_s)
-            self._owned[record.quota] += 1
+            if self._per_quota[record.quota] >= self.max_per_quota:
+                raise quota_full(self.max_per_quota, self.ttl_s)
+            self._per_quota[record.quota] += 1
         self._sessions.pop(record.session_id, None)
         self._sessions[record.session_id] = record
         return record
 
     def _remove(self, session_id: str) -> None:
         record = self._sessions.pop(session_id)
-        self._owned[record.quota] -= 1
-        if not self._owned[record.quota]:
-            del self._owned[record.quota]
+        self._per_quota[record.quota] -= 1
+        if not self._per_quota[record.quota]:
+            del self._per_quota[record.quota]
 
     async def load(self, session_id: str) -> SessionRecord:
         record = self._sessions.get(session_id)
@@ -310,4 +310,4 @@ class InMemorySessionStore:
 
     async def close(self) -> None:
         self._sessions.clear()
-        self._owned.clear()
+        self._per_quota.clear()
