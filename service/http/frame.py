@@ -8,6 +8,7 @@ route template, method and status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from lstm_serve.errors import (
     ForbiddenOrigin,
     MethodNotAllowed,
     NotFound,
+    NotReady,
     RequestTimeout,
     ServiceError,
     TooManySessions,
@@ -43,6 +45,10 @@ from lstm_serve.protocols.routing import HttpEndpoint, Route, SocketEndpoint, v1
 log = logging.getLogger("lstm_serve")
 Lifespan = Callable[[], AbstractAsyncContextManager[None]]
 CLOSE_UNAUTHORIZED, CLOSE_TOO_MANY = 4401, 4429
+CUT_AT_SHUTDOWN = (
+    "the server shut down before this request finished (shutdown_timeout_s ran out); retry it: a session step "
+    "sent with seq is applied once whatever happened to this one"
+)
 
 
 def media_type(value: bytes) -> str:
@@ -69,7 +75,7 @@ class Frame:
 
     # -- HTTP ----------------------------------------------------------------------------------------
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started, status = time.perf_counter(), 500
+        started, status, responding = time.perf_counter(), 500, False
         method, path = scope["method"], scope["path"]
         found = self.table.match(method, path)
         route = found.route
@@ -79,9 +85,9 @@ class Frame:
         extra_headers = [(b"x-request-id", context.request_id.encode())]
 
         async def send_marked(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responding
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responding = message["status"], True
                 message["headers"] = [*message.get("headers", ()), *extra_headers]
             await send(message)
 
@@ -121,6 +127,14 @@ class Frame:
                 log.exception("unhandled error on %s %s (request %s)", method, path, context.request_id)
                 response = protocol.render(ServiceError("internal error; see the server log"), context.request_id)
             await response(scope, receive, send_marked)
+        except asyncio.CancelledError:
+            # only the server cancels a request, once shutdown_timeout_s has run out: the client hears so (if
+            # nothing was sent yet) and it is logged as a 503, not as a server error with a traceback
+            status = 503
+            if not responding:
+                with contextlib.suppress(Exception):
+                    cut = NotReady(CUT_AT_SHUTDOWN, headers={"Retry-After": "1", "Connection": "close"})
+                    await protocol.render(cut, context.request_id)(scope, receive, send_marked)
         finally:
             latency_s, template = time.perf_counter() - started, found.template or "unmatched"
             self.runtime.metrics.request_done(template, method, str(status), latency_s)

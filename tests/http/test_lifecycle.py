@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -253,3 +254,24 @@ def test_sigterm_under_load_loses_no_accepted_request(start_server):
     during = [status for at, status in readiness if at < t0 + drain_s - 0.2]
     assert during and set(during) == {503}, readiness
     assert readiness[-1][1] == "refused" and readiness[-1][0] - t0 >= drain_s - 0.2
+
+
+def test_a_request_cut_off_at_shutdown_timeout_is_a_503_not_a_server_error(start_server):
+    """A client still sending its body when shutdown_timeout_s runs out: it hears 503 (retry elsewhere), and
+    the server logs a 503, not a 500 with an ASGI traceback."""
+    server = start_server("--drain-delay-s", "0", "--shutdown-timeout-s", "1", "--body-timeout-s", "60")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        slow.sendall(b"Content-Length: 100000\r\n\r\n{")
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        reply = b""
+        while chunk := slow.recv(65536):
+            reply += chunk
+    assert server.proc.wait(10) in (0, -signal.SIGTERM)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), reply[:200]
+    assert b'"code":"not_ready"' in body and b"shutdown_timeout_s" in body
+    log = server.output()
+    assert "Exception in ASGI application" not in log and "CancelledError" not in log, log
+    assert " 503 " in log and "POST /v1/classify 500" not in log, log
