@@ -124,6 +124,9 @@ class StoreUnavailable(ServerError): ...
 class NotReady(ServerError): ...
 
 
+class ModelLoading(ServerError): ...
+
+
 ERRORS: dict[str, type[ServerError]] = {
     "invalid_input": InvalidInput,
     "malformed_request": MalformedRequest,
@@ -139,8 +142,28 @@ ERRORS: dict[str, type[ServerError]] = {
     "overloaded": Overloaded,
     "session_store_unavailable": StoreUnavailable,
     "not_ready": NotReady,
+    "model_loading": ModelLoading,
 }
-RETRIED = (RateLimited, Overloaded, StoreUnavailable, NotReady)
+RETRIED = (RateLimited, Overloaded, StoreUnavailable, NotReady, ModelLoading)
+# a WebSocket error reply carries the code, not an HTTP status: the status the same error has over HTTP
+STATUS_OF_CODE = {
+    "invalid_input": 422,
+    "malformed_request": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "model_not_found": 404,
+    "session_not_found": 404,
+    "seq_conflict": 409,
+    "session_restarted": 409,
+    "model_version_retired": 410,
+    "body_too_large": 413,
+    "too_many_sessions": 429,
+    "rate_limited": 429,
+    "overloaded": 503,
+    "session_store_unavailable": 503,
+    "not_ready": 503,
+    "model_loading": 503,
+}
 
 
 def error_of(status: int, body: dict[str, Any]) -> ServerError:
@@ -150,6 +173,13 @@ def error_of(status: int, body: dict[str, Any]) -> ServerError:
     fields = dict(error)
     code, message = fields.pop("code", "error"), fields.pop("message", "")
     return ERRORS.get(code, ServerError)(status, code, message, fields.pop("request_id", None), **fields)
+
+
+def stream_error(reply: dict[str, Any]) -> ServerError:
+    """An error reply on the WebSocket, as the typed exception with the status the error has over HTTP."""
+    error = reply.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    return error_of(STATUS_OF_CODE.get(str(code), 400), reply)
 
 
 def encoded(body: Any) -> tuple[bytes | None, dict[str, str]]:
@@ -280,7 +310,9 @@ class Session:
 
     def stream(self, chunks: Iterable[Frames], reconnects: int = 5) -> Iterator[Prediction]:
         """Each chunk over the WebSocket as binary float32 frames with its seq; a prediction per chunk. A
-        dropped socket is reopened and the unacknowledged chunk sent again: applied once either way."""
+        dropped socket is reopened (up to `reconnects` times) and the unacknowledged chunk sent again; so is
+        a chunk answered with a 503 or a 429 error (up to the client's `retries` times): applied once either
+        way. Any other error reply is raised, with the status the same error has over HTTP."""
         from websockets.exceptions import ConnectionClosed, InvalidHandshake
         from websockets.sync.client import connect
 
@@ -291,21 +323,28 @@ class Session:
             for chunk in chunks:
                 frames = as_frames(chunk)
                 message = SEQ_MARK + self.steps.to_bytes(8, "little") + frames.astype("<f4").tobytes()
+                attempt = 0
                 while True:
                     try:
                         if socket is None:
                             socket = sockets.enter_context(connect(url, additional_headers=headers, max_size=None))
                         socket.send(message)
                         reply = json.loads(socket.recv())
-                        break
                     except (ConnectionClosed, InvalidHandshake, OSError):
                         socket = None
                         dropped += 1
                         if dropped > reconnects:
                             raise
                         time.sleep(min(2.0, 0.05 * 2**dropped))
-                if "error" in reply:
-                    raise error_of(400, reply)  # the WebSocket carries the code, not an HTTP status
+                        continue
+                    if "error" not in reply:
+                        break
+                    error = stream_error(reply)  # a 503 or a 429: the same chunk again, with its seq
+                    wait = retry_wait(True, attempt, self.client.retries, error)
+                    if wait is None:
+                        raise error
+                    attempt += 1
+                    time.sleep(wait)
                 self.steps = reply["steps"]
                 yield Prediction.of(reply["prediction"])
 
@@ -400,7 +439,8 @@ class AsyncSession:
             await self.client.request("DELETE", f"/v1/sessions/{self.id}", retry=True)
 
     async def stream(self, chunks: Iterable[Frames], reconnects: int = 5) -> AsyncIterator[Prediction]:
-        """As Session.stream: binary frames with seq, reconnecting and resending the unacknowledged chunk."""
+        """As Session.stream: binary frames with seq, reconnecting and resending the unacknowledged chunk, and
+        resending a chunk answered with a 503 or a 429 error."""
         import asyncio
 
         from websockets.asyncio.client import ClientConnection, connect
@@ -413,20 +453,27 @@ class AsyncSession:
         try:
             for chunk in chunks:
                 message = SEQ_MARK + self.steps.to_bytes(8, "little") + as_frames(chunk).astype("<f4").tobytes()
+                attempt = 0
                 while True:
                     try:
                         if socket is None:
                             socket = await connect(url, additional_headers=headers, max_size=None)
                         await socket.send(message)
                         reply = json.loads(await socket.recv())
-                        break
                     except (ConnectionClosed, InvalidHandshake, OSError):
                         socket, dropped = None, dropped + 1
                         if dropped > reconnects:
                             raise
                         await asyncio.sleep(min(2.0, 0.05 * 2**dropped))
-                if "error" in reply:
-                    raise error_of(400, reply)
+                        continue
+                    if "error" not in reply:
+                        break
+                    error = stream_error(reply)
+                    wait = retry_wait(True, attempt, self.client.retries, error)
+                    if wait is None:
+                        raise error
+                    attempt += 1
+                    await asyncio.sleep(wait)
                 self.steps = reply["steps"]
                 yield Prediction.of(reply["prediction"])
         finally:

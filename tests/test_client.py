@@ -4,6 +4,7 @@ through a connection dropped mid-step and a WebSocket dropped mid-stream."""
 import contextlib
 import socket
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -183,3 +184,23 @@ def test_a_rate_limited_call_is_retried_after_retry_after(start_server, test_seq
         assert refused.value.retry_after == 1.0, "the server's Retry-After reaches the exception"
         labels = {client.classify([test_sequences[0]])[0].label for _ in range(3)}  # each waits out a 429
     assert len(labels) == 1
+
+
+def test_a_stream_resends_a_chunk_answered_429_and_raises_other_errors_with_their_status(start_server, test_sequences):
+    """Over the WebSocket a 429 or a 503 is an error reply on an open socket: the chunk goes again with its
+    seq, so it is applied exactly once; an error that a retry cannot mend is raised, with its HTTP status."""
+    server = start_server(env={"LSTM_SERVE_RATE_LIMIT": "5/s", "LSTM_SERVE_RATE_BURST": "1"})
+    frames = test_sequences[3]
+    chunks = [frames[i : i + 2] for i in range(0, len(frames), 2)]
+    with Client(server.url, retries=20) as client:
+        with client.session() as session:  # first: a create is not retried (a second try could make two)
+            expected = client.classify([frames])[0]
+            predictions = list(session.stream(chunks))  # 5/s: most chunks are refused once or more first
+            assert session.steps == len(frames), "a resent chunk was applied twice, or one was lost"
+            np.testing.assert_allclose(predictions[-1].probabilities, expected.probabilities, atol=1e-5)
+            with pytest.raises(InvalidInput) as refused:
+                list(session.stream([np.zeros((1, 5))]))
+            assert refused.value.status == 422
+        time.sleep(0.5)  # /metrics counts against the rate too
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'lstm_serve_rejected_requests_total{reason="rate_limited"}' in metrics
