@@ -172,6 +172,13 @@ def reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
     return wrapper
 
 
+UNCONFIRMED_STEP = (
+    "the session store did not confirm this step: it may have been applied. Send it again with the same seq "
+    "(answered once, never applied twice); a step sent without seq should not be resent before GET "
+    "/v1/sessions/{id} shows whether its frames were counted"
+)
+
+
 @functools.cache
 def shapes_line(shapes: tuple[tuple[int, ...], ...]) -> bytes:
     return ";".join(",".join(map(str, shape)) for shape in shapes).encode() + b"\n"
@@ -368,7 +375,12 @@ class RedisSessionStore:
                 bulk(encode_blob(record)),
             )
         )
-        result = await self.run_packed(COMMIT, command)
+        try:
+            result = await self.run_packed(COMMIT, command)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:  # it may have reached Redis, and run
+            self.recent.pop(record.session_id, None)
+            self.outages.error(error)
+            raise StoreUnavailable(UNCONFIRMED_STEP, headers={"Retry-After": "1"}) from None
         if result == -1:
             self.recent.pop(record.session_id, None)
             self.commit_heads.pop(record.session_id, None)

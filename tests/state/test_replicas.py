@@ -1,6 +1,7 @@
 """Two real replicas sharing one real Redis: state moves with the session, not the process."""
 
 import asyncio
+import os
 import signal
 import subprocess
 import time
@@ -167,3 +168,28 @@ def test_a_server_starts_without_redis_and_a_redis_refusing_writes_is_a_503_not_
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "session_store_unavailable"
     assert httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}).json()["steps"] == 1
+
+
+def test_a_step_redis_stalls_on_says_it_may_have_been_applied_and_its_seq_retry_is_answered_once(start_server):
+    """The commit left for Redis, which stalled: the server cannot know whether it ran (it runs when Redis
+    wakes), so the 503 says it may have been applied, and the same chunk resent with its seq is answered
+    from the session, not applied again."""
+    redis_server = RedisProcess().start()
+    try:
+        (a,) = replicas(start_server, redis_server, 1)
+        sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+        chunk = {"inputs": [[0.5] * 12, [-0.25] * 12], "seq": 0}
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            stalled = httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json=chunk, timeout=30)
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert stalled.status_code == 503 and stalled.headers["Retry-After"] == "1", stalled.text
+        error = stalled.json()["error"]
+        assert error["code"] == "session_store_unavailable" and "may have been applied" in error["message"]
+        retried = httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json=chunk).json()
+        assert retried["steps"] == 2 and httpx.get(f"{a.url}/v1/sessions/{sid}").json()["steps"] == 2
+        expected = classify(a.url, np.array(chunk["inputs"], np.float32))
+        np.testing.assert_allclose(retried["prediction"]["probabilities"], expected, atol=ATOL)
+    finally:
+        redis_server.stop()
