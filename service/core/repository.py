@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -100,6 +101,12 @@ def version_number(text: str) -> int | None:
     return int(text) if is_version(text) else None
 
 
+@functools.cache
+def warn_too_long(folder: Path) -> None:
+    """Once per folder, not at every poll of the repository."""
+    log.warning("skipping %s: a version number has at most %d digits", folder, MAX_VERSION_DIGITS)
+
+
 def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
     """Every <name>/<version>/ folder under root, by name then version; nothing is read or checked yet."""
     if not root.is_dir():
@@ -108,7 +115,7 @@ def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         folders = [p for p in model_dir.iterdir() if p.is_dir()]
         for too_long in (p for p in folders if is_number(p.name) and len(p.name) > MAX_VERSION_DIGITS):
-            log.warning("skipping %s: a version number has at most %d digits", too_long, MAX_VERSION_DIGITS)
+            warn_too_long(too_long)
         versions = {int(p.name): p for p in folders if is_version(p.name)}
         if versions:
             found[model_dir.name] = dict(sorted(versions.items()))

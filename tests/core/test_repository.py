@@ -20,6 +20,10 @@ def test_a_version_is_up_to_18_digits_everywhere_a_folder_or_a_request_names_one
         found = scan_repository(tmp_path)
     assert list(found["m"]) == [1, 2]
     assert "1" + "0" * 20 in caplog.text and "at most 18 digits" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lstm_serve"):
+        scan_repository(tmp_path)  # as a repository poll does, again and again
+    assert "at most 18 digits" not in caplog.text, "the same folder is warned about once"
     assert version_number("9" * 18) == int("9" * 18) and version_number("1" * 19) is None
     assert version_number("-1") is None and version_number("²") is None
 
