@@ -97,6 +97,18 @@ class Leaky(nn.Module):
         return self.head(out), state
 
 
+class Mixing(nn.Module):
+    """Adds up the batch's rows before its GRU: row 0 is itself, every later row depends on those before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, state=None):
+        out, state = self.rnn(torch.cumsum(x, dim=0), state)
+        return self.head(out), state
+
+
 class Peeking(nn.Module):
     """Adds the sequence's last frame to every frame: the logits see the future."""
 
@@ -134,7 +146,8 @@ class WrongShape(nn.Module):
 @pytest.mark.parametrize(
     ("module", "says"),
     [
-        (Leaky, "batch independence: changing the other rows of a batch changed row 0's outputs by"),
+        (Leaky, "batch independence: row 0's outputs change by"),
+        (Mixing, "batch independence: row 1's outputs change by"),
         (Peeking, "causality: changing frames from t=20 on changed the logits before t=20 by"),
         (Forgetful, "streaming: the sequence fed in chunks"),
         (WrongShape, "logits must be [B, T, C] = [2, 5, 2]"),
