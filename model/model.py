@@ -212,7 +212,8 @@ class SequenceClassifier(nn.Module):
     def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         assert mean.shape == std.shape == (self.config.input_dim,), f"expected ({self.config.input_dim},) stats"
         self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std.clamp_min(1e-6))
+        # a constant feature (std 0) is only centred; any other keeps its own scale, however small
+        self.feature_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
 
     def zero_state(self, batch_size: int) -> State:
         shape = (self.config.num_layers, batch_size, self.state_size)

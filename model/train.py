@@ -110,7 +110,8 @@ def train_member(
     set_seed(seed)
     model = SequenceClassifier(cfg.model)
     frames = torch.from_numpy(np.concatenate([data.train.sequences[i] for i in fit_idx]))
-    model.set_normalisation(frames.mean(0), frames.std(0))
+    frames64 = frames.double()  # a float32 sum of large values (1e37) overflows to inf
+    model.set_normalisation(frames64.mean(0), frames64.std(0))
     ema = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(fit_idx) / cfg.batch_size)

@@ -166,3 +166,17 @@ def test_wrong_feature_count_is_refused_with_a_message():
         assert "expected 5 features per frame, got 4" in str(error)
     else:
         raise AssertionError("a wrong feature count was accepted")
+
+
+def test_normalisation_keeps_any_scale_and_only_centres_a_constant_feature():
+    """Features measured in tiny units (1e-8) keep their spread (a floor of 1e-6 flattened them to noise),
+    a constant one is centred, not divided by zero, and huge values (5e37) give finite statistics."""
+    model = SequenceClassifier(ModelConfig(input_dim=3, num_classes=2, hidden_size=4))
+    frames = torch.tensor([[1e-8, 5.0, 5e37], [3e-8, 5.0, 4e37], [2e-8, 5.0, 6e37]], dtype=torch.float32)
+    frames64 = frames.double()
+    model.set_normalisation(frames64.mean(0), frames64.std(0))
+    z = (frames - model.feature_mean) / model.feature_std
+    assert torch.isfinite(z).all() and torch.isfinite(model.feature_mean).all()
+    np.testing.assert_allclose(z[:, 0], [-1.0, 1.0, 0.0], atol=1e-3)
+    np.testing.assert_allclose(z[:, 2], [0.0, -1.0, 1.0], atol=1e-3)
+    assert model.feature_std[1] == 1.0 and z[:, 1].abs().max() == 0
