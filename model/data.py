@@ -3,7 +3,8 @@ wheel, no network) or the user's own file (.npz or long-format CSV, see the READ
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,10 +111,10 @@ class UserData:
     feature_names: list[str]
 
 
-def read_user_data(path: str | Path, training: bool = True) -> UserData:
+def read_user_data(path: str | Path, training: bool = True, several_classes: bool | None = None) -> UserData:
     """An .npz (X, y, optional lengths and feature_names) or a long-format CSV (sequence_id, t, one
     column per feature, label); anything malformed raises DataError. Not for training, the labels may
-    be missing (then "") and one class is fine."""
+    be missing (then "") and one class is fine; `several_classes` (default: `training`) asks for two or more."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -123,7 +124,7 @@ def read_user_data(path: str | Path, training: bool = True) -> UserData:
         data = read_csv(path, training)
     else:
         raise DataError(f"{path}: expected a .npz or a .csv file (see the README's data formats)")
-    check_sequences(path, data, training)
+    check_sequences(path, data, training if several_classes is None else several_classes)
     return data
 
 
@@ -142,7 +143,8 @@ def read_npz(path: Path, training: bool = True) -> UserData:
         if "lengths" not in archive.files:
             raise DataError(f"{path}: X is a padded [N, T, D] array, so 'lengths' [N] is needed")
         lengths = archive["lengths"]
-        if lengths.shape != (len(X),) or (lengths < 1).any() or (lengths > X.shape[1]).any():
+        whole = lengths.dtype.kind in "iu" or (lengths.dtype.kind == "f" and bool((lengths == np.round(lengths)).all()))
+        if not whole or lengths.shape != (len(X),) or (lengths < 1).any() or (lengths > X.shape[1]).any():
             raise DataError(f"{path}: lengths must be N={len(X)} whole numbers between 1 and T={X.shape[1]}")
         sequences = [X[i, : int(n)] for i, n in enumerate(lengths)]
     else:
@@ -153,8 +155,8 @@ def read_npz(path: Path, training: bool = True) -> UserData:
     for i, seq in enumerate(sequences):
         if seq.ndim != 2:
             raise DataError(f"{path}: sequence {i} has shape {list(seq.shape)}, not [T, D]")
-        if not np.issubdtype(seq.dtype, np.number):
-            raise DataError(f"{path}: sequence {i} holds {seq.dtype} values, not numbers")
+        if not np.issubdtype(seq.dtype, np.number) or np.issubdtype(seq.dtype, np.complexfloating):
+            raise DataError(f"{path}: sequence {i} holds {seq.dtype} values, not real numbers")
     width = sequences[0].shape[1] if sequences else 0
     names = [str(n) for n in archive["feature_names"]] if "feature_names" in archive.files else []
     if names and len(names) != width:
@@ -168,55 +170,69 @@ def read_npz(path: Path, training: bool = True) -> UserData:
 
 
 CSV_COLUMNS = ("sequence_id", "t", "label")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def read_csv(path: Path, training: bool = True) -> UserData:
     import csv
 
-    with path.open(newline="") as file:
-        reader = csv.reader(file)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: empty file")
-        header = [name.strip() for name in header]
-        missing = [c for c in CSV_COLUMNS if c not in header and (training or c != "label")]
-        if missing:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a byte-order mark (Excel) is no name
+            return parse_csv(path, csv.reader(file), training)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start}); save the CSV as UTF-8") from None
+
+
+def parse_csv(path: Path, reader: Iterator[list[str]], training: bool) -> UserData:
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{path}: empty file")
+    header = [name.strip() for name in header]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}: the header names column {repeated[0]!r} more than once")
+    missing = [c for c in CSV_COLUMNS if c not in header and (training or c != "label")]
+    if missing:
+        raise DataError(
+            f"{path}: no column {', '.join(missing)} (a long-format CSV has sequence_id, t, label and "
+            "one column per feature)"
+        )
+    features = [name for name in header if name not in CSV_COLUMNS]
+    if not features:
+        raise DataError(f"{path}: no feature columns besides sequence_id, t and label")
+    at = {name: header.index(name) for name in header}
+    frames: dict[str, list[tuple[float, list[float]]]] = {}
+    labels: dict[str, str] = {}
+    for line, row in enumerate(reader, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
+        sequence_id, label = row[at["sequence_id"]].strip(), row[at["label"]].strip() if "label" in at else ""
+        if training and not label:
+            raise DataError(f"{path} line {line}: no label")
+        try:
+            t = float(row[at["t"]])
+            values = [float(row[at[name]]) for name in features]
+        except ValueError:
+            raise DataError(f"{path} line {line}: t and every feature must be numbers") from None
+        if not math.isfinite(t):
+            raise DataError(f"{path} line {line}: t is {row[at['t']].strip()!r}, not a finite number")
+        if sequence_id in labels and labels[sequence_id] != label:
             raise DataError(
-                f"{path}: no column {', '.join(missing)} (a long-format CSV has sequence_id, t, label and "
-                "one column per feature)"
+                f"{path} line {line}: sequence {sequence_id!r} changes label from {labels[sequence_id]!r} to {label!r}"
             )
-        features = [name for name in header if name not in CSV_COLUMNS]
-        if not features:
-            raise DataError(f"{path}: no feature columns besides sequence_id, t and label")
-        at = {name: header.index(name) for name in header}
-        frames: dict[str, list[tuple[float, list[float]]]] = {}
-        labels: dict[str, str] = {}
-        for line, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
-            sequence_id, label = row[at["sequence_id"]].strip(), row[at["label"]].strip() if "label" in at else ""
-            if training and not label:
-                raise DataError(f"{path} line {line}: no label")
-            try:
-                t = float(row[at["t"]])
-                values = [float(row[at[name]]) for name in features]
-            except ValueError:
-                raise DataError(f"{path} line {line}: t and every feature must be numbers") from None
-            if sequence_id in labels and labels[sequence_id] != label:
-                raise DataError(
-                    f"{path} line {line}: sequence {sequence_id!r} changes label "
-                    f"from {labels[sequence_id]!r} to {label!r}"
-                )
-            labels[sequence_id] = label
-            frames.setdefault(sequence_id, []).append((t, values))
+        labels[sequence_id] = label
+        frames.setdefault(sequence_id, []).append((t, values))
     sequences = []
     for sequence_id, rows in frames.items():
         times = [t for t, _ in rows]
         if len(set(times)) != len(times):
             raise DataError(f"{path}: sequence {sequence_id!r} has two frames at the same t")
-        sequences.append(np.array([values for _, values in sorted(rows, key=lambda r: r[0])], np.float32))
+        ordered = np.array([values for _, values in sorted(rows, key=lambda r: r[0])], np.float64)
+        if (np.abs(ordered) > FLOAT32_MAX).any():  # inf as float32: say so, not "NaN or infinite"
+            raise DataError(f"{path}: sequence {sequence_id!r} holds {np.abs(ordered).max():g}, beyond float32's range")
+        sequences.append(ordered.astype(np.float32))
     return UserData(sequences, [labels[s] for s in frames], features)
 
 
@@ -246,6 +262,22 @@ def label_order(labels: Iterable[str]) -> list[str]:
         return sorted(unique)
 
 
+def matching_features(test: UserData, data: UserData, test_path: str | Path, path: str | Path) -> UserData:
+    """The test data with its features in the training data's order, matched by name (by position when the
+    test file names none: an .npz without feature_names)."""
+    width = data.sequences[0].shape[1]
+    if test.sequences[0].shape[1] != width:
+        raise DataError(f"{test_path}: {test.sequences[0].shape[1]} features per frame, {path} has {width}")
+    unnamed = test.feature_names == [f"f{k}" for k in range(width)]
+    if unnamed or test.feature_names == data.feature_names:
+        return test
+    if sorted(test.feature_names) != sorted(data.feature_names):
+        extra = sorted(set(test.feature_names) - set(data.feature_names))
+        raise DataError(f"{test_path}: features {extra[:5]} are not among {path}'s features {data.feature_names[:8]}")
+    order = [test.feature_names.index(name) for name in data.feature_names]
+    return UserData([seq[:, order] for seq in test.sequences], test.labels, data.feature_names)
+
+
 def user_dataset(
     path: str | Path, test_path: str | Path | None = None, test_fraction: float = 0.2, seed: int = 0
 ) -> Dataset:
@@ -254,11 +286,7 @@ def user_dataset(
     data = read_user_data(path)
     names = label_order(data.labels)
     if test_path is not None:
-        test = read_user_data(test_path)
-        if test.sequences[0].shape[1] != data.sequences[0].shape[1]:
-            raise DataError(
-                f"{test_path}: {test.sequences[0].shape[1]} features per frame, {path} has {data.sequences[0].shape[1]}"
-            )
+        test = matching_features(read_user_data(test_path, several_classes=False), data, test_path, path)
         unknown = sorted(set(test.labels) - set(names))
         if unknown:
             raise DataError(f"{test_path}: labels {unknown[:5]} do not occur in {path}")

@@ -266,7 +266,9 @@ def report(
         "test_accuracy": test_acc,
         "test_loss": test_loss,
         "per_class_accuracy": {
-            name: float(confusion[k, k] / confusion[k].sum()) for k, name in enumerate(data.label_names)
+            # null for a class the test split does not hold (NaN is not JSON)
+            name: float(confusion[k, k] / confusion[k].sum()) if confusion[k].sum() else None
+            for k, name in enumerate(data.label_names)
         },
         "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted
         "labels": data.label_names,

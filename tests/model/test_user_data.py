@@ -74,6 +74,12 @@ RAGGED[:] = [np.zeros((3, 2)), np.zeros((3, 4))]
         (lambda p: csv(p, "sequence_id,a,label\ns1,1,x\n"), "no column t"),
         (lambda p: csv(p, HEADER + "s1,0,1,2,x\ns1,0,3,4,x\ns2,0,1,2,y\n"), "two frames at the same t"),
         (lambda p: csv(p, ""), "empty file"),
+        (lambda p: csv(p, "sequence_id,t,a,a,label\ns1,0,1,2,x\n"), "names column 'a' more than once"),
+        (lambda p: csv(p, HEADER + "s1,nan,1,2,x\ns1,nan,3,4,x\ns2,0,1,2,y\n"), "line 2: t is 'nan', not a finite"),
+        (lambda p: csv(p, HEADER + "s1,0,1,1e39,x\ns2,0,1,2,y\n"), "holds 1e+39, beyond float32's range"),
+        (lambda p: (p / "latin.csv").write_bytes(b"sequence_id,t,\xe9,b,label\n") and p / "latin.csv", "not UTF-8"),
+        (lambda p: npz(p, X=np.zeros((2, 3, 2), complex), lengths=[3, 3], y=[0, 1]), "complex128 values, not real"),
+        (lambda p: npz(p, X=np.zeros((2, 3, 2)), lengths=np.array([2.5, 3]), y=np.array([0, 1])), "lengths must be"),
         (lambda p: npz(p, X=RAGGED, y=np.array([0, 1])), "sequence 1 has 4 features per frame, the first has 2"),
         (lambda p: npz(p, X=np.zeros((2, 3, 2)), y=np.array([0, 1])), "'lengths' [N] is needed"),
         (lambda p: npz(p, X=RAGGED, y=np.array([0])), "y must hold one label per sequence (2)"),
@@ -100,3 +106,22 @@ def test_too_few_sequences_for_the_splits_are_refused(tmp_path):
     path = csv(tmp_path, HEADER + "s1,0,1,2,x\ns2,0,1,2,x\ns3,0,1,2,x\ns4,0,1,2,y\ns5,0,1,2,y\n")
     with pytest.raises(DataError, match="class 'y' has 2 sequences; with no --test file each class needs at least 3"):
         user_dataset(path)
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_like_any_other(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + "s1,0,1,2,x\ns2,0,3,4,y\n").encode())
+    data = read_user_data(path)
+    assert data.feature_names == ["a", "b"] and data.labels == ["x", "y"]
+
+
+def test_a_test_file_is_matched_to_the_training_features_by_name_and_may_hold_one_class(tmp_path):
+    train = csv(tmp_path, HEADER + "".join(f"s{k},0,{k},{-k},{'xy'[k % 2]}\n" for k in range(8)))
+    swapped = tmp_path / "swapped.csv"
+    swapped.write_text("sequence_id,t,b,a,label\nq1,0,-5,5,y\n")  # columns in another order, one class
+    dataset = user_dataset(train, swapped)
+    np.testing.assert_array_equal(dataset.test.sequences[0], [[5, -5]])
+    other = tmp_path / "other.csv"
+    other.write_text("sequence_id,t,a,c,label\nq1,0,5,-5,y\n")
+    with pytest.raises(DataError, match=r"features \['c'\] are not among"):
+        user_dataset(train, other)
