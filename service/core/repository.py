@@ -64,17 +64,77 @@ class RepositoryError(RuntimeError):
     pass
 
 
+def read_config(config_path: Path) -> dict:
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RepositoryError(f"{config_path} is not readable JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise RepositoryError(f"{config_path} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def is_names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def check_contents(config_path: Path, config: dict) -> None:
+    """What the server builds on: a config.json written by hand or by another tool is refused for what it
+    gets wrong, naming the field, instead of failing later in a request."""
+
+    def refuse(what: str) -> None:
+        raise RepositoryError(f"{config_path}: {what}")
+
+    if not isinstance(config["name"], str) or not config["name"]:
+        refuse("name must be a non-empty string")
+    labels, width = config["labels"], config["input_dim"]
+    if not is_names(labels) or not labels or len(set(labels)) != len(labels):
+        refuse("labels must be a list of distinct strings")
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        refuse(f"input_dim must be a whole number of at least 1, not {str(width)[:20]!r}")
+    names = config.get("feature_names")
+    if names is not None and (not is_names(names) or len(names) != width):
+        refuse(f"feature_names must be input_dim={width} strings")
+    inputs = config["inputs"]
+    if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict) or "name" not in inputs[0]:
+        refuse("inputs must list the graph's inputs, the frames first")
+    if inputs[0].get("datatype", "FP32") != "FP32":
+        refuse(f"the frames input must be FP32, not {str(inputs[0].get('datatype'))[:20]!r}")
+    state = config["state"]
+    well_formed = isinstance(state, list) and all(
+        isinstance(s, dict) and {"input", "output", "shape"} <= s.keys() and isinstance(s["shape"], list) for s in state
+    )
+    if not well_formed:
+        refuse("state must list {input, output, shape} per state tensor")
+    example = config.get("example")
+    if example is not None:
+        frames = example.get("frames") if isinstance(example, dict) else None
+        if not isinstance(example, dict) or example.get("label") not in labels:
+            refuse("example.label must be one of the labels")
+        if (
+            not isinstance(frames, list)
+            or not frames
+            or any(not isinstance(f, list) or len(f) != width for f in frames)
+        ):
+            refuse(f"example.frames must be frames of input_dim={width} numbers")
+
+
 def load_entry(version_dir: Path) -> ModelEntry:
     config_path, onnx_path = version_dir / "config.json", version_dir / "model.onnx"
     if not config_path.is_file() or not onnx_path.is_file():
         raise RepositoryError(f"{version_dir} needs both model.onnx and config.json")
-    config = json.loads(config_path.read_text())
+    config = read_config(config_path)
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     if digest != config.get("sha256"):
         raise RepositoryError(f"{onnx_path} does not match the sha256 in its config.json (file changed or corrupt)")
     for key in ("name", "version", "labels", "input_dim", "state", "inputs", "outputs"):
         if key not in config:
             raise RepositoryError(f"{config_path} lacks {key!r}")
+    check_contents(config_path, config)
+    if is_version(version_dir.name) and config["name"] != version_dir.parent.name:
+        raise RepositoryError(
+            f"{config_path} names the model {config['name']!r}, but its folder is {version_dir.parent.name!r}"
+        )
     if is_version(version_dir.name) and str(config["version"]) != str(int(version_dir.name)):
         raise RepositoryError(f"{config_path} says version {config['version']}, but its folder is {version_dir.name}")
     version = version_number(str(config["version"]))

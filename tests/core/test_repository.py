@@ -38,3 +38,29 @@ def test_a_config_whose_version_is_not_a_version_number_is_refused(tmp_path):
             load_entry(folder)
     (folder / "config.json").write_text(json.dumps({**config, "version": 7}))
     assert load_entry(folder).version == 7
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda c: "[1, 2]", "holds a JSON list, not an object"),
+        (lambda c: '{"name": ', "is not readable JSON"),
+        (lambda c: {**c, "name": "other"}, "names the model 'other', but its folder is 'japanese-vowels'"),
+        (lambda c: {**c, "labels": "abc"}, "labels must be a list of distinct strings"),
+        (lambda c: {**c, "labels": ["a", "a"] + c["labels"][2:]}, "labels must be a list of distinct strings"),
+        (lambda c: {**c, "input_dim": "12"}, "input_dim must be a whole number"),
+        (lambda c: {**c, "feature_names": ["x"]}, "feature_names must be input_dim=12 strings"),
+        (lambda c: {**c, "inputs": [{**c["inputs"][0], "datatype": "FP64"}]}, "the frames input must be FP32"),
+        (lambda c: {**c, "state": [{"input": "h0"}]}, "state must list {input, output, shape}"),
+        (lambda c: {**c, "example": {**c["example"], "label": "nobody"}}, "example.label must be one of the labels"),
+        (lambda c: {**c, "example": {**c["example"], "frames": [[0.0] * 5]}}, "example.frames must be frames of"),
+    ],
+)
+def test_a_config_json_that_is_wrong_is_refused_naming_the_file_and_the_field(tmp_path, change, says):
+    folder = tmp_path / "japanese-vowels" / "1"
+    shutil.copytree(SHIPPED, folder)
+    changed = change(json.loads((folder / "config.json").read_text()))
+    (folder / "config.json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    with pytest.raises(RepositoryError) as refused:
+        load_entry(folder)
+    assert str(folder / "config.json") in str(refused.value) and says in str(refused.value), str(refused.value)
