@@ -186,7 +186,16 @@ def break_contract(version_dir: Path) -> None:
     (version_dir / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize(("breaks", "said"), [(break_sha256, "sha256"), (break_contract, "labels")])
+def break_name(version_dir: Path) -> None:
+    """A config naming another model: loaded, it would have served under that model's name."""
+    config = json.loads((version_dir / "config.json").read_text())
+    (version_dir / "config.json").write_text(json.dumps({**config, "name": "basic-motions"}))
+
+
+@pytest.mark.parametrize(
+    ("breaks", "said"),
+    [(break_sha256, "sha256"), (break_contract, "labels"), (break_name, "names the model 'basic-motions'")],
+)
 def test_a_version_that_fails_its_checks_is_refused_while_the_current_one_serves(
     start_server, repository, test_sequences, breaks, said
 ):
