@@ -248,14 +248,27 @@ def model_config(model: SequenceClassifier, checkpoint: dict, name: str, version
     }
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def entry_folder(repository: str | Path, name: str, version: int) -> Path:
+    """<repository>/<name>/<version>, for a name that is one folder (no path, no '..') and a version the server
+    serves (1 to 18 digits)."""
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"model name {name[:60]!r}: letters, digits, '.', '_' and '-', one folder, not '..'")
+    if not 1 <= version < 10**18:
+        raise ValueError(f"version {version}: a whole number from 1 to 18 digits")
+    return Path(repository) / name / str(version)
+
+
 def export_checkpoint(checkpoint_path: str | Path, repository: str | Path, name: str, version: int = 1) -> Path:
     """checkpoint.pt -> <repository>/<name>/<version>/{model.onnx, config.json}; returns the entry folder."""
+    entry = entry_folder(repository, name, version)
     model, checkpoint = load_checkpoint(checkpoint_path)
-    entry = Path(repository) / name / str(version)
-    entry.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"
         export_onnx(model, staged)
+        entry.mkdir(parents=True, exist_ok=True)  # only once there is a graph: no empty entry stops a server
         staged.replace(entry / "model.onnx")
     config = model_config(model, checkpoint, name, version, entry / "model.onnx")
     (entry / "config.json").write_text(config_text(config))

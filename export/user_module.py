@@ -34,7 +34,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from lstm_serve.export.onnx_export import OPSET, config_text, sha256
+from lstm_serve.export.onnx_export import OPSET, config_text, entry_folder, sha256
 
 ATOL = 1e-4
 
@@ -237,8 +237,14 @@ def export_module(
     optional.
     Returns the entry folder and what was checked; ContractError if the module breaks the contract."""
     labels = [str(label) for label in labels]
-    if len(set(labels)) < 2 or len(set(labels)) != len(labels):
-        raise ContractError("labels must name at least two classes, each once")
+    if len(set(labels)) < 2 or len(set(labels)) != len(labels) or not all(label.strip() for label in labels):
+        raise ContractError("labels must name at least two classes, each once, none empty")
+    if example is not None and example.get("label") not in labels:
+        raise ContractError(f"the example's label {str(example.get('label'))[:40]!r} is not one of the labels")
+    try:
+        entry = entry_folder(repository, name, version)
+    except ValueError as error:
+        raise ContractError(str(error)) from None
     if input_dim is None:
         if not feature_names:
             raise ContractError("give input_dim or feature_names")
@@ -250,13 +256,21 @@ def export_module(
     if any(seq.ndim != 2 or seq.shape[1] != input_dim for seq in sequences):
         raise ContractError(f"check sequences must be [T, {input_dim}]")
     module = module.eval()
-    signature = probe(module, input_dim, len(labels))
     scale = np.std(np.concatenate(sequences), axis=0) if sequences else np.ones(input_dim, np.float32)
-    entry = Path(repository) / name / str(version)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"
-        export_graph(module, signature, staged)
-        report = Checker(module, signature, staged).run(sequences, np.maximum(scale, 1e-3).astype(np.float32))
+        try:
+            signature = probe(module, input_dim, len(labels))
+            export_graph(module, signature, staged)
+            report = Checker(module, signature, staged).run(sequences, np.maximum(scale, 1e-3).astype(np.float32))
+        except ContractError:
+            raise
+        except Exception as error:  # torch's or onnxruntime's own words, on a module the checks did not foresee
+            first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+            raise ContractError(
+                f"the module could not be exported and run as the contract asks ({type(error).__name__}: {first}); "
+                "it must take (x [B, T, D], state) and use the state it is given"
+            ) from None
         entry.mkdir(parents=True, exist_ok=True)
         staged.replace(entry / "model.onnx")
     config = entry_config(module, signature, labels, names, description, example, name, version, entry)

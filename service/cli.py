@@ -371,11 +371,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv and argv[0] in COMMANDS:
         try:
             COMMANDS[argv[0]][0](argv[1:])
-        except (ValueError, TypeError, LookupError, OSError, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001 - whatever went wrong, an operator reads one line
             if os.environ.get("LSTM_SERVE_TRACEBACK"):
                 raise
             # a bad file, address or module named on the command line: one line, not a traceback
-            fail(argv[0], f"{error} ({type(error).__name__}; LSTM_SERVE_TRACEBACK=1 shows where)")
+            said = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:300]
+            fail(argv[0], f"{said} ({type(error).__name__}; LSTM_SERVE_TRACEBACK=1 shows where)")
         return
     parser = top_parser()
     parser.parse_args(argv)  # --help and --version exit here; an unknown command is an argparse error

@@ -57,6 +57,8 @@ def test_version():
         (["serve", "--redis-url", "http://x"], "Redis URL must specify one of the following schemes"),
         (["models", "--model-repository", "/nowhere"], "model repository /nowhere does not exist"),
         (["bench", "--url", "notaurl"], "'notaurl' needs a host and a port"),
+        (["export", "--checkpoint", "README.md", "--repository", "/nonexistent/r"], "(UnpicklingError; LSTM_SERVE_"),
+        (["export", "--name", "../up", "--repository", "/nonexistent/r"], "model name '../up': letters, digits"),
     ],
 )
 def test_a_mistake_is_one_line_on_stderr_and_a_nonzero_exit(args, message):

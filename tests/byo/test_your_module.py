@@ -186,3 +186,32 @@ def test_the_export_cli_refuses_in_one_line(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "nowhere" in done.stderr, done.stderr
+
+
+class Stateless(nn.Module):
+    """Never uses the state it is given: its graph has no state input for a session to feed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, state=None):
+        out, state = self.rnn(x)
+        return self.head(out), state
+
+
+def test_what_the_checks_did_not_foresee_and_bad_names_are_refused_in_words_not_tracebacks(tmp_path):
+    features = ["w", "x", "y", "z"]
+    with pytest.raises(ContractError, match="could not be exported and run as the contract asks"):
+        export_module(Stateless(), ["a", "b"], tmp_path, "stateless", feature_names=features)
+    for name in ("../outside", "a/b", ".."):
+        with pytest.raises(ContractError, match="one folder"):
+            export_module(WrongShape(), ["a", "b"], tmp_path, name, feature_names=features)
+    with pytest.raises(ContractError, match="from 1 to 18 digits"):
+        export_module(WrongShape(), ["a", "b"], tmp_path, "ok", version=0, feature_names=features)
+    with pytest.raises(ContractError, match="none empty"):
+        export_module(WrongShape(), ["a", "", "b"], tmp_path, "ok", feature_names=features)
+    example = {"label": "c0", "frames": [[0.0] * 4]}
+    with pytest.raises(ContractError, match="the example's label 'c0' is not one of the labels"):
+        export_module(WrongShape(), ["a", "b"], tmp_path, "ok", feature_names=features, example=example)
+    assert not any(tmp_path.rglob("*.onnx")) and not (tmp_path.parent / "outside").exists()
