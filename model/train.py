@@ -72,6 +72,8 @@ def set_seed(seed: int) -> None:
 def random_crop(seq: np.ndarray, min_fraction: float, rng: np.random.Generator) -> np.ndarray:
     """A random contiguous window holding at least `min_fraction` of the frames."""
     T = len(seq)
+    if T <= 2:  # nothing shorter to keep
+        return seq
     length = rng.integers(max(2, int(np.ceil(min_fraction * T))), T + 1)
     start = rng.integers(0, T - length + 1)
     return seq[start : start + length]

@@ -32,6 +32,8 @@ def test_random_crop_keeps_a_contiguous_window_of_at_least_the_fraction():
     for _ in range(200):
         window = random_crop(seq, 0.7, rng)
         assert len(window) >= 14 and np.all(np.diff(window[:, 0]) == 1)
+    for frames in (1, 2):  # one-frame sequences train too (the crop drew from an empty range)
+        assert len(random_crop(seq[:frames], 0.7, rng)) == frames
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
