@@ -109,8 +109,8 @@ def configuration(model: LoadedModel, runtime: Runtime) -> dict[str, Any]:
             ],
         },
         "parameters": {
-            "labels": {"string_value": ",".join(model.entry.labels)},
-            "feature_names": {"string_value": ",".join(model.entry.feature_names)},
+            "labels": {"string_value": dumps(model.entry.labels).decode()},  # JSON: a label may hold a comma
+            "feature_names": {"string_value": dumps(model.entry.feature_names).decode()},
             "description": {"string_value": model.entry.description},
             "example": {"string_value": dumps(model.entry.example).decode()},
             "cell": {"string_value": model.entry.config.get("cell", "lstm")},

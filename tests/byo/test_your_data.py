@@ -45,7 +45,8 @@ def test_train_export_and_serve_the_example_csv(tmp_path, start_server):
         assert oip["parameters"]["feature_names"] == data.feature_names and oip["parameters"]["example"] == example
         triton_config = c.get("/v2/models/speakers/config").json()["parameters"]
         assert json.loads(triton_config["example"]["string_value"]) == example
-        assert triton_config["feature_names"]["string_value"].split(",") == data.feature_names
+        assert json.loads(triton_config["feature_names"]["string_value"]) == data.feature_names
+        assert json.loads(triton_config["labels"]["string_value"]) == described["labels"]
         for frames in data.sequences[:5]:
             expected = graph_probabilities(graph, frames)
             reply = c.post("/v1/classify", json={"model": "speakers", "sequences": [frames.tolist()]})
