@@ -158,15 +158,22 @@ def read_npz(path: Path, training: bool = True) -> UserData:
         if not np.issubdtype(seq.dtype, np.number) or np.issubdtype(seq.dtype, np.complexfloating):
             raise DataError(f"{path}: sequence {i} holds {seq.dtype} values, not real numbers")
     width = sequences[0].shape[1] if sequences else 0
-    names = [str(n) for n in archive["feature_names"]] if "feature_names" in archive.files else []
+    names = [text(n) for n in np.atleast_1d(archive["feature_names"])] if "feature_names" in archive.files else []
     if names and len(names) != width:
         raise DataError(f"{path}: {len(names)} feature_names for {width} features")
-    labels = [str(label) for label in y.tolist()]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: feature_names repeats {next(n for n in names if names.count(n) > 1)!r}")
+    labels = [text(label) for label in y.tolist()]
     if training and any(label in ("", "nan", "None") for label in labels):
         raise DataError(
             f"{path}: sequence {next(i for i, v in enumerate(labels) if v in ('', 'nan', 'None'))} has no label"
         )
     return UserData([np.asarray(s, np.float32) for s in sequences], labels, names or [f"f{k}" for k in range(width)])
+
+
+def text(value: object) -> str:
+    """A label or a name as written: bytes (an .npz saved with |S strings) decoded, not "b'x'"."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 CSV_COLUMNS = ("sequence_id", "t", "label")
@@ -257,7 +264,7 @@ def label_order(labels: Iterable[str]) -> list[str]:
     """Labels sorted as numbers when they all are, else as text."""
     unique = set(labels)
     try:
-        return sorted(unique, key=float)
+        return sorted(unique, key=lambda label: (float(label), label))  # "1" and "1.0": the same order every run
     except ValueError:
         return sorted(unique)
 

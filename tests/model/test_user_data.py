@@ -75,6 +75,10 @@ RAGGED[:] = [np.zeros((3, 2)), np.zeros((3, 4))]
         (lambda p: csv(p, HEADER + "s1,0,1,2,x\ns1,0,3,4,x\ns2,0,1,2,y\n"), "two frames at the same t"),
         (lambda p: csv(p, ""), "empty file"),
         (lambda p: csv(p, "sequence_id,t,a,a,label\ns1,0,1,2,x\n"), "names column 'a' more than once"),
+        (
+            lambda p: npz(p, X=np.zeros((2, 3, 2)), lengths=[3, 3], y=[0, 1], feature_names=np.array(["a", "a"])),
+            "feature_names repeats 'a'",
+        ),
         (lambda p: csv(p, HEADER + "s1,nan,1,2,x\ns1,nan,3,4,x\ns2,0,1,2,y\n"), "line 2: t is 'nan', not a finite"),
         (lambda p: csv(p, HEADER + "s1,0,1,1e39,x\ns2,0,1,2,y\n"), "holds 1e+39, beyond float32's range"),
         (lambda p: (p / "latin.csv").write_bytes(b"sequence_id,t,\xe9,b,label\n") and p / "latin.csv", "not UTF-8"),
@@ -125,3 +129,13 @@ def test_a_test_file_is_matched_to_the_training_features_by_name_and_may_hold_on
     other.write_text("sequence_id,t,a,c,label\nq1,0,5,-5,y\n")
     with pytest.raises(DataError, match=r"features \['c'\] are not among"):
         user_dataset(train, other)
+
+
+def test_bytes_labels_read_as_text_and_numeric_labels_keep_one_order(tmp_path):
+    from lstm_serve.model.data import label_order
+
+    path = tmp_path / "bytes.npz"
+    np.savez(path, X=np.zeros((2, 3, 2)), lengths=[3, 3], y=np.array([b"walk", b"run"]), feature_names=[b"ax", b"ay"])
+    data = read_user_data(path)
+    assert data.labels == ["walk", "run"] and data.feature_names == ["ax", "ay"]
+    assert label_order(["1.0", "01", "1", "2"]) == ["01", "1", "1.0", "2"]
