@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lstm_serve.errors import SessionNotFound, StoreUnavailable
@@ -148,7 +148,8 @@ class OutageLog:
             self.suppressed += 1
             return
         more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
-        log.error("session store (Redis at %s) unreachable: %s%s", self.where, error, more)
+        what = "refused a command" if isinstance(error, ResponseError) else "unreachable"  # full, read-only, ...
+        log.error("session store (Redis at %s) %s: %s%s", self.where, what, error, more)
         self.last, self.suppressed = now, 0
 
 
@@ -164,6 +165,12 @@ def reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
             store = getattr(args[0], "store", args[0])  # a RedisSessionStore, or what shares its client
             assert isinstance(store, RedisSessionStore)
             store.outages.error(error)
+            if isinstance(error, ResponseError):  # Redis is there and said no: out of memory, read-only, ...
+                raise StoreUnavailable(
+                    "the session store refused the write (full or read-only): the operator must free it; "
+                    "retry later (stateless /v1/classify still works)",
+                    headers={"Retry-After": "5"},
+                ) from None
             raise StoreUnavailable(
                 "the session store is unavailable; retry shortly (stateless /v1/classify still works)",
                 headers={"Retry-After": "1"},
