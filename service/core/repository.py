@@ -139,7 +139,8 @@ def load_entry(version_dir: Path) -> ModelEntry:
         raise RepositoryError(f"{config_path} says version {config['version']}, but its folder is {version_dir.name}")
     version = version_number(str(config["version"]))
     if version is None:
-        raise RepositoryError(f"{config_path}: version {str(config['version'])[:40]!r} is not 0 to 18 digits")
+        said = str(config["version"])[:40]
+        raise RepositoryError(f"{config_path}: version {said!r} is not a version (1 or more, up to 18 digits)")
     return ModelEntry(name=config["name"], version=version, path=version_dir, config=config)
 
 
@@ -152,8 +153,8 @@ def is_number(name: str) -> bool:
 
 
 def is_version(name: str) -> bool:
-    """A version folder's name: a number of up to 18 digits."""
-    return is_number(name) and len(name) <= MAX_VERSION_DIGITS
+    """A version folder's name: a number from 1, of up to 18 digits (requests name versions from 1, as Triton)."""
+    return is_number(name) and len(name) <= MAX_VERSION_DIGITS and int(name) > 0
 
 
 def version_number(text: str) -> int | None:

@@ -14,7 +14,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "models" / "japanese-vowels" / "
 
 def test_a_version_is_up_to_18_digits_everywhere_a_folder_or_a_request_names_one(tmp_path, caplog):
     """A bigger number would load and then break every reply that writes it (JSON writers take 64 bits)."""
-    for name in ("1", "000000000000000002", "1" + "0" * 20, "²", "v3"):
+    for name in ("0", "1", "000000000000000002", "1" + "0" * 20, "²", "v3"):
         (tmp_path / "m" / name).mkdir(parents=True)
     with caplog.at_level(logging.WARNING, logger="lstm_serve"):
         found = scan_repository(tmp_path)
@@ -32,9 +32,9 @@ def test_a_config_whose_version_is_not_a_version_number_is_refused(tmp_path):
     folder = tmp_path / "japanese-vowels" / "latest"
     shutil.copytree(SHIPPED, folder)
     config = json.loads((folder / "config.json").read_text())
-    for bad in (10**20, -1, "one"):
+    for bad in (10**20, -1, 0, "one"):
         (folder / "config.json").write_text(json.dumps({**config, "version": bad}))
-        with pytest.raises(RepositoryError, match="is not 0 to 18 digits"):
+        with pytest.raises(RepositoryError, match=r"is not a version \(1 or more, up to 18 digits\)"):
             load_entry(folder)
     (folder / "config.json").write_text(json.dumps({**config, "version": 7}))
     assert load_entry(folder).version == 7
