@@ -221,12 +221,31 @@ class Fleet:
                     f"no model {name!r} in the repository {self.settings.model_repository} "
                     f"(it has {sorted(self.on_disk)})"
                 )
+            if explicit:
+                self.check_unchanged(name, versions)
             table, planned = self.plan(name, explicit)
             if planned != table:
                 self.install(await self.prepare(name, planned))
                 await self.adopt(name, planned)
                 self.publish()
             return planned
+
+    def check_unchanged(self, name: str, versions: dict[int, Path]) -> None:
+        """A version's weights never change under its sessions: a load finding a loaded version's files
+        changed (or broken) on disk is refused, so the operator hears of it now, not at the next start."""
+        for version, path in versions.items():
+            loaded = self.loaded.get((name, version))
+            if loaded is None:
+                continue
+            try:
+                on_disk = load_entry(path).config.get("sha256")
+            except RepositoryError as error:
+                raise LoadRefused(f"{name} v{version} is loaded, but its files no longer load: {error}") from None
+            if on_disk != loaded.entry.config.get("sha256"):
+                raise LoadRefused(
+                    f"{name} v{version} is loaded, and its model.onnx changed on disk since: a version's weights "
+                    "must not change under its sessions; write new weights as a new version"
+                )
 
     async def unload(self, name: str, version: int | None = None) -> Table:
         """Unload one version, or every serving version of a model: each drains (its sessions continue until

@@ -3,6 +3,7 @@ on the version it started on, new sessions get the newest, and an unloaded versi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -325,3 +326,23 @@ def test_the_api_documents_follow_loads_and_unloads(start_server, repository):
         assert c.post("/v2/repository/models/japanese-vowels/unload").status_code == 200
         for path in ("/openapi.json", "/asyncapi.json"):
             assert c.get(path).status_code == 200, path
+
+
+def test_a_load_that_finds_a_loaded_versions_files_changed_is_refused_and_it_serves_on(
+    start_server, repository, test_sequences
+):
+    """Weights must not change under a version's sessions: the operator hears so at the load, not at the
+    next start (it answered 200 READY and the next start failed)."""
+    server = start_server("--model-repository", str(repository))
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        before = probabilities(classify(c, test_sequences[2]))
+        version_dir = repository / MODEL / "1"
+        config = json.loads((version_dir / "config.json").read_text())
+        break_sha256(version_dir)
+        refused = c.post(f"/v2/repository/models/{MODEL}/load")
+        assert refused.status_code == 400 and "v1 is loaded, but its files no longer load" in refused.json()["error"]
+        data = (version_dir / "model.onnx").read_bytes()  # other bytes, with a config that vouches for them
+        (version_dir / "config.json").write_text(json.dumps({**config, "sha256": hashlib.sha256(data).hexdigest()}))
+        refused = c.post(f"/v2/repository/models/{MODEL}/load")
+        assert refused.status_code == 400 and "changed on disk since" in refused.json()["error"]
+        np.testing.assert_allclose(probabilities(classify(c, test_sequences[2])), before, rtol=0, atol=0)
