@@ -109,6 +109,7 @@ class UserData:
     sequences: list[np.ndarray]  # (T_i, D) float32
     labels: list[str]  # one per sequence, as written in the file
     feature_names: list[str]
+    named: bool = True  # the file names its features (an .npz may not: then f0, f1, ...)
 
 
 def read_user_data(path: str | Path, training: bool = True, several_classes: bool | None = None) -> UserData:
@@ -168,7 +169,8 @@ def read_npz(path: Path, training: bool = True) -> UserData:
         raise DataError(
             f"{path}: sequence {next(i for i, v in enumerate(labels) if v in ('', 'nan', 'None'))} has no label"
         )
-    return UserData([np.asarray(s, np.float32) for s in sequences], labels, names or [f"f{k}" for k in range(width)])
+    sequences32 = [np.asarray(s, np.float32) for s in sequences]
+    return UserData(sequences32, labels, names or [f"f{k}" for k in range(width)], named=bool(names))
 
 
 def text(value: object) -> str:
@@ -260,23 +262,29 @@ def check_sequences(path: Path, data: UserData, training: bool = True) -> None:
         raise DataError(f"{path}: every sequence has label {data.labels[0]!r}; a classifier needs at least two classes")
 
 
+def as_number(label: str) -> tuple[bool, float, str]:
+    """A numeric label's sort key: by value, then as written ("1" before "1.0"), "nan" last: the same order
+    every run (a set's order, which NaN's comparisons would leave in place, changes with the hash seed)."""
+    value = float(label)
+    return (math.isnan(value), 0.0 if math.isnan(value) else value, label)
+
+
 def label_order(labels: Iterable[str]) -> list[str]:
     """Labels sorted as numbers when they all are, else as text."""
     unique = set(labels)
     try:
-        return sorted(unique, key=lambda label: (float(label), label))  # "1" and "1.0": the same order every run
+        return sorted(unique, key=as_number)
     except ValueError:
         return sorted(unique)
 
 
 def matching_features(test: UserData, data: UserData, test_path: str | Path, path: str | Path) -> UserData:
-    """The test data with its features in the training data's order, matched by name (by position when the
-    test file names none: an .npz without feature_names)."""
+    """The test data with its features in the training data's order, matched by name when both files name
+    them (by position when either does not: an .npz without feature_names)."""
     width = data.sequences[0].shape[1]
     if test.sequences[0].shape[1] != width:
         raise DataError(f"{test_path}: {test.sequences[0].shape[1]} features per frame, {path} has {width}")
-    unnamed = test.feature_names == [f"f{k}" for k in range(width)]
-    if unnamed or test.feature_names == data.feature_names:
+    if not (test.named and data.named) or test.feature_names == data.feature_names:
         return test
     if sorted(test.feature_names) != sorted(data.feature_names):
         extra = sorted(set(test.feature_names) - set(data.feature_names))

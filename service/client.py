@@ -163,6 +163,7 @@ STATUS_OF_CODE = {
     "session_store_unavailable": 503,
     "not_ready": 503,
     "model_loading": 503,
+    "internal_error": 500,
 }
 
 

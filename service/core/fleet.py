@@ -222,7 +222,7 @@ class Fleet:
                     f"(it has {sorted(self.on_disk)})"
                 )
             if explicit:
-                self.check_unchanged(name, versions)
+                await asyncio.to_thread(self.check_unchanged, name, versions)  # hashes each loaded model.onnx
             table, planned = self.plan(name, explicit)
             if planned != table:
                 self.install(await self.prepare(name, planned))
@@ -240,11 +240,14 @@ class Fleet:
             try:
                 on_disk = load_entry(path).config.get("sha256")
             except RepositoryError as error:
-                raise LoadRefused(f"{name} v{version} is loaded, but its files no longer load: {error}") from None
+                raise LoadRefused(
+                    f"{name} v{version} is loaded, but its files no longer load (restore them): {error}"
+                ) from None
             if on_disk != loaded.entry.config.get("sha256"):
                 raise LoadRefused(
                     f"{name} v{version} is loaded, and its model.onnx changed on disk since: a version's weights "
-                    "must not change under its sessions; write new weights as a new version"
+                    f"must not change under its sessions: restore v{version}'s files and write new weights as a new "
+                    "version"
                 )
 
     async def unload(self, name: str, version: int | None = None) -> Table:

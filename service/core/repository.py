@@ -93,7 +93,7 @@ def check_contents(config_path: Path, config: dict) -> None:
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
         refuse(f"input_dim must be a whole number of at least 1, not {str(width)[:20]!r}")
     names = config.get("feature_names")
-    if names is not None and (not is_names(names) or len(names) != width):
+    if names and (not is_names(names) or len(names) != width):  # [] or none: f0, f1, ... (ModelEntry)
         refuse(f"feature_names must be input_dim={width} strings")
     inputs = config["inputs"]
     if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict) or "name" not in inputs[0]:
@@ -109,7 +109,7 @@ def check_contents(config_path: Path, config: dict) -> None:
     example = config.get("example")
     if example is not None:
         frames = example.get("frames") if isinstance(example, dict) else None
-        if not isinstance(example, dict) or example.get("label") not in labels:
+        if not isinstance(example, dict) or str(example.get("label")) not in labels:
             refuse("example.label must be one of the labels")
         if (
             not isinstance(frames, list)
@@ -163,9 +163,12 @@ def version_number(text: str) -> int | None:
 
 
 @functools.cache
-def warn_too_long(folder: Path) -> None:
+def warn_not_a_version(folder: Path) -> None:
     """Once per folder, not at every poll of the repository."""
-    log.warning("skipping %s: a version number has at most %d digits", folder, MAX_VERSION_DIGITS)
+    if int(folder.name) == 0:
+        log.warning("skipping %s: versions start at 1 (rename it to serve it)", folder)
+    else:
+        log.warning("skipping %s: a version number has at most %d digits", folder, MAX_VERSION_DIGITS)
 
 
 def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
@@ -175,8 +178,8 @@ def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
     found: dict[str, dict[int, Path]] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         folders = [p for p in model_dir.iterdir() if p.is_dir()]
-        for too_long in (p for p in folders if is_number(p.name) and len(p.name) > MAX_VERSION_DIGITS):
-            warn_too_long(too_long)
+        for skipped in (p for p in folders if is_number(p.name) and not is_version(p.name)):
+            warn_not_a_version(skipped)
         versions = {int(p.name): p for p in folders if is_version(p.name)}
         if versions:
             found[model_dir.name] = dict(sorted(versions.items()))

@@ -130,8 +130,8 @@ class Frame:
         except asyncio.CancelledError:
             # only the server cancels a request, once shutdown_timeout_s has run out: the client hears so (if
             # nothing was sent yet) and it is logged as a 503, not as a server error with a traceback
-            status = 503
             if not responding:
+                status = 503
                 with contextlib.suppress(Exception):
                     cut = NotReady(CUT_AT_SHUTDOWN, headers={"Retry-After": "1", "Connection": "close"})
                     await protocol.render(cut, context.request_id)(scope, receive, send_marked)

@@ -167,8 +167,8 @@ def reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
             store.outages.error(error)
             if isinstance(error, ResponseError):  # Redis is there and said no: out of memory, read-only, ...
                 raise StoreUnavailable(
-                    "the session store refused the write (full or read-only): the operator must free it; "
-                    "retry later (stateless /v1/classify still works)",
+                    "the session store refused the command (full, read-only or not permitted): the operator must "
+                    "see to it; retry later (stateless /v1/classify still works)",
                     headers={"Retry-After": "5"},
                 ) from None
             raise StoreUnavailable(

@@ -20,6 +20,7 @@ def test_a_version_is_up_to_18_digits_everywhere_a_folder_or_a_request_names_one
         found = scan_repository(tmp_path)
     assert list(found["m"]) == [1, 2]
     assert "1" + "0" * 20 in caplog.text and "at most 18 digits" in caplog.text
+    assert "versions start at 1 (rename it to serve it)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lstm_serve"):
         scan_repository(tmp_path)  # as a repository poll does, again and again
@@ -64,3 +65,17 @@ def test_a_config_json_that_is_wrong_is_refused_naming_the_file_and_the_field(tm
     with pytest.raises(RepositoryError) as refused:
         load_entry(folder)
     assert str(folder / "config.json") in str(refused.value) and says in str(refused.value), str(refused.value)
+
+
+def test_what_earlier_exports_wrote_still_loads(tmp_path):
+    """No feature names ([]: f0, f1, ...) and an example whose label was written as a number."""
+    folder = tmp_path / "japanese-vowels" / "1"
+    shutil.copytree(SHIPPED, folder)
+    config = json.loads((folder / "config.json").read_text())
+    labels = [str(k) for k in range(len(config["labels"]))]
+    example = {**config["example"], "label": 1}
+    (folder / "config.json").write_text(
+        json.dumps({**config, "feature_names": [], "labels": labels, "example": example})
+    )
+    entry = load_entry(folder)
+    assert entry.feature_names == [f"f{k}" for k in range(12)] and entry.example["label"] == 1

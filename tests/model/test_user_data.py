@@ -139,3 +139,15 @@ def test_bytes_labels_read_as_text_and_numeric_labels_keep_one_order(tmp_path):
     data = read_user_data(path)
     assert data.labels == ["walk", "run"] and data.feature_names == ["ax", "ay"]
     assert label_order(["1.0", "01", "1", "2"]) == ["01", "1", "1.0", "2"]
+    assert label_order(["nan", "2", "1"]) == ["1", "2", "nan"]
+
+
+def test_a_test_file_is_matched_by_position_when_either_file_names_no_features(tmp_path):
+    path = tmp_path / "unnamed.npz"
+    X = np.empty(6, dtype=object)
+    X[:] = [np.full((2, 2), k, np.float32) for k in range(6)]
+    np.savez(path, X=X, y=np.array(["x", "y"] * 3))  # no feature_names: f0, f1
+    named = tmp_path / "named.csv"
+    named.write_text("sequence_id,t,b,a,label\nq1,0,-5,5,y\n")
+    dataset = user_dataset(path, named)
+    np.testing.assert_array_equal(dataset.test.sequences[0], [[-5, 5]])  # as written: by position

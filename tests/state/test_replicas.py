@@ -167,7 +167,7 @@ def test_a_server_starts_without_redis_and_a_redis_refusing_writes_is_a_503_not_
     for response in refused:
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "session_store_unavailable"
-        assert "refused the write (full or read-only)" in response.json()["error"]["message"]
+        assert "refused the command (full, read-only or not permitted)" in response.json()["error"]["message"]
         assert response.headers["Retry-After"] == "5"
     assert httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": [[0.0] * 12]}).json()["steps"] == 1
 
