@@ -422,7 +422,7 @@ class RedisSessionStore:
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        except (RedisError, OSError) as error:  # unreachable, or refusing (NOAUTH, NOPERM): not usable
             self.outages.error(error)
             return False
 
@@ -441,9 +441,9 @@ class RedisTokenBuckets:
     async def take(self, key: str) -> float:
         try:
             return float(await self._take(keys=[f"{PREFIX}r:{key}"], args=[self.rate, self.burst]))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        except (RedisError, OSError) as error:  # unreachable, or refusing the write (full, read-only)
             self.store.outages.error(error)
-            return 0.0  # the limit fails open: an outage of Redis must not refuse every request
+            return 0.0  # the limit fails open: a Redis outage must not refuse (or fail) every request
 
 
 class RedisDirectory:

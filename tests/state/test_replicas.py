@@ -195,3 +195,21 @@ def test_a_step_redis_stalls_on_says_it_may_have_been_applied_and_its_seq_retry_
         np.testing.assert_allclose(retried["prediction"]["probabilities"], expected, atol=ATOL)
     finally:
         redis_server.stop()
+
+
+def test_with_a_rate_limit_a_redis_refusing_writes_fails_the_limit_open_not_every_request(start_server, redis_server):
+    """The rate buckets live in Redis: a Redis that refuses writes lets requests through (as one that is down
+    does), instead of turning every request into a 500."""
+    env = {"LSTM_SERVE_REDIS_URL": redis_server.url, "LSTM_SERVE_RATE_LIMIT": "1000/s"}
+    a = start_server(env=env)
+    refuse = ["redis-cli", "-p", str(redis_server.port), "config", "set", "min-replicas-to-write"]
+    subprocess.run([*refuse, "1"], check=True, capture_output=True)
+    try:
+        classified = httpx.post(f"{a.url}/v1/classify", json={"sequences": [[[0.0] * 12]]})
+        models = httpx.get(f"{a.url}/v1/models")
+        created = httpx.post(f"{a.url}/v1/sessions", json={})
+    finally:
+        subprocess.run([*refuse, "0"], check=True, capture_output=True)
+    assert classified.status_code == 200 and models.status_code == 200, (classified.text, models.text)
+    assert created.status_code == 503 and created.json()["error"]["code"] == "session_store_unavailable"
+    assert "Traceback" not in a.output()
