@@ -24,6 +24,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from lstm_serve.core.repository import version_number
 from lstm_serve.model.data import DESCRIPTIONS, FEATURES, load_dataset
 from lstm_serve.model.model import ModelConfig, SequenceClassifier
 from lstm_serve.model.train import load_checkpoint
@@ -256,7 +257,7 @@ def entry_folder(repository: str | Path, name: str, version: int) -> Path:
     serves (1 to 18 digits)."""
     if not MODEL_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"model name {name[:60]!r}: letters, digits, '.', '_' and '-', one folder, not '..'")
-    if not 1 <= version < 10**18:
+    if version_number(str(version)) is None:  # the repository's own rule, so the server serves what it writes
         raise ValueError(f"version {version}: a whole number from 1 to 18 digits")
     return Path(repository) / name / str(version)
 

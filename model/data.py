@@ -162,8 +162,8 @@ def read_npz(path: Path, training: bool = True) -> UserData:
     names = [text(n) for n in np.atleast_1d(archive["feature_names"])] if "feature_names" in archive.files else []
     if names and len(names) != width:
         raise DataError(f"{path}: {len(names)} feature_names for {width} features")
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: feature_names repeats {next(n for n in names if names.count(n) > 1)!r}")
+    if (twice := repeated(names)) is not None:
+        raise DataError(f"{path}: feature_names repeats {twice!r}")
     labels = [text(label) for label in y.tolist()]
     if training and any(label in ("", "nan", "None") for label in labels):
         raise DataError(
@@ -171,6 +171,16 @@ def read_npz(path: Path, training: bool = True) -> UserData:
         )
     sequences32 = [np.asarray(s, np.float32) for s in sequences]
     return UserData(sequences32, labels, names or [f"f{k}" for k in range(width)], named=bool(names))
+
+
+def repeated(names: list[str]) -> str | None:
+    """The first name that occurs again, if any."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 def text(value: object) -> str:
@@ -197,9 +207,8 @@ def parse_csv(path: Path, reader: Iterator[list[str]], training: bool) -> UserDa
     if header is None:
         raise DataError(f"{path}: empty file")
     header = [name.strip() for name in header]
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if repeated:
-        raise DataError(f"{path}: the header names column {repeated[0]!r} more than once")
+    if (twice := repeated(header)) is not None:
+        raise DataError(f"{path}: the header names column {twice!r} more than once")
     missing = [c for c in CSV_COLUMNS if c not in header and (training or c != "label")]
     if missing:
         raise DataError(
