@@ -149,20 +149,29 @@ RETRIED = (RateLimited, Overloaded, StoreUnavailable, NotReady, ModelLoading)
 STATUS_OF_CODE = {
     "invalid_input": 422,
     "malformed_request": 400,
+    "load_refused": 400,
+    "sequence_not_started": 400,
     "unauthorized": 401,
+    "forbidden_origin": 403,
+    "forbidden": 403,
     "not_found": 404,
+    "method_not_allowed": 405,
+    "request_timeout": 408,
     "model_not_found": 404,
     "session_not_found": 404,
     "seq_conflict": 409,
     "session_restarted": 409,
     "model_version_retired": 410,
     "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "upgrade_required": 426,
     "too_many_sessions": 429,
     "rate_limited": 429,
     "overloaded": 503,
     "session_store_unavailable": 503,
     "not_ready": 503,
     "model_loading": 503,
+    "client_closed_request": 499,
     "internal_error": 500,
 }
 
@@ -176,11 +185,19 @@ def error_of(status: int, body: dict[str, Any]) -> ServerError:
     return ERRORS.get(code, ServerError)(status, code, message, fields.pop("request_id", None), **fields)
 
 
-def stream_error(reply: dict[str, Any]) -> ServerError:
-    """An error reply on the WebSocket, as the typed exception with the status the error has over HTTP."""
+def resend_wait(reply: dict[str, Any], attempt: int, retries: int) -> float | None:
+    """For a reply on the WebSocket: None when it answers the chunk; the seconds to wait before sending the
+    chunk again (with its seq) after a 503 or a 429 error reply; any other error is raised as the typed
+    exception, with the status the same error has over HTTP."""
     error = reply.get("error")
+    if error is None:
+        return None
     code = error.get("code") if isinstance(error, dict) else None
-    return error_of(STATUS_OF_CODE.get(str(code), 400), reply)
+    failure = error_of(STATUS_OF_CODE.get(str(code), 400), reply)
+    wait = retry_wait(True, attempt, retries, failure)
+    if wait is None:
+        raise failure
+    return wait
 
 
 def encoded(body: Any) -> tuple[bytes | None, dict[str, str]]:
@@ -338,12 +355,9 @@ class Session:
                             raise
                         time.sleep(min(2.0, 0.05 * 2**dropped))
                         continue
-                    if "error" not in reply:
-                        break
-                    error = stream_error(reply)  # a 503 or a 429: the same chunk again, with its seq
-                    wait = retry_wait(True, attempt, self.client.retries, error)
+                    wait = resend_wait(reply, attempt, self.client.retries)
                     if wait is None:
-                        raise error
+                        break
                     attempt += 1
                     time.sleep(wait)
                 self.steps = reply["steps"]
@@ -467,12 +481,9 @@ class AsyncSession:
                             raise
                         await asyncio.sleep(min(2.0, 0.05 * 2**dropped))
                         continue
-                    if "error" not in reply:
-                        break
-                    error = stream_error(reply)
-                    wait = retry_wait(True, attempt, self.client.retries, error)
+                    wait = resend_wait(reply, attempt, self.client.retries)
                     if wait is None:
-                        raise error
+                        break
                     attempt += 1
                     await asyncio.sleep(wait)
                 self.steps = reply["steps"]

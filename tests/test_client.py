@@ -204,3 +204,19 @@ def test_a_stream_resends_a_chunk_answered_429_and_raises_other_errors_with_thei
         time.sleep(0.5)  # /metrics counts against the rate too
         metrics = httpx.get(f"{server.url}/metrics").text
     assert 'lstm_serve_rejected_requests_total{reason="rate_limited"}' in metrics
+
+
+def test_the_client_knows_the_http_status_of_every_error_code_the_server_sends():
+    """A WebSocket error reply carries only the code: the client's table of statuses must be the server's."""
+    import lstm_serve.http.app  # noqa: F401 - every protocol's own errors are defined once the app is
+    from lstm_serve import errors
+    from lstm_serve.client import STATUS_OF_CODE
+
+    def every(kind):
+        for sub in kind.__subclasses__():
+            yield sub
+            yield from every(sub)
+
+    kinds = [errors.ServiceError, *every(errors.ServiceError)]
+    server = {kind.code: kind.status for kind in kinds if kind.__module__.startswith("lstm_serve.")}  # not tests
+    assert server == STATUS_OF_CODE
