@@ -7,7 +7,9 @@ digest, the probabilities after it, the state before it). A replica remembers it
 sessions and steps from it without reading the session first: if another replica moved the session on,
 the commit finds out and the step starts again from what Redis holds. Commits are a Lua compare-and-set
 on (incarnation, revision), so two replicas stepping one session at the same moment both apply, in some
-order, each exactly once, and a step never lands on a restarted session.
+order, each exactly once, and a step never lands on a restarted session. A revision is a random number, not
+a count: a Redis restarted from an older snapshot must not hand out again a revision some replica has seen
+with another state (its stale view would pass the compare-and-set, and a chunk land on the wrong state).
 
 Idle expiry is a Redis TTL on the hash; sorted sets count live sessions, in all and per quota (an API key,
 or a client address without keys), and expired ones. A session's score there is an upper bound of its
@@ -27,6 +29,7 @@ import functools
 import hashlib
 import logging
 import math
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -270,6 +273,11 @@ def decode(session_id: str, fields: dict[bytes, bytes]) -> SessionRecord:
     )
 
 
+def new_revision() -> int:
+    """Never seen before, by any replica, whatever Redis forgot (2**-63 odds of a repeat)."""
+    return secrets.randbits(63)
+
+
 def flatten(fields: dict) -> list:
     return [item for pair in fields.items() for item in pair]
 
@@ -373,12 +381,13 @@ class RedisSessionStore:
 
     @reachable
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
+        revision = new_revision()
         command = b"".join(
             (
                 self.commit_head(expected),
                 bulk(b"%d" % expected.revision),
                 bulk(repr(float(record.last_used)).encode()),
-                bulk(b"%d" % (expected.revision + 1)),
+                bulk(b"%d" % revision),
                 bulk(encode_blob(record)),
             )
         )
@@ -396,7 +405,7 @@ class RedisSessionStore:
                 "the chunk was not applied"
             )
         if result == 1:
-            self.remember(record.revised(expected.revision + 1))
+            self.remember(record.revised(revision))
         return result == 1
 
     @reachable

@@ -41,7 +41,7 @@ class SessionRecord:
     last_digest: str | None = None  # digest of the last applied chunk
     last_probabilities: np.ndarray | None = None  # (C,) after the last applied chunk
     previous_state: tuple[np.ndarray, ...] | None = None  # the state the last applied chunk started from
-    revision: int = 0  # bumped by every commit; commits are compare-and-set on (incarnation, revision)
+    revision: int = 0  # new at every commit (a count in memory, random in Redis); commits compare-and-set on it
     quota: str = ""  # whose share it counts against: an API key, or a client address without keys (Caller.quota_key)
 
     def advanced(self, **changes: Any) -> SessionRecord:

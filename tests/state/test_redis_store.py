@@ -35,7 +35,7 @@ def test_round_trip_of_a_record_with_state_and_response(redis_server):
         return loaded, advanced
 
     loaded, sent = run(main())
-    assert (loaded.model, loaded.version, loaded.steps, loaded.revision) == ("m", 3, 4, 1)
+    assert (loaded.model, loaded.version, loaded.steps) == ("m", 3, 4) and loaded.revision != sent.revision
     assert (loaded.incarnation, loaded.last_seq, loaded.last_digest) == (sent.incarnation, 1, "abc")
     assert loaded.last_probabilities.tolist() == [0.25, 0.75]
     for ours, theirs in zip(loaded.state + loaded.previous_state, sent.state + sent.previous_state, strict=True):
@@ -59,7 +59,7 @@ def test_commit_is_compare_and_set_across_store_instances(redis_server):
 
     first, second, stored = run(main())
     assert first and not second, "the stale write was not refused"
-    assert stored.steps == 1 and stored.revision == 1
+    assert stored.steps == 1 and stored.revision != 0
 
 
 def test_max_sessions_and_ttl_expiry(redis_server):
@@ -198,13 +198,17 @@ def test_commits_go_in_one_round_trip_and_survive_a_redis_that_lost_its_scripts(
         await store.client.script_flush()
         records = [await store.load(r.session_id) for r in records]
         assert all(await asyncio.gather(*(store.commit(r.advanced(steps=r.steps + 1), r) for r in records)))
+        views = [store.recall(r.session_id) for r in records]
         loaded = [await store.load(r.session_id) for r in records]
+        again = await asyncio.gather(*(store.commit(r.advanced(steps=9), r) for r in records))
         await store.close()
-        return before, after_pipeline, loaded
+        return before, after_pipeline, views, loaded, again
 
-    before, after_pipeline, loaded = run(main())
+    before, after_pipeline, views, loaded, again = run(main())
     assert after_pipeline == before  # no SCRIPT EXISTS (nor LOAD) for a pipeline of commits
-    assert [(r.steps, r.revision) for r in loaded] == [(3, 3)] + [(3, 2)] * 3
+    assert [r.steps for r in loaded] == [3] * 4
+    assert [r.revision for r in loaded] == [r.revision for r in views]  # the resent commit did not run twice ...
+    assert again == [False] * 4  # ... nor does it now: each committed once, at the revision its store remembers
 
 
 def test_a_replica_steps_from_its_last_view_and_a_stale_view_is_caught(redis_server):
@@ -225,6 +229,38 @@ def test_a_replica_steps_from_its_last_view_and_a_stale_view_is_caught(redis_ser
         await b.close()
 
     run(main())
+
+
+def test_a_redis_restored_from_an_older_snapshot_does_not_let_a_stale_view_commit(redis_server):
+    """Replica a steps a session twice; Redis then rolls back to a snapshot taken between the two (a restart
+    from an older RDB, a failover to a lagging replica). Replica b steps the rolled-back session. a's view
+    (after its second step) is stale, and its commit must be refused: with counted revisions, b's commit
+    wrote the very revision a had seen, a's compare-and-set passed, and a's chunk landed on b's state."""
+
+    async def main():
+        a = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        b = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        record = await a.create(new_record("m", 1))
+        key = f"lstm-serve:s:{record.session_id}"
+        assert await a.commit(record.advanced(steps=1), record)
+        snapshot = await a.client.dump(key)
+        view = a.recall(record.session_id)
+        assert await a.commit(view.advanced(steps=2), view)
+        await a.client.restore(key, 60_000, snapshot, replace=True)  # Redis forgets the second step
+        rolled_back = await b.load(record.session_id)
+        assert rolled_back.steps == 1
+        assert await b.commit(rolled_back.advanced(steps=7), rolled_back)
+        stale = a.recall(record.session_id)
+        assert stale is not None and stale.steps == 2
+        mixed = await a.commit(stale.advanced(steps=3), stale)
+        stored = await b.load(record.session_id)
+        await a.close()
+        await b.close()
+        return mixed, stored
+
+    mixed, stored = run(main())
+    assert not mixed, "a stale view committed over another replica's step after a rollback"
+    assert stored.steps == 7
 
 
 def test_a_session_written_by_an_earlier_release_is_not_found_rather_than_an_error(redis_server):
@@ -259,7 +295,8 @@ def test_a_stepped_session_stays_counted_while_its_index_is_renewed_only_once_pe
         while asyncio.get_running_loop().time() < deadline:
             stepped = record.advanced(steps=record.steps + 1, last_used=time.time())
             assert await store.commit(stepped, record)
-            record, commits = stepped.revised(record.revision + 1), commits + 1
+            record, commits = store.recall(record.session_id), commits + 1
+            assert record is not None and record.steps == stepped.steps
             assert await store.sweep() == 0
             counts.append(await store.count())
             await asyncio.sleep(0.01)
