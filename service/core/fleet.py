@@ -4,12 +4,14 @@ its contract and a warm-up pass; hot load and unload; retirement after a drain; 
 
 A replica that learns of a version it has not loaded (another replica loaded it) loads it in the
 background; meanwhile requests for it answer 503 `model_loading` with Retry-After, never another
-version's result.
+version's result. A change is written to the shared tables before this replica acts on it: a write that
+fails (Redis down, or another replica changed the table first) changes nothing here either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
@@ -22,7 +24,7 @@ import numpy as np
 from lstm_serve.core.batcher import Batcher
 from lstm_serve.core.inputs import Catalogue, Limits
 from lstm_serve.core.metrics import Metrics
-from lstm_serve.core.repository import ModelEntry, RepositoryError, load_entry, scan_repository
+from lstm_serve.core.repository import ModelEntry, RepositoryError, declared_sha256, load_entry, scan_repository
 from lstm_serve.core.runner import Item, OnnxRunner, Output
 from lstm_serve.core.versions import (
     Table,
@@ -30,13 +32,22 @@ from lstm_serve.core.versions import (
     VersionState,
     plan_load,
     plan_unload,
+    reuse_message,
+    reused,
     serving,
     table_from_json,
     table_to_json,
 )
-from lstm_serve.errors import LoadRefused, ModelLoading, ModelNotFound, ModelVersionRetired, ServiceError
+from lstm_serve.errors import (
+    LoadRefused,
+    ModelLoading,
+    ModelNotFound,
+    ModelVersionRetired,
+    ServiceError,
+    StoreUnavailable,
+)
 from lstm_serve.settings import Settings
-from lstm_serve.state.directory import ModelDirectory
+from lstm_serve.state.directory import ModelDirectory, TableChanged
 
 log = logging.getLogger("lstm_serve")
 
@@ -44,6 +55,7 @@ log = logging.getLogger("lstm_serve")
 # worker thread (core/batcher.py): 50-350 us of onnxruntime on a CPU, about what the hand-off costs.
 INLINE_FRAMES = 64
 Key = tuple[str, int]  # (model name, version)
+ATTEMPTS = 5  # a change planned again after another replica changed the table first, before giving up
 
 
 def cheap(items: list[Item]) -> bool:
@@ -127,24 +139,21 @@ class Fleet:
         async with self.changes:
             shared = await self.shared(self.sync)
             for name in self.on_disk:
-                _, planned = self.plan(name, explicit=False)
                 try:
-                    runners = await self.prepare(name, planned)
+                    if not (shared and await self.shared(lambda: self.apply(name, explicit=False))):  # noqa: B023
+                        shared = False
+                        self.tables[name] = self.plan(name, explicit=False)[1]  # written back by a sweep later
+                    self.install(await self.prepare(name, self.tables[name]))  # what the tables serve, if apply did not
                 except LoadRefused as error:
                     raise RepositoryError(error.message) from None
-                self.install(runners)
-                if shared:
-                    await self.shared(lambda: self.adopt(name, planned))  # noqa: B023  (awaited at once)
-                else:
-                    self.tables[name] = planned
         self.publish()
 
-    async def shared(self, work: Callable[[], Awaitable[None]]) -> bool:
+    async def shared(self, work: Callable[[], Awaitable[object]]) -> bool:
         """At start, the shared tables are wanted, not required: with Redis unreachable the server starts on
-        its own policy (sessions answer 503 meanwhile) and follows the tables once a sweep reaches them."""
+        its own policy (sessions answer 503 meanwhile), and a sweep that reaches Redis publishes that."""
         try:
             await work()
-        except ServiceError as error:
+        except StoreUnavailable as error:
             log.warning("model version tables not shared yet: %s", error.message)
             return False
         return True
@@ -180,6 +189,8 @@ class Fleet:
         for version, state in sorted(table.items()):
             if not state.live(now) or version not in versions or (name, version) in self.loaded:
                 continue
+            if self.other_weights((name, version), state):
+                continue  # the others serve this number with other weights: never here
             try:
                 runners.append(await asyncio.to_thread(self.build, load_entry(versions[version])))
             except Exception as error:  # sha256, config, contract, onnxruntime, warm-up: all refuse the same way
@@ -192,6 +203,8 @@ class Fleet:
         s = self.settings
         for runner in runners:
             entry = runner.entry
+            if (entry.name, entry.version) in self.loaded:  # a background load got there first
+                continue
             batcher: Batcher[Item, Output] = Batcher(
                 runner.run,
                 s.max_batch_size,
@@ -223,12 +236,22 @@ class Fleet:
                 )
             if explicit:
                 await asyncio.to_thread(self.check_unchanged, name, versions)  # hashes each loaded model.onnx
-            table, planned = self.plan(name, explicit)
-            if planned != table:
-                self.install(await self.prepare(name, planned))
-                await self.adopt(name, planned)
-                self.publish()
+            planned = await self.apply(name, explicit)
+            self.publish()
             return planned
+
+    async def apply(self, name: str, explicit: bool) -> Table:
+        """Plan the model's table from what is on disk, build the runners it needs, write it to the shared
+        tables, then serve it here. A table another replica changed first is read again and planned anew."""
+        for _ in range(ATTEMPTS):
+            table, planned = self.plan(name, explicit)
+            if planned == table:
+                return planned
+            runners = await self.prepare(name, planned)
+            if await self.adopt(name, planned):
+                self.install(runners)
+                return planned
+        raise busy(name)
 
     def check_unchanged(self, name: str, versions: dict[int, Path]) -> None:
         """A version's weights never change under its sessions: a load finding a loaded version's files
@@ -255,23 +278,50 @@ class Fleet:
         version_drain_s has passed, then answer 410); new sessions go to the newest version left."""
         async with self.changes:
             await self.sync()
-            table = self.tables.get(name, {})
-            live = serving(table)
-            if not live or (version is not None and version not in live):
-                what = f"{name} v{version}" if version is not None else f"model {name!r}"
-                raise ModelNotFound(f"{what} is not serving here (serving versions: {live})")
-            planned = plan_unload(table, version, self.settings.version_drain_s)
-            await self.adopt(name, planned)
-            self.publish()
-            return planned
+            for _ in range(ATTEMPTS):
+                table = self.tables.get(name, {})
+                live = serving(table)
+                if not live or (version is not None and version not in live):
+                    what = f"{name} v{version}" if version is not None else f"model {name!r}"
+                    raise ModelNotFound(f"{what} is not serving here (serving versions: {live})")
+                planned = plan_unload(table, version, self.settings.version_drain_s)
+                if await self.adopt(name, planned):
+                    self.publish()
+                    return planned
+            raise busy(name)
 
     def plan(self, name: str, explicit: bool) -> tuple[Table, Table]:
         """A model's table now, and after loading it from what is on disk; a poll (not explicit) leaves out
         the versions that failed before and have not changed since."""
-        versions = self.on_disk.get(name, {})
-        available = set(versions) if explicit else {v for v in versions if not self.refused_unchanged(name, v)}
-        table = self.tables.get(name, {})
-        return table, plan_load(table, available, self.policy, self.settings.version_drain_s, explicit)
+        versions, table, drain_s = self.on_disk.get(name, {}), self.tables.get(name, {}), self.settings.version_drain_s
+        available = {
+            v: declared_sha256(path) for v, path in versions.items() if explicit or not self.refused_unchanged(name, v)
+        }
+        conflicts = reused(table, available)
+        if conflicts:
+            wanted = plan_load(table, available, self.policy, drain_s, explicit)
+            for version, (served, on_disk) in conflicts.items():
+                message = reuse_message(name, version, served, on_disk)
+                self.refuse((name, version), message)
+                if explicit and wanted[version].status == "serving":
+                    raise LoadRefused(message)
+                del available[version]
+        return table, plan_load(table, available, self.policy, drain_s, explicit)
+
+    def refuse(self, key: Key, reason: str) -> None:
+        """Remember why a version does not load here (until its files change), and log it once."""
+        refusal = (reason, signature(self.on_disk[key[0]][key[1]]))
+        if self.refused.get(key) != refusal:
+            log.error("%s", reason)
+        self.refused[key] = refusal
+
+    def other_weights(self, key: Key, state: VersionState) -> bool:
+        """This replica's files for a version differ from the weights the tables say it serves (refused)."""
+        on_disk = declared_sha256(self.on_disk[key[0]][key[1]])
+        if state.sha256 and on_disk != state.sha256:
+            self.refuse(key, reuse_message(*key, state.sha256, on_disk or "none"))
+            return True
+        return False
 
     def refused_unchanged(self, name: str, version: int) -> bool:
         """A version that failed before, whose files have not changed since: polling does not retry it."""
@@ -296,22 +346,40 @@ class Fleet:
                 log.error("repository poll: %s; the versions loaded before keep serving", error.message)
 
     # -- agreeing with the other replicas ---------------------------------------------------------
-    async def sync(self) -> None:
-        """Read the shared tables if they changed since the last read."""
+    async def sync(self, again: bool = False) -> None:
+        """Read the shared tables if they changed since the last read (`again`: whatever the generation). A
+        model this replica serves that they lack (Redis restarted empty, or was down at this start) is
+        written back, so an unload or a drain is not forgotten."""
         generation = await self.directory.generation()
-        if generation != self.generation:
-            self.generation, shared = await self.directory.read()
-            for name, document in shared.items():
-                self.tables[name] = table_from_json(document)
+        if generation == self.generation and not again:
+            return
+        self.generation, shared = await self.directory.read()
+        for name, document in shared.items():
+            self.tables[name] = table_from_json(document)
+        for name in [n for n in self.tables if n not in shared]:
+            self.generation = -1  # read again next time: what others wrote since, or theirs if they wrote first
+            with contextlib.suppress(TableChanged):
+                await self.directory.write(name, table_to_json(self.tables[name]))
+                log.warning("model version table of %s was missing from the shared tables: written back", name)
 
-    async def adopt(self, name: str, table: Table) -> None:
-        if self.tables.get(name) != table:
-            self.tables[name] = table
+    async def adopt(self, name: str, table: Table) -> bool:
+        """Write the model's new table to the shared tables, then take it here; False (nothing written, the
+        tables read again) if another replica changed it first. A failed write (503) changes nothing here."""
+        if self.tables.get(name) == table:
+            return True
+        try:
             await self.directory.write(name, table_to_json(table))
+        except TableChanged:
+            await self.sync(again=True)
+            return False
+        self.tables[name] = table
+        return True
 
     async def refresh(self) -> None:
         """Every sweep: follow the shared tables (load in the background what others loaded), and free the
-        versions whose drain has ended."""
+        versions whose drain has ended. Skipped while a load or unload is under way: it publishes itself."""
+        if self.changes.locked():
+            return
         await self.sync()
         now = time.time()
         for name, table in self.tables.items():
@@ -341,6 +409,9 @@ class Fleet:
         name, version = key
         path = self.on_disk[name][version]
         try:
+            state = self.tables[name][version]
+            if self.other_weights(key, state):
+                return
             runner = await asyncio.to_thread(self.build, load_entry(path))
         except Exception as error:
             self.refused[key] = (str(error), signature(path))
@@ -459,6 +530,14 @@ class Fleet:
         if state.status == "draining":
             return {"state": "UNLOADING", "reason": draining(*key, state).message}
         return {"state": "READY", "reason": ""}
+
+
+def busy(name: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"the version table of {name!r} kept changing under this change (other replicas loading or unloading "
+        "it): retry",
+        headers={"Retry-After": "1"},
+    )
 
 
 def signature(version_dir: Path) -> tuple[int, ...]:

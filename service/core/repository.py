@@ -144,6 +144,17 @@ def load_entry(version_dir: Path) -> ModelEntry:
     return ModelEntry(name=config["name"], version=version, path=version_dir, config=config)
 
 
+def declared_sha256(version_dir: Path) -> str | None:
+    """The sha256 a version's config.json vouches for (load_entry checks model.onnx against it), or None when
+    the config does not read."""
+    try:
+        config = json.loads((version_dir / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    digest = config.get("sha256") if isinstance(config, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
 MAX_VERSION_DIGITS = 18  # a version fits a signed 64-bit integer, which JSON writers and clients take
 
 

@@ -11,13 +11,16 @@ A model's table maps each version it has served to a state:
 
 A session's h and c mean something only under the weights that made them, so a session stays on its
 version for its whole life; only new sessions move to the newest. The table is plain JSON so that
-replicas can share it through Redis (state/directory.py) and agree on what is loaded.
+replicas can share it through Redis (state/directory.py) and agree on what is loaded. Each version keeps
+the sha256 of the weights it was first served with, for good: a replica whose files for that number
+differ does not load them, and a number once served never comes back with other weights.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from lstm_serve.settings import parse_version_policy
@@ -45,6 +48,7 @@ class VersionState:
     status: Status
     deadline: float | None = None  # draining: when its sessions stop being served (unix seconds)
     replaced_by: int | None = None  # draining: the version new sessions get instead
+    sha256: str | None = None  # of the weights served under this number (None: a table from before it was kept)
 
     def retired_at(self, now: float) -> bool:
         """Draining past its deadline."""
@@ -62,25 +66,52 @@ def serving(table: Table) -> list[int]:
     return sorted(v for v, state in table.items() if state.status == "serving")
 
 
+def reused(table: Table, available: Mapping[int, str | None]) -> dict[int, tuple[str, str]]:
+    """The versions on disk whose weights differ from those the table says were served under their number:
+    {version: (sha256 served, sha256 on disk)}."""
+    found = {}
+    for version, digest in available.items():
+        served = table[version].sha256 if version in table else None
+        if served and digest and served != digest:
+            found[version] = (served, digest)
+    return found
+
+
+def reuse_message(name: str, version: int, served: str, on_disk: str) -> str:
+    return (
+        f"{name} v{version} on this replica's disk has other weights (sha256 {on_disk[:12]}...) than the v{version} "
+        f"served before (sha256 {served[:12]}...): a version number never changes its weights, since its sessions' "
+        f"state belongs to them: export the new weights as a new version, or restore v{version}'s files"
+    )
+
+
 def plan_load(
-    table: Table, available: set[int], policy: VersionPolicy, drain_s: float, explicit: bool, now: float | None = None
+    table: Table,
+    available: Mapping[int, str | None],
+    policy: VersionPolicy,
+    drain_s: float,
+    explicit: bool,
+    now: float | None = None,
 ) -> Table:
-    """The table after loading a model from the repository, where `available` are the versions on disk.
+    """The table after loading a model from the repository, where `available` are the versions on disk (each
+    with the sha256 its config.json declares; those `reused` must be left out before).
 
     The policy picks among the versions on disk and those already serving (another replica may serve one
     this one lacks: it is never downgraded). A version unloaded on purpose (draining, or retired) comes back
     only with an explicit load. Serving versions the policy no longer keeps start draining."""
     now = time.time() if now is None else now
     unloaded = {v for v, state in table.items() if state.status != "serving"}
-    candidates = (available if explicit else available - unloaded) | set(serving(table))
+    candidates = (set(available) if explicit else set(available) - unloaded) | set(serving(table))
     keep = policy.select(candidates)
     planned = dict(table)
     for version in keep:
-        planned[version] = VersionState("serving")
+        known = table.get(version)
+        digest = known.sha256 if known is not None and known.sha256 else available.get(version)
+        planned[version] = VersionState("serving", sha256=digest)
     newest = max(keep) if keep else None
     for version in serving(table):
         if version not in keep:
-            planned[version] = VersionState("draining", now + drain_s, newest)
+            planned[version] = replace(table[version], status="draining", deadline=now + drain_s, replaced_by=newest)
     return planned
 
 
@@ -93,7 +124,7 @@ def plan_unload(table: Table, version: int | None, drain_s: float, now: float | 
     newest = max(remaining) if remaining else None
     planned = dict(table)
     for target in targets:
-        planned[target] = VersionState("draining", now + drain_s, newest)
+        planned[target] = replace(table[target], status="draining", deadline=now + drain_s, replaced_by=newest)
     return planned
 
 

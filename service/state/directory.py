@@ -3,12 +3,18 @@ as JSON, with a generation number that moves on every change, so a replica polls
 that it has to read the tables again.
 
 One process alone keeps them here; replicas sharing Redis keep them in the hash `lstm-serve:models`
-(state/redis.py: RedisDirectory).
+(state/redis.py: RedisDirectory). A write is a compare-and-set against the table this replica last read or
+wrote: a replica that planned from a table another has changed since learns so (TableChanged), reads the
+tables again and plans anew, so no replica's change overwrites another's.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
+
+
+class TableChanged(Exception):
+    """Another replica changed the model's table since this one last read it: nothing was written."""
 
 
 class ModelDirectory(Protocol):
@@ -19,7 +25,8 @@ class ModelDirectory(Protocol):
         ...
 
     async def write(self, name: str, table: dict[str, Any]) -> int:
-        """Store one model's table; the new generation."""
+        """Store one model's table if it is still the one last read or written here (else TableChanged; a
+        model absent then must be absent still); the new generation."""
         ...
 
 

@@ -45,6 +45,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lstm_serve.errors import SessionNotFound, StoreUnavailable
 from lstm_serve.ids import caller_id
+from lstm_serve.state.directory import TableChanged
 from lstm_serve.state.resp import LeanRedis, bulk, pack
 from lstm_serve.state.sessions import KeyedLocks, SessionRecord, quota_full, server_full
 
@@ -125,6 +126,15 @@ if tokens < 1 then wait = (1 - tokens) / rate else tokens = tokens - 1 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return tostring(wait)
+"""
+
+# KEYS[1] the tables' hash, KEYS[2] the generation; ARGV: model name, its table as last read ("" for none), the
+# new table -> the new generation, or -1 when the table is no longer the one read (nothing written)
+WRITE_TABLE = """
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if (stored or '') ~= ARGV[2] then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return redis.call('INCR', KEYS[2])
 """
 
 
@@ -461,6 +471,8 @@ class RedisDirectory:
 
     def __init__(self, store: RedisSessionStore) -> None:
         self.store = store
+        self.seen: dict[str, bytes] = {}  # each model's table as this replica last read or wrote it
+        self._write = store.client.register_script(WRITE_TABLE)
 
     @reachable
     async def generation(self) -> int:
@@ -472,12 +484,14 @@ class RedisDirectory:
             pipe.get(GENERATION)
             pipe.hgetall(MODELS)
             generation, tables = await pipe.execute()
-        return int(generation or 0), {name.decode(): orjson.loads(table) for name, table in tables.items()}
+        self.seen = {name.decode(): table for name, table in tables.items()}
+        return int(generation or 0), {name: orjson.loads(table) for name, table in self.seen.items()}
 
     @reachable
     async def write(self, name: str, table: dict[str, Any]) -> int:
-        async with self.store.client.pipeline(transaction=True) as pipe:
-            pipe.hset(MODELS, name, orjson.dumps(table))
-            pipe.incr(GENERATION)
-            _, generation = await pipe.execute()
-        return int(generation)
+        document = orjson.dumps(table)
+        generation = int(await self._write(keys=[MODELS, GENERATION], args=[name, self.seen.get(name, b""), document]))
+        if generation < 0:
+            raise TableChanged(f"the version table of {name!r} changed since this replica read it")
+        self.seen[name] = document
+        return generation

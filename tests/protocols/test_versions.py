@@ -346,3 +346,114 @@ def test_a_load_that_finds_a_loaded_versions_files_changed_is_refused_and_it_ser
         refused = c.post(f"/v2/repository/models/{MODEL}/load")
         assert refused.status_code == 400 and "changed on disk since" in refused.json()["error"]
         np.testing.assert_allclose(probabilities(classify(c, test_sequences[2])), before, rtol=0, atol=0)
+
+
+def shared_table(redis_server) -> dict:
+    import redis
+
+    with redis.Redis.from_url(redis_server.url) as r:
+        stored = r.hget("lstm-serve:models", MODEL)
+    return json.loads(stored) if stored else {}
+
+
+def test_a_version_number_never_comes_back_with_other_weights(start_server, repository, test_sequences):
+    """v2 served, unloaded and retired; new weights copied into its folder are refused on load (its sessions'
+    state belongs to the old ones), while its own files load again."""
+    add_version(repository, 2)
+    server = start_server(
+        "--model-repository", str(repository), "--version-policy", "all", "--version-drain-s", "0.5",
+        "--sweep-interval-s", "0.2",
+    )  # fmt: skip
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        v2 = probabilities(classify(c, test_sequences[1]))
+        assert c.post(f"/v2/repository/models/{MODEL}/unload", json={"parameters": {"version": "2"}}).status_code == 200
+
+        def retired() -> None:  # and its runner freed by a sweep
+            assert f"retired {MODEL} v2" in server.output()
+
+        eventually(retired)
+        assert classify(c, test_sequences[1], version=2).status_code == 410
+        original = repository / MODEL / "2"
+        shutil.move(original, repository / "kept-v2")
+        add_version(repository, 2, shift=-0.9)  # other weights, a config.json that vouches for them
+        refused = c.post(f"/v2/repository/models/{MODEL}/load")
+        assert refused.status_code == 400, refused.text
+        assert "never changes its weights" in refused.json()["error"] and "new version" in refused.json()["error"]
+        assert c.post("/v1/sessions", json={}).json()["version"] == 1
+        index = {row["version"]: row for row in c.post("/v2/repository/index").json()}
+        assert index["2"]["state"] == "UNAVAILABLE" and "other weights" in index["2"]["reason"]
+
+        shutil.rmtree(original)
+        shutil.move(repository / "kept-v2", original)  # its own files: v2 serves again, as it was
+        assert c.post(f"/v2/repository/models/{MODEL}/load").status_code == 200
+        np.testing.assert_allclose(probabilities(classify(c, test_sequences[1], version=2)), v2, rtol=0, atol=0)
+
+
+def test_a_replica_whose_files_for_a_version_differ_never_serves_that_version(
+    start_server, redis_server, tmp_path, test_sequences
+):
+    """Two replicas, two different sets of weights under v2: the one loaded first is v2 for the cluster; the
+    other replica refuses its own v2 and answers 503 for v2's sessions (never steps them with other weights)."""
+    first, second = copy_model(tmp_path / "a"), copy_model(tmp_path / "b")
+    add_version(first, 2)
+    add_version(second, 2, shift=-0.9)
+    env = {"LSTM_SERVE_REDIS_URL": redis_server.url, "LSTM_SERVE_SWEEP_INTERVAL_S": "0.2"}
+    a = start_server("--model-repository", str(first), env=env)
+    b = start_server("--model-repository", str(second), env=env)
+    with httpx.Client(base_url=a.url, timeout=30) as on_a, httpx.Client(base_url=b.url, timeout=30) as on_b:
+        session = on_a.post("/v1/sessions", json={}).json()
+        assert session["version"] == 2
+        reply = step(on_b, session["session_id"], test_sequences[0][:4])
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"]["code"] == "model_loading" and "other weights" in reply.json()["error"]["message"]
+        expected = probabilities(classify(on_a, test_sequences[0][:4]))
+        np.testing.assert_allclose(probabilities(step(on_a, session["session_id"], test_sequences[0][:4])), expected)
+        assert on_b.post(f"/v2/repository/models/{MODEL}/load").status_code == 400
+    sha = hashlib.sha256((first / MODEL / "2" / "model.onnx").read_bytes()).hexdigest()
+    assert shared_table(redis_server)["2"]["sha256"] == sha
+    assert "other weights" in b.output()
+
+
+def test_a_load_the_shared_tables_refuse_changes_nothing_and_its_retry_writes_them(
+    start_server, redis_server, repository
+):
+    """Redis refusing the table write: the load answers 503 and this replica goes on serving what it did;
+    the retry, once Redis takes writes, loads and writes the table every replica follows."""
+    env = {"LSTM_SERVE_REDIS_URL": redis_server.url, "LSTM_SERVE_SWEEP_INTERVAL_S": "0.2"}
+    server = start_server("--model-repository", str(repository), env=env)
+    add_version(repository, 2)
+    refuse = ["redis-cli", "-p", str(redis_server.port), "config", "set", "min-replicas-to-write"]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        subprocess.run([*refuse, "1"], check=True, capture_output=True)
+        try:
+            refused = c.post(f"/v2/repository/models/{MODEL}/load")
+            assert refused.status_code == 503, refused.text
+            assert versions(c) == {1: "serving"} and classify(c, np.zeros((3, 12), np.float32)).json()["version"] == 1
+        finally:
+            subprocess.run([*refuse, "0"], check=True, capture_output=True)
+        assert shared_table(redis_server).keys() == {"1"}
+        assert c.post(f"/v2/repository/models/{MODEL}/load").status_code == 200
+        assert versions(c) == {1: "draining", 2: "serving"}
+    assert {v: s["status"] for v, s in shared_table(redis_server).items()} == {"1": "draining", "2": "serving"}
+
+
+def test_an_unload_survives_a_redis_that_restarted_empty(start_server, redis_server, repository):
+    """The tables are written back by the next sweep, so the unloaded version is not served again by a
+    replica that reads them (a poll, a new replica)."""
+    add_version(repository, 2)
+    env = {"LSTM_SERVE_REDIS_URL": redis_server.url, "LSTM_SERVE_SWEEP_INTERVAL_S": "0.2"}
+    a = start_server("--model-repository", str(repository), "--version-policy", "all", env=env)
+    with httpx.Client(base_url=a.url, timeout=30) as c:
+        assert c.post(f"/v2/repository/models/{MODEL}/unload", json={"parameters": {"version": "2"}}).status_code == 200
+    subprocess.run(["redis-cli", "-p", str(redis_server.port), "flushall"], check=True, capture_output=True)
+
+    def written_back() -> dict:
+        table = shared_table(redis_server)
+        assert table, "the tables were not written back"
+        return table
+
+    assert {v: s["status"] for v, s in eventually(written_back).items()} == {"1": "serving", "2": "draining"}
+    b = start_server("--model-repository", str(repository), "--version-policy", "all", env=env)
+    with httpx.Client(base_url=b.url, timeout=30) as c:
+        assert versions(c) == {1: "serving", 2: "draining"}
+        assert c.post("/v1/sessions", json={}).json()["version"] == 1
