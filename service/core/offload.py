@@ -9,6 +9,7 @@ decode process: this interpreter then only copies the bytes out and the checked 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ log = logging.getLogger("lstm_serve")
 T = TypeVar("T")
 
 INLINE_BYTES = 512 * 1024
+STALL_S = 5.0  # a 6.5 MB body decodes in 50-120 ms
 
 
 def ready() -> bool:
@@ -55,9 +57,15 @@ def decode_pool() -> ProcessPoolExecutor:
 
 
 class Decoder:
-    def __init__(self, inline_bytes: int = INLINE_BYTES) -> None:
-        self.inline_bytes = inline_bytes
+    """`stall_s`: a decode process that has finished nothing for this long while a body waited on it is
+    stalled (stopped, swapped out): it is killed and replaced, and the body decoded here. Measured from its
+    last progress, not from a body's arrival, so a queue of large bodies behind it is no stall."""
+
+    def __init__(self, inline_bytes: int = INLINE_BYTES, stall_s: float = STALL_S) -> None:
+        self.inline_bytes, self.stall_s = inline_bytes, stall_s
         self.pool: ProcessPoolExecutor | None = None
+        self.pending = 0  # bodies submitted to the decode process and not yet back
+        self.progressed = time.monotonic()  # when it last finished one, or took one while idle
 
     async def start(self) -> None:
         """Start the decode process and wait until it answers, so the first large body pays no start-up."""
@@ -67,14 +75,44 @@ class Decoder:
     async def run(self, size: int, work: Callable[..., T], *args: Any) -> T:
         """work(*args): inline for a body of `size` bytes up to inline_bytes, else in the decode process.
         `work` and its arguments must be picklable (module-level functions, plain data)."""
-        if size <= self.inline_bytes or self.pool is None:
+        pool = self.pool
+        if size <= self.inline_bytes or pool is None:
             return work(*args)
+        if not self.pending:
+            self.progressed = time.monotonic()
+        self.pending += 1
         try:
-            return await asyncio.wrap_future(self.pool.submit(work, *args))
+            result = asyncio.wrap_future(pool.submit(work, *args))
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(result), self.stall_s)
+                except TimeoutError:
+                    if time.monotonic() - self.progressed >= self.stall_s:
+                        result.add_done_callback(lambda f: f.cancelled() or f.exception())  # it breaks: unread
+                        self.replace(pool, f"finished nothing in {self.stall_s:g} s (stalled)")
+                        return work(*args)
+                except asyncio.CancelledError:
+                    if result.cancelled() and self.pool is not pool:  # queued on a stalled process, since replaced
+                        return work(*args)
+                    raise  # this request was cancelled
         except BrokenProcessPool:  # the decode process died (killed, out of memory): another one takes over
-            log.error("the decode process died; starting another, and decoding this body here")
-            self.pool = decode_pool()
+            self.replace(pool, "died")
             return work(*args)
+        finally:
+            self.pending -= 1
+            self.progressed = time.monotonic()
+
+    def replace(self, pool: ProcessPoolExecutor, what: str) -> None:
+        """Kill `pool`'s process and start another, once (the bodies that waited on it all come here)."""
+        if self.pool is not pool:
+            return
+        log.error("the decode process %s; starting another, and decoding the bodies it held here", what)
+        processes = getattr(pool, "_processes", None) or {}  # the executor does not offer a kill
+        for process in list(processes.values()):
+            with contextlib.suppress(OSError):
+                process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = decode_pool()
 
     def stop(self) -> None:
         """Stop the decode process and wait for it to exit (a body it was decoding is at most ~100 ms)."""

@@ -2,6 +2,8 @@
 
 import asyncio
 import os
+import signal
+import time
 
 import pytest
 
@@ -65,3 +67,48 @@ def test_a_dead_decode_process_is_replaced():
 
     worker, here, new = asyncio.run(main())
     assert here == os.getpid() and new not in (worker, os.getpid())
+
+
+def slow_process_id(body: bytes) -> int:
+    time.sleep(0.25)
+    return os.getpid()
+
+
+def test_a_stalled_decode_process_is_replaced_and_the_body_decoded_here():
+    """SIGSTOP, not a kill: nothing breaks, the process just never answers. Bodies waiting on it are decoded
+    here once it has finished nothing for stall_s, and a new process takes the next ones."""
+
+    async def main():
+        decoder = Decoder(inline_bytes=0, stall_s=1.0)
+        await decoder.start()
+        try:
+            worker = await decoder.run(1, process_id, b"")
+            os.kill(worker, signal.SIGSTOP)
+            started = time.monotonic()
+            waited = await asyncio.gather(*(decoder.run(1, process_id, b"") for _ in range(3)))
+            took = time.monotonic() - started
+            answered_by_new = await decoder.run(1, process_id, b"")
+            return worker, waited, took, answered_by_new
+        finally:
+            decoder.stop()
+
+    worker, waited, took, new = asyncio.run(main())
+    assert waited == [os.getpid()] * 3 and took < 5
+    assert new not in (worker, os.getpid())
+    with pytest.raises(ProcessLookupError):  # killed, not left stopped
+        for _ in range(50):
+            os.kill(worker, 0)
+            time.sleep(0.1)
+
+
+def test_a_queue_of_bodies_longer_than_the_stall_limit_is_not_a_stall():
+    async def main():
+        decoder = Decoder(inline_bytes=0, stall_s=1.0)
+        await decoder.start()
+        try:
+            return await asyncio.gather(*(decoder.run(1, slow_process_id, b"") for _ in range(12)))  # 3 s
+        finally:
+            decoder.stop()
+
+    answered = asyncio.run(main())
+    assert len(set(answered)) == 1 and answered[0] != os.getpid()
