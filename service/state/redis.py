@@ -25,6 +25,7 @@ leave in one write; everything else uses redis-py.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -57,6 +58,7 @@ INDEX = PREFIX + "sessions"  # sorted set: session id -> an upper bound of its l
 MODELS = PREFIX + "models"  # hash: model name -> its version table (JSON), state/directory.py
 GENERATION = PREFIX + "models:generation"  # bumped by every change of a table
 RECENT_SESSIONS = 1024  # sessions whose last state a replica keeps, to step them without reading it first
+TAKE_TIMEOUT_S, OPEN_S = 0.5, 5.0  # a rate bucket's round trip, and how long the limit stays open after one fails
 INDEX_SLACK_S = 1.0  # at most this far (and at most a tenth of the TTL) a session's index score runs ahead
 
 # KEYS[1] session hash, KEYS[2] index, KEYS[3] the quota's index; ARGV: now, ttl, max, max per quota, id,
@@ -451,18 +453,26 @@ class RedisSessionStore:
 
 
 class RedisTokenBuckets:
-    """The rate limit shared by every replica: one bucket per caller in Redis (state/quotas.py)."""
+    """The rate limit shared by every replica: one bucket per caller in Redis (state/quotas.py). It fails open:
+    a Redis that is down, refusing, or slower than TAKE_TIMEOUT_S lets requests through, and is not asked
+    again for OPEN_S, so a stalled Redis delays one request in that time, not every one."""
 
     def __init__(self, store: RedisSessionStore, rate: float, burst: int) -> None:
         self.store, self.rate, self.burst = store, rate, burst
         self._take = store.client.register_script(TAKE)
+        self.open_until = 0.0  # monotonic: until then the limit is open without asking Redis
 
     async def take(self, key: str) -> float:
+        if self.open_until and time.monotonic() < self.open_until:
+            return 0.0
         try:
-            return float(await self._take(keys=[f"{PREFIX}r:{key}"], args=[self.rate, self.burst]))
-        except (RedisError, OSError) as error:  # unreachable, or refusing the write (full, read-only)
-            self.store.outages.error(error)
-            return 0.0  # the limit fails open: a Redis outage must not refuse (or fail) every request
+            taken = self._take(keys=[f"{PREFIX}r:{key}"], args=[self.rate, self.burst])
+            return float(await asyncio.wait_for(taken, TAKE_TIMEOUT_S))
+        except (RedisError, OSError, TimeoutError) as error:  # unreachable, stalled, or refusing the write
+            stalled = isinstance(error, TimeoutError) and not str(error)
+            self.store.outages.error(TimeoutError(f"a rate bucket took over {TAKE_TIMEOUT_S} s") if stalled else error)
+            self.open_until = time.monotonic() + OPEN_S
+            return 0.0
 
 
 class RedisDirectory:

@@ -213,3 +213,25 @@ def test_with_a_rate_limit_a_redis_refusing_writes_fails_the_limit_open_not_ever
     assert classified.status_code == 200 and models.status_code == 200, (classified.text, models.text)
     assert created.status_code == 503 and created.json()["error"]["code"] == "session_store_unavailable"
     assert "Traceback" not in a.output()
+
+
+def test_with_a_rate_limit_a_stalled_redis_delays_one_request_not_every_one(start_server):
+    redis_server = RedisProcess().start()
+    try:
+        env = {"LSTM_SERVE_REDIS_URL": redis_server.url, "LSTM_SERVE_RATE_LIMIT": "1000/s"}
+        a = start_server(env=env)
+        body = {"sequences": [[[0.0] * 12]]}
+        assert httpx.post(f"{a.url}/v1/classify", json=body).status_code == 200
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            took = []
+            for _ in range(8):
+                started = time.monotonic()
+                assert httpx.post(f"{a.url}/v1/classify", json=body, timeout=30).status_code == 200
+                took.append(time.monotonic() - started)
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+    finally:
+        redis_server.stop()
+    assert sum(took) < 2.0 and sorted(took)[-2] < 0.3, took  # one waits for the bucket's timeout, at most
+    assert "a rate bucket took over 0.5 s" in a.output()
