@@ -89,14 +89,17 @@ class ServerProcess:
         server.log = tempfile.NamedTemporaryFile(prefix="lstm-serve-", suffix=".log")  # noqa: SIM115 - closed in stop()
         return server
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None, pipe: bool = False) -> None:
+    def __init__(
+        self, *flags: str, env: dict[str, str] | None = None, pipe: bool = False, prefix: tuple[str, ...] = ()
+    ) -> None:
         """The server's output goes to a file (read it with output()): a pipe nobody reads fills after
-        64 KB of log lines and then blocks the server. `pipe` gives a pipe, for tests of the pipe itself."""
+        64 KB of log lines and then blocks the server. `pipe` gives a pipe, for tests of the pipe itself;
+        `prefix` runs the server under another command (setpriv, to drop root's powers)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="lstm-serve-", suffix=".log")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lstm_serve.cli", "serve", "--port", str(self.port), *flags],
+            [*prefix, sys.executable, "-m", "lstm_serve.cli", "serve", "--port", str(self.port), *flags],
             # no drain delay unless a test asks for one: every server the suite stops would wait it out
             cwd=ROOT,
             env={**os.environ, "LSTM_SERVE_DRAIN_DELAY_S": "0", **(env or {})},
@@ -143,8 +146,14 @@ def start_server():
     """Start servers with custom flags; all are stopped after the test."""
     started: list[ServerProcess] = []
 
-    def start(*flags: str, env: dict[str, str] | None = None, wait: bool = True, pipe: bool = False) -> ServerProcess:
-        server = ServerProcess(*flags, env=env, pipe=pipe)
+    def start(
+        *flags: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        pipe: bool = False,
+        prefix: tuple[str, ...] = (),
+    ) -> ServerProcess:
+        server = ServerProcess(*flags, env=env, pipe=pipe, prefix=prefix)
         started.append(server)
         return server.wait_ready() if wait else server
 

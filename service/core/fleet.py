@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ class Fleet:
         """Load every model on disk, as the version policy and the shared tables say; a version that
         fails its checks stops the start (RepositoryError) rather than serving without it."""
         s = self.settings
-        self.on_disk = scan_repository(s.model_repository)
+        self.on_disk = scan_repository(s.model_repository, at_start=True)
         if not self.on_disk:
             raise RepositoryError(f"model repository {s.model_repository} holds no <name>/<version>/ entries")
         if self.default_model not in self.on_disk:
@@ -230,15 +231,21 @@ class Fleet:
                 raise LoadRefused(str(error)) from None
             versions = self.on_disk.get(name)
             if not versions:
-                raise LoadRefused(
-                    f"no model {name!r} in the repository {self.settings.model_repository} "
-                    f"(it has {sorted(self.on_disk)})"
-                )
+                raise LoadRefused(self.not_found(name))
             if explicit:
                 await asyncio.to_thread(self.check_unchanged, name, versions)  # hashes each loaded model.onnx
             planned = await self.apply(name, explicit)
             self.publish()
             return planned
+
+    def not_found(self, name: str) -> str:
+        folder = self.settings.model_repository / name
+        if folder.is_dir():
+            try:
+                os.listdir(folder)
+            except OSError as error:
+                return f"the model folder {folder} cannot be read ({error.strerror}): let the server's user read it"
+        return f"no model {name!r} in the repository {self.settings.model_repository} (it has {sorted(self.on_disk)})"
 
     async def apply(self, name: str, explicit: bool) -> Table:
         """Plan the model's table from what is on disk, build the runners it needs, write it to the shared
@@ -541,8 +548,13 @@ def busy(name: str) -> StoreUnavailable:
 
 
 def signature(version_dir: Path) -> tuple[int, ...]:
-    """When a version's files last changed: a refused version is tried again only once they do."""
-    return tuple(
-        (version_dir / name).stat().st_mtime_ns if (version_dir / name).exists() else 0
-        for name in ("config.json", "model.onnx")
-    )
+    """When a version's files last changed: a refused version is tried again only once they do (0: missing
+    or out of reach)."""
+    return tuple(modified(version_dir / name) for name in ("config.json", "model.onnx"))
+
+
+def modified(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0

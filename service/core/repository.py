@@ -124,7 +124,10 @@ def load_entry(version_dir: Path) -> ModelEntry:
     if not config_path.is_file() or not onnx_path.is_file():
         raise RepositoryError(f"{version_dir} needs both model.onnx and config.json")
     config = read_config(config_path)
-    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    try:
+        digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise RepositoryError(f"{onnx_path} cannot be read ({error.strerror})") from None
     if digest != config.get("sha256"):
         raise RepositoryError(f"{onnx_path} does not match the sha256 in its config.json (file changed or corrupt)")
     for key in ("name", "version", "labels", "input_dim", "state", "inputs", "outputs"):
@@ -182,13 +185,30 @@ def warn_not_a_version(folder: Path) -> None:
         log.warning("skipping %s: a version number has at most %d digits", folder, MAX_VERSION_DIGITS)
 
 
-def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
-    """Every <name>/<version>/ folder under root, by name then version; nothing is read or checked yet."""
+@functools.cache
+def warn_unreadable(folder: Path, reason: str) -> None:
+    """Once per folder and reason, not at every poll of the repository."""
+    log.error("skipping %s: it cannot be read (%s)", folder, reason)
+
+
+def scan_repository(root: Path, at_start: bool = False) -> dict[str, dict[int, Path]]:
+    """Every <name>/<version>/ folder under root, by name then version; nothing is read or checked yet. A
+    model folder the server cannot read stops a start (RepositoryError); later it is skipped, logged once."""
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} does not exist")
     found: dict[str, dict[int, Path]] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        folders = [p for p in model_dir.iterdir() if p.is_dir()]
+    try:
+        model_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as error:  # not readable by the server's user
+        raise RepositoryError(f"model repository {root} cannot be read ({error.strerror})") from None
+    for model_dir in model_dirs:
+        try:
+            folders = [p for p in model_dir.iterdir() if p.is_dir()]
+        except OSError as error:
+            if at_start:
+                raise RepositoryError(f"model folder {model_dir} cannot be read ({error.strerror})") from None
+            warn_unreadable(model_dir, error.strerror or str(error))
+            continue
         for skipped in (p for p in folders if is_number(p.name) and not is_version(p.name)):
             warn_not_a_version(skipped)
         versions = {int(p.name): p for p in folders if is_version(p.name)}
@@ -199,7 +219,7 @@ def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
 
 def load_repository(root: Path) -> dict[str, ModelEntry]:
     """The newest version of every model under root, by name."""
-    entries = {name: load_entry(versions[max(versions)]) for name, versions in scan_repository(root).items()}
+    entries = {name: load_entry(versions[max(versions)]) for name, versions in scan_repository(root, True).items()}
     if not entries:
         raise RepositoryError(f"model repository {root} holds no <name>/<version>/ entries")
     return entries

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import add_version, copy_model
+from tests.conftest import ROOT, add_version, copy_model
 
 MODEL = "japanese-vowels"
 
@@ -457,3 +458,38 @@ def test_an_unload_survives_a_redis_that_restarted_empty(start_server, redis_ser
     with httpx.Client(base_url=b.url, timeout=30) as c:
         assert versions(c) == {1: "serving", 2: "draining"}
         assert c.post("/v1/sessions", json={}).json()["version"] == 1
+
+
+# root reads any folder; without these two capabilities it reads only what its mode allows, as another user would
+AS_ANOTHER_USER = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv")
+def test_a_folder_the_server_cannot_read_stops_a_start_and_later_is_refused_in_a_line_and_logged_once(
+    start_server, repository
+):
+    shutil.copytree(ROOT / "models" / "basic-motions" / "1", repository / "basic-motions" / "1")
+    unreadable = repository / "basic-motions"
+    flags = ("--model-repository", str(repository), "--repository-poll-s", "0.1")
+    unreadable.chmod(0)
+    try:
+        stopped = start_server(*flags, prefix=AS_ANOTHER_USER, wait=False)
+        assert stopped.proc.wait(60) != 0
+        assert f"model folder {unreadable} cannot be read (Permission denied)" in stopped.output()
+        unreadable.chmod(0o755)
+        server = start_server(*flags, "--default-model", MODEL, prefix=AS_ANOTHER_USER)
+        unreadable.chmod(0)
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            refused = c.post("/v2/repository/models/basic-motions/load")
+            assert refused.status_code == 400, refused.text
+            assert "cannot be read (Permission denied)" in refused.json()["error"]
+            time.sleep(1.0)  # ten polls
+            assert classify(c, np.zeros((3, 12), np.float32)).status_code == 200
+            unreadable.chmod(0o755)
+            assert c.post("/v2/repository/models/basic-motions/load").status_code == 200
+            body = {"model": "basic-motions", "sequences": [[[0.0] * 6]]}
+            assert c.post("/v1/classify", json=body).status_code == 200
+    finally:
+        unreadable.chmod(0o755)
+    log = server.output()
+    assert log.count("it cannot be read (Permission denied)") == 1 and "Traceback" not in log, log[-3000:]
