@@ -462,8 +462,8 @@ class Fleet:
     def unavailable(self, key: Key) -> ServiceError:
         name, version = key
         retry = {"Retry-After": "1"}
-        if key in self.refused:
-            reason = self.refused[key][0]
+        if key in self.refused:  # a caller's answer: the server's paths stay in its log and the repository index
+            reason = self.refused[key][0].replace(str(self.settings.model_repository), "<repository>")
             return ModelLoading(f"{name} v{version} does not load on this replica ({reason}); retry", retry)
         if version not in self.on_disk.get(name, {}):
             return ModelLoading(f"this replica's repository lacks {name} v{version}, which others serve; retry", retry)

@@ -493,3 +493,26 @@ def test_a_folder_the_server_cannot_read_stops_a_start_and_later_is_refused_in_a
         unreadable.chmod(0o755)
     log = server.output()
     assert log.count("it cannot be read (Permission denied)") == 1 and "Traceback" not in log, log[-3000:]
+
+
+def test_why_a_version_does_not_load_on_a_replica_reaches_callers_without_the_servers_paths(
+    start_server, redis_server, tmp_path
+):
+    first, second = copy_model(tmp_path / "a"), copy_model(tmp_path / "b")
+    add_version(first, 2)
+    env = {"LSTM_SERVE_REDIS_URL": redis_server.url, "LSTM_SERVE_SWEEP_INTERVAL_S": "0.2"}
+    a = start_server("--model-repository", str(first), env=env)
+    b = start_server("--model-repository", str(second), env=env)
+    shutil.copytree(first / MODEL / "2", second / MODEL / "2")  # the operator ships v2 to b, damaged on the way
+    break_sha256(second / MODEL / "2")
+    with httpx.Client(base_url=a.url, timeout=30) as on_a, httpx.Client(base_url=b.url, timeout=30) as on_b:
+        session = on_a.post("/v1/sessions", json={}).json()["session_id"]
+
+        def refused_on_b() -> httpx.Response:
+            reply = step(on_b, session, np.zeros((2, 12), np.float32))
+            assert reply.status_code == 503 and "does not load on this replica" in reply.text, reply.text
+            return reply
+
+        reply = eventually(refused_on_b)
+    assert "<repository>/japanese-vowels/2/model.onnx does not match the sha256" in reply.json()["error"]["message"]
+    assert str(tmp_path) not in reply.text
