@@ -57,7 +57,7 @@ model: $(VENV)/.dev
 
 model-%: $(VENV)/.dev
 	$(BIN)/lstm-serve train --dataset $* --out-dir runs/$*  # each data set's recipe: model/train.py
-	$(BIN)/lstm-serve export --checkpoint runs/$*/checkpoint.pt --repository models --name $* --version 1
+	$(BIN)/lstm-serve export --checkpoint runs/$*/checkpoint.pt --repository models --name $* --version 1 --replace
 	mkdir -p models/$*/training
 	cp runs/$*/checkpoint.pt runs/$*/metrics.json runs/$*/training.png models/$*/training/
 

@@ -252,19 +252,28 @@ def model_config(model: SequenceClassifier, checkpoint: dict, name: str, version
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def entry_folder(repository: str | Path, name: str, version: int) -> Path:
+def entry_folder(repository: str | Path, name: str, version: int, replace: bool = False) -> Path:
     """<repository>/<name>/<version>, for a name that is one folder (no path, no '..') and a version the server
-    serves (1 to 18 digits)."""
+    serves (1 to 18 digits), that holds no model yet unless `replace`: servers never take other weights under a
+    version number they served, so overwriting one by mistake breaks its next load."""
     if not MODEL_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"model name {name[:60]!r}: letters, digits, '.', '_' and '-', one folder, not '..'")
     if version_number(str(version)) is None:  # the repository's own rule, so the server serves what it writes
         raise ValueError(f"version {version}: a whole number from 1 to 18 digits")
-    return Path(repository) / name / str(version)
+    entry = Path(repository) / name / str(version)
+    if not replace and any((entry / file).exists() for file in ("model.onnx", "config.json")):
+        raise ValueError(
+            f"{entry} already holds a model: export the new weights as another version (servers refuse other "
+            "weights under a version they served), or pass --replace for a version no server has loaded"
+        )
+    return entry
 
 
-def export_checkpoint(checkpoint_path: str | Path, repository: str | Path, name: str, version: int = 1) -> Path:
+def export_checkpoint(
+    checkpoint_path: str | Path, repository: str | Path, name: str, version: int = 1, replace: bool = False
+) -> Path:
     """checkpoint.pt -> <repository>/<name>/<version>/{model.onnx, config.json}; returns the entry folder."""
-    entry = entry_folder(repository, name, version)
+    entry = entry_folder(repository, name, version, replace)
     model, checkpoint = load_checkpoint(checkpoint_path)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"

@@ -231,11 +231,12 @@ def export_module(
     description: str = "",
     example: dict[str, Any] | None = None,
     check_sequences: Sequence[np.ndarray] = (),
+    replace: bool = False,
 ) -> tuple[Path, list[str]]:
     """Export `module` to <repository>/<name>/<version>/{model.onnx, config.json} after proving the contract.
     `input_dim` defaults to the number of feature names; `example` ({"label", "frames"}: a real sequence and
     its true label, for callers to try) and `check_sequences` (real sequences, checked for parity too) are
-    optional.
+    optional; `replace` overwrites a version folder that holds a model.
     Returns the entry folder and what was checked; ContractError if the module breaks the contract."""
     labels = [str(label) for label in labels]
     if len(set(labels)) < 2 or len(set(labels)) != len(labels) or not all(label.strip() for label in labels):
@@ -245,7 +246,7 @@ def export_module(
         if example["label"] not in labels:
             raise ContractError(f"the example's label {example['label'][:40]!r} is not one of the labels")
     try:
-        entry = entry_folder(repository, name, version)
+        entry = entry_folder(repository, name, version, replace)
     except ValueError as error:
         raise ContractError(str(error)) from None
     if input_dim is None:

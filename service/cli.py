@@ -245,6 +245,9 @@ def cmd_export(argv: Sequence[str]) -> None:
     parser.add_argument("--name", default="japanese-vowels")
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument(
+        "--replace", action="store_true", help="overwrite <name>/<version> if it holds a model (never one served)"
+    )
+    parser.add_argument(
         "--check",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -256,7 +259,7 @@ def cmd_export(argv: Sequence[str]) -> None:
         return
     from lstm_serve.export.onnx_export import export_checkpoint
 
-    entry = export_checkpoint(args.checkpoint, args.repository, args.name, args.version)
+    entry = export_checkpoint(args.checkpoint, args.repository, args.name, args.version, args.replace)
     print(f"wrote {entry}/model.onnx and config.json")
     if args.check:
         from lstm_serve.export.parity import check_entry
@@ -293,6 +296,7 @@ def export_user_module(args: argparse.Namespace) -> None:
             description=args.description,
             example=example,
             check_sequences=sequences,
+            replace=args.replace,
         )
     except (ContractError, DataError) as error:
         fail("export", str(error))

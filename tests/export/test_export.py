@@ -1,6 +1,8 @@
 """The ONNX contract of an exported entry."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -63,3 +65,20 @@ def test_tiny_export_matches_torch(tiny_run, tiny_entry):
     session = ort.InferenceSession(str(tiny_entry / "model.onnx"), providers=["CPUExecutionProvider"])
     ours = last_step_probabilities(session, sequences)
     assert np.abs(ours - torch_probabilities(tiny_run / "checkpoint.pt", sequences)).max() <= 1e-5
+
+
+def test_an_export_never_overwrites_a_version_unless_asked(tiny_run, tmp_path):
+    """Servers refuse other weights under a version number they served: overwriting one by mistake would break
+    its next load, so the exporter refuses first, naming the way out."""
+    first = export_checkpoint(tiny_run / "checkpoint.pt", tmp_path, "tiny", 1)
+    before = (first / "model.onnx").read_bytes()
+    with pytest.raises(ValueError, match="already holds a model: export the new weights as another version"):
+        export_checkpoint(tiny_run / "checkpoint.pt", tmp_path, "tiny", 1)
+    assert (first / "model.onnx").read_bytes() == before
+    assert export_checkpoint(tiny_run / "checkpoint.pt", tmp_path, "tiny", 1, replace=True) == first
+    result = subprocess.run(
+        [sys.executable, "-m", "lstm_serve.cli", "export", "--checkpoint", str(tiny_run / "checkpoint.pt"),
+         "--repository", str(tmp_path), "--name", "tiny", "--version", "1", "--no-check"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and "already holds a model" in result.stderr and "--replace" in result.stderr
