@@ -120,6 +120,7 @@ class Fleet:
         self.on_disk: dict[str, dict[int, Path]] = {}
         self.refused: dict[Key, tuple[str, tuple[int, ...]]] = {}  # why a version did not load, and its files' mtimes
         self.loading: dict[Key, asyncio.Task[None]] = {}
+        self.stopping: set[asyncio.Task[None]] = set()  # batchers of versions dropped outside a change
         self.generation = -1
         self.changes = asyncio.Lock()  # one load or unload at a time in this process
         self.default_model = settings.default_model
@@ -142,8 +143,8 @@ class Fleet:
             for name in self.on_disk:
                 try:
                     if not (shared and await self.shared(lambda: self.apply(name, explicit=False))):  # noqa: B023
-                        shared = False
-                        self.tables[name] = self.plan(name, explicit=False)[1]  # written back by a sweep later
+                        shared, self.generation = False, -1  # a sweep reads the tables again, and writes back theirs
+                        self.tables[name] = self.plan(name, explicit=False)[1]  # if Redis lacks it
                     self.install(await self.prepare(name, self.tables[name]))  # what the tables serve, if apply did not
                 except LoadRefused as error:
                     raise RepositoryError(error.message) from None
@@ -162,7 +163,7 @@ class Fleet:
     async def stop(self) -> None:
         for task in self.loading.values():
             task.cancel()
-        await asyncio.gather(*(m.batcher.stop() for m in self.loaded.values()))
+        await asyncio.gather(*(m.batcher.stop() for m in self.loaded.values()), *self.stopping)
 
     def serve(self, models: list[LoadedModel], default_model: str) -> None:
         """Serve these, already loaded and started, as the only version of each (tests use fakes)."""
@@ -182,13 +183,16 @@ class Fleet:
             runner.run([Item(frames, None)] * batch_size)
         return runner
 
-    async def prepare(self, name: str, table: Table) -> list[OnnxRunner]:
+    async def prepare(self, name: str, table: Table, built: dict[Key, OnnxRunner] | None = None) -> list[OnnxRunner]:
         """Runners for the live versions of `table` this replica has on disk but not loaded; LoadRefused
         naming the version and the reason if any fails (then none of them is used)."""
         now, versions = time.time(), self.on_disk.get(name, {})
         runners = []
         for version, state in sorted(table.items()):
-            if not state.live(now) or version not in versions or (name, version) in self.loaded:
+            key = (name, version)
+            if not state.live(now) or version not in versions or key in self.loaded or key in (built or {}):
+                continue
+            if key in self.loading:  # a background load has it
                 continue
             if self.other_weights((name, version), state):
                 continue  # the others serve this number with other weights: never here
@@ -250,13 +254,14 @@ class Fleet:
     async def apply(self, name: str, explicit: bool) -> Table:
         """Plan the model's table from what is on disk, build the runners it needs, write it to the shared
         tables, then serve it here. A table another replica changed first is read again and planned anew."""
+        built: dict[Key, OnnxRunner] = {}  # kept across attempts: each is built and warmed up once
         for _ in range(ATTEMPTS):
             table, planned = self.plan(name, explicit)
-            if planned == table:
-                return planned
-            runners = await self.prepare(name, planned)
-            if await self.adopt(name, planned):
-                self.install(runners)
+            for runner in await self.prepare(name, planned, built):
+                built[runner.entry.name, runner.entry.version] = runner
+            if planned == table or await self.adopt(name, planned):  # the same: what it serves may not be here yet
+                now = time.time()
+                self.install([r for key, r in built.items() if key[1] in planned and planned[key[1]].live(now)])
                 return planned
         raise busy(name)
 
@@ -315,9 +320,9 @@ class Fleet:
                 del available[version]
         return table, plan_load(table, available, self.policy, drain_s, explicit)
 
-    def refuse(self, key: Key, reason: str) -> None:
+    def refuse(self, key: Key, reason: str, path: Path | None = None) -> None:
         """Remember why a version does not load here (until its files change), and log it once."""
-        refusal = (reason, signature(self.on_disk[key[0]][key[1]]))
+        refusal = (reason, signature(path or self.on_disk[key[0]][key[1]]))
         if self.refused.get(key) != refusal:
             log.error("%s", reason)
         self.refused[key] = refusal
@@ -363,11 +368,27 @@ class Fleet:
         self.generation, shared = await self.directory.read()
         for name, document in shared.items():
             self.tables[name] = table_from_json(document)
+        self.drop_other_weights()
         for name in [n for n in self.tables if n not in shared]:
             self.generation = -1  # read again next time: what others wrote since, or theirs if they wrote first
             with contextlib.suppress(TableChanged):
                 await self.directory.write(name, table_to_json(self.tables[name]))
                 log.warning("model version table of %s was missing from the shared tables: written back", name)
+
+    def drop_other_weights(self) -> None:
+        """A loaded version whose weights are not those the tables serve under its number (this replica
+        loaded them while Redis was out of reach, or from a table from before sha256 was kept) stops serving
+        here at once: its sessions' state belongs to the others' weights."""
+        for key, model in list(self.loaded.items()):
+            state = self.tables.get(key[0], {}).get(key[1])
+            served = model.entry.config.get("sha256")
+            if state is None or not state.sha256 or served == state.sha256:
+                continue
+            del self.loaded[key]
+            stopping = asyncio.create_task(model.batcher.stop())
+            self.stopping.add(stopping)
+            stopping.add_done_callback(self.stopping.discard)
+            self.refuse(key, reuse_message(*key, state.sha256, served or "none"), model.entry.path)
 
     async def adopt(self, name: str, table: Table) -> bool:
         """Write the model's new table to the shared tables, then take it here; False (nothing written, the
@@ -387,10 +408,15 @@ class Fleet:
         versions whose drain has ended. Skipped while a load or unload is under way: it publishes itself."""
         if self.changes.locked():
             return
-        await self.sync()
+        async with self.changes:  # free: taken at once, so no change starts while the tables are read
+            await self.sync()
+            await self.retire_and_follow()
+        self.publish()
+
+    async def retire_and_follow(self) -> None:
         now = time.time()
-        for name, table in self.tables.items():
-            for version, state in table.items():
+        for name, table in list(self.tables.items()):
+            for version, state in list(table.items()):
                 key = (name, version)
                 if state.retired_at(now) and key in self.loaded:
                     model = self.loaded.pop(key)
@@ -398,7 +424,6 @@ class Fleet:
                     await model.batcher.stop()
                 elif state.live(now) and self.missing(key):
                     self.loading[key] = asyncio.create_task(self.load_in_background(key))
-        self.publish()
 
     def missing(self, key: Key) -> bool:
         """A version the tables serve, on this replica's disk (looked at each time: an operator may copy it
@@ -414,8 +439,9 @@ class Fleet:
 
     async def load_in_background(self, key: Key) -> None:
         name, version = key
-        path = self.on_disk[name][version]
+        path = self.settings.model_repository / name / str(version)
         try:
+            path = self.on_disk[name][version]
             state = self.tables[name][version]
             if self.other_weights(key, state):
                 return

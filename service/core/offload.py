@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -64,7 +64,7 @@ class Decoder:
     def __init__(self, inline_bytes: int = INLINE_BYTES, stall_s: float = STALL_S) -> None:
         self.inline_bytes, self.stall_s = inline_bytes, stall_s
         self.pool: ProcessPoolExecutor | None = None
-        self.pending = 0  # bodies submitted to the decode process and not yet back
+        self.outstanding: set[Future[Any]] = set()  # submitted to the decode process, not finished yet
         self.progressed = time.monotonic()  # when it last finished one, or took one while idle
 
     async def start(self) -> None:
@@ -78,14 +78,17 @@ class Decoder:
         pool = self.pool
         if size <= self.inline_bytes or pool is None:
             return work(*args)
-        if not self.pending:
+        if not self.outstanding:
             self.progressed = time.monotonic()
-        self.pending += 1
         try:
-            result = asyncio.wrap_future(pool.submit(work, *args))
+            submitted = pool.submit(work, *args)
+            self.outstanding.add(submitted)
+            submitted.add_done_callback(self.finished)
+            result = asyncio.wrap_future(submitted)
             while True:
+                deadline = self.progressed + self.stall_s  # a stall is judged from the last progress, by any body
                 try:
-                    return await asyncio.wait_for(asyncio.shield(result), self.stall_s)
+                    return await asyncio.wait_for(asyncio.shield(result), max(0.01, deadline - time.monotonic()))
                 except TimeoutError:
                     if time.monotonic() - self.progressed >= self.stall_s:
                         result.add_done_callback(lambda f: f.cancelled() or f.exception())  # it breaks: unread
@@ -98,8 +101,11 @@ class Decoder:
         except BrokenProcessPool:  # the decode process died (killed, out of memory): another one takes over
             self.replace(pool, "died")
             return work(*args)
-        finally:
-            self.pending -= 1
+
+    def finished(self, future: Future[Any]) -> None:
+        """In the executor's thread: a body came back (one a caller gave up on before it ran is no progress)."""
+        self.outstanding.discard(future)
+        if not future.cancelled():
             self.progressed = time.monotonic()
 
     def replace(self, pool: ProcessPoolExecutor, what: str) -> None:
@@ -112,7 +118,7 @@ class Decoder:
             with contextlib.suppress(OSError):
                 process.kill()
         pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = decode_pool()
+        self.pool, self.outstanding = decode_pool(), set()
 
     def stop(self) -> None:
         """Stop the decode process and wait for it to exit (a body it was decoding is at most ~100 ms)."""

@@ -133,4 +133,11 @@ def table_to_json(table: Table) -> dict[str, Any]:
 
 
 def table_from_json(document: dict[str, Any]) -> Table:
-    return {int(version): VersionState(**state) for version, state in document.items()}
+    """A table as written by this release or another: fields this one does not know are left out."""
+    return {
+        int(version): VersionState(**{k: v for k, v in state.items() if k in STATE_FIELDS})
+        for version, state in document.items()
+    }
+
+
+STATE_FIELDS = frozenset(VersionState.__dataclass_fields__)

@@ -56,7 +56,8 @@ P = ParamSpec("P")
 PREFIX = "lstm-serve:"
 INDEX = PREFIX + "sessions"  # sorted set: session id -> an upper bound of its last use (unix seconds)
 MODELS = PREFIX + "models"  # hash: model name -> its version table (JSON), state/directory.py
-GENERATION = PREFIX + "models:generation"  # bumped by every change of a table
+WEIGHTS = PREFIX + "models:sha256"  # hash: model name -> {version: sha256 of the weights it serves}, never changed
+GENERATION = PREFIX + "models:generation"  # moved on by a random step at every change of a table
 RECENT_SESSIONS = 1024  # sessions whose last state a replica keeps, to step them without reading it first
 TAKE_TIMEOUT_S, OPEN_S = 0.5, 5.0  # a rate bucket's round trip, and how long the limit stays open after one fails
 INDEX_SLACK_S = 1.0  # at most this far (and at most a tenth of the TTL) a session's index score runs ahead
@@ -130,13 +131,21 @@ redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return tostring(wait)
 """
 
-# KEYS[1] the tables' hash, KEYS[2] the generation; ARGV: model name, its table as last read ("" for none), the
-# new table -> the new generation, or -1 when the table is no longer the one read (nothing written)
+# KEYS[1] the tables' hash, KEYS[2] the generation, KEYS[3] the weights' hash; ARGV: model name, its table as last
+# read ("" for none), the new table, a random step, the sha256 of its versions (JSON) -> the new generation, or -1
+# when the table is no longer the one read or a version's sha256 would change (nothing written). The sha256 are
+# kept apart from the table, which a release before them reads too.
 WRITE_TABLE = """
 local stored = redis.call('HGET', KEYS[1], ARGV[1])
 if (stored or '') ~= ARGV[2] then return -1 end
+local weights = cjson.decode(redis.call('HGET', KEYS[3], ARGV[1]) or '{}')
+for version, digest in pairs(cjson.decode(ARGV[5])) do
+  if weights[version] ~= nil and weights[version] ~= digest then return -1 end
+  weights[version] = digest
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return redis.call('INCR', KEYS[2])
+if next(weights) ~= nil then redis.call('HSET', KEYS[3], ARGV[1], cjson.encode(weights)) end
+return redis.call('INCRBY', KEYS[2], ARGV[4])
 """
 
 
@@ -493,14 +502,26 @@ class RedisDirectory:
         async with self.store.client.pipeline(transaction=True) as pipe:
             pipe.get(GENERATION)
             pipe.hgetall(MODELS)
-            generation, tables = await pipe.execute()
+            pipe.hgetall(WEIGHTS)
+            generation, tables, weights = await pipe.execute()
         self.seen = {name.decode(): table for name, table in tables.items()}
-        return int(generation or 0), {name: orjson.loads(table) for name, table in self.seen.items()}
+        documents = {}
+        for name, table in self.seen.items():
+            digests = orjson.loads(weights.get(name.encode(), b"{}"))
+            document = orjson.loads(table)
+            for version, state in document.items():
+                if version in digests:
+                    state["sha256"] = digests[version]
+            documents[name] = document
+        return int(generation or 0), documents
 
     @reachable
     async def write(self, name: str, table: dict[str, Any]) -> int:
-        document = orjson.dumps(table)
-        generation = int(await self._write(keys=[MODELS, GENERATION], args=[name, self.seen.get(name, b""), document]))
+        digests = {version: state["sha256"] for version, state in table.items() if state.get("sha256")}
+        document = orjson.dumps({v: {k: x for k, x in state.items() if k != "sha256"} for v, state in table.items()})
+        previous, step = self.seen.get(name, b""), 1 + secrets.randbits(40)  # a random step: no value comes twice
+        args: list[bytes | str | int] = [name, previous, document, step, orjson.dumps(digests)]
+        generation = int(await self._write(keys=[MODELS, GENERATION, WEIGHTS], args=args))
         if generation < 0:
             raise TableChanged(f"the version table of {name!r} changed since this replica read it")
         self.seen[name] = document

@@ -1,6 +1,7 @@
 """Large bodies are decoded in a decode process, small ones where they arrive; errors come back whole."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -112,3 +113,23 @@ def test_a_queue_of_bodies_longer_than_the_stall_limit_is_not_a_stall():
 
     answered = asyncio.run(main())
     assert len(set(answered)) == 1 and answered[0] != os.getpid()
+
+
+def test_callers_that_give_up_on_a_stalled_decode_process_do_not_keep_it_from_being_replaced():
+    async def main():
+        decoder = Decoder(inline_bytes=0, stall_s=1.0)
+        await decoder.start()
+        try:
+            worker = await decoder.run(1, process_id, b"")
+            os.kill(worker, signal.SIGSTOP)
+            for _ in range(2):  # each gives up before stall_s, and a new one comes
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(decoder.run(1, process_id, b""), 0.7)
+            started = time.monotonic()
+            answered = await decoder.run(1, process_id, b"")
+            return worker, answered, time.monotonic() - started
+        finally:
+            decoder.stop()
+
+    worker, answered, took = asyncio.run(main())
+    assert answered != worker and took < 0.5, took  # replaced as soon as the stall was 1 s old

@@ -58,7 +58,7 @@ def test_an_idle_session_in_memory_holds_a_bounded_number_of_bytes():
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-        ids = [(await engine.create_session(model, f"v1:{i}", "open")).session_id for i in range(5)]
+        ids = [(await engine.create_session(model, f"v1:{i}", "open")).session_id for i in range(10)]
         for session_id in ids:
             await engine.step(session_id, lambda _: first, 0, False)
             await engine.step(session_id, lambda _: frames, 1, True)  # the largest step there is
@@ -71,13 +71,19 @@ def test_an_idle_session_in_memory_holds_a_bounded_number_of_bytes():
         grown = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         held = max([record_bytes(await store.load(session_id)) for session_id in ids])
+        one_batch = 2 * 4 * len(frames.frames) * len(model.entry.labels)  # the largest step's logits and probabilities
         await engine.stop()
-        return grown / len(ids), held, bound(engine)
+        return grown, len(ids), held, bound(engine), one_batch
 
-    grown, held, limit = asyncio.run(main())
-    print(f"idle session in process: {held} bytes in its record, {grown:.0f} bytes traced (bound {limit})")
+    grown, sessions, held, limit, one_batch = asyncio.run(main())
+    print(
+        f"idle sessions in process: {held} bytes in a record, {grown:.0f} bytes traced for {sessions} (bound {limit})"
+    )
     assert held <= limit, f"an idle session's record holds {held} bytes, over its bound of {limit}"
-    assert grown <= limit, f"each idle session left {grown:.0f} bytes allocated, over its bound of {limit}"
+    # what the worker may still hold of one recent batch (the flush above usually clears it; under load not always)
+    # is one batch for all sessions; a session keeping its step's outputs would be one such batch per session
+    allowed = sessions * limit + one_batch
+    assert grown <= allowed, f"{sessions} idle sessions left {grown:.0f} bytes allocated, over {allowed}"
 
 
 def test_an_idle_session_in_redis_holds_a_bounded_number_of_bytes(start_server, redis_server):

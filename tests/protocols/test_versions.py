@@ -349,11 +349,11 @@ def test_a_load_that_finds_a_loaded_versions_files_changed_is_refused_and_it_ser
         np.testing.assert_allclose(probabilities(classify(c, test_sequences[2])), before, rtol=0, atol=0)
 
 
-def shared_table(redis_server) -> dict:
+def shared_table(redis_server, key: str = "lstm-serve:models") -> dict:
     import redis
 
     with redis.Redis.from_url(redis_server.url) as r:
-        stored = r.hget("lstm-serve:models", MODEL)
+        stored = r.hget(key, MODEL)
     return json.loads(stored) if stored else {}
 
 
@@ -411,7 +411,7 @@ def test_a_replica_whose_files_for_a_version_differ_never_serves_that_version(
         np.testing.assert_allclose(probabilities(step(on_a, session["session_id"], test_sequences[0][:4])), expected)
         assert on_b.post(f"/v2/repository/models/{MODEL}/load").status_code == 400
     sha = hashlib.sha256((first / MODEL / "2" / "model.onnx").read_bytes()).hexdigest()
-    assert shared_table(redis_server)["2"]["sha256"] == sha
+    assert shared_table(redis_server, "lstm-serve:models:sha256")["2"] == sha
     assert "other weights" in b.output()
 
 

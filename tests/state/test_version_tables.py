@@ -4,6 +4,8 @@ replica planned from, so no replica's change silently overwrites another's."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import threading
 
 import pytest
@@ -11,10 +13,12 @@ import pytest
 from lstm_serve.core.fleet import Fleet
 from lstm_serve.core.inputs import Limits
 from lstm_serve.core.metrics import Metrics
+from lstm_serve.core.versions import VersionState, table_from_json
+from lstm_serve.errors import ModelLoading
 from lstm_serve.settings import Settings
 from lstm_serve.state.directory import TableChanged
 from lstm_serve.state.redis import RedisDirectory, RedisSessionStore
-from tests.conftest import add_version, copy_model
+from tests.conftest import add_version, copy_model, free_port
 
 MODEL = "japanese-vowels"
 
@@ -30,7 +34,7 @@ def test_a_table_written_by_another_replica_since_this_one_read_it_is_not_overwr
             await b.write(MODEL, {"2": {"status": "serving"}})
         generation, tables = await b.read()
         assert (generation, tables) == (first, {MODEL: {"1": {"status": "serving"}}})
-        assert await b.write(MODEL, {"1": {"status": "draining"}}) == first + 1  # planned from what it read
+        assert await b.write(MODEL, {"1": {"status": "draining"}}) > first  # planned from what it read
         with pytest.raises(TableChanged):
             await a.write(MODEL, {"1": {"status": "serving"}})
         for directory in (a, b):
@@ -78,3 +82,76 @@ def test_a_poll_that_planned_before_an_unload_does_not_undo_it(redis_server, tmp
 
     on_a, on_b = asyncio.run(main())
     assert on_a[MODEL] == on_b == {1: "serving", 2: "draining", 3: "serving"}
+
+
+def test_the_tables_a_release_before_sha256_reads_are_what_it_wrote_and_a_sha256_never_changes(redis_server):
+    """Replicas of the previous release read the tables during a rolling upgrade: the sha256 are kept in a
+    hash of their own, never inside the table (the old parser took no unknown field). A version's sha256,
+    once written, is never replaced; the generation moves by random steps, so after Redis comes back empty
+    or from an older snapshot no replica finds the very generation it last read."""
+    import redis as redis_py
+
+    async def main():
+        a = RedisDirectory(RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10))
+        b = RedisDirectory(RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10))
+        await a.read()
+        first = await a.write(MODEL, {"1": {"status": "serving", "deadline": None, "replaced_by": None, "sha256": "x"}})
+        generation, tables = await b.read()
+        assert tables[MODEL]["1"]["sha256"] == "x" and generation == first
+        with pytest.raises(TableChanged):  # other weights under v1
+            await b.write(MODEL, {"1": {"status": "serving", "deadline": None, "replaced_by": None, "sha256": "y"}})
+        second = await a.write(MODEL, {"1": {"status": "draining", "deadline": 5.0, "replaced_by": None}})
+        for directory in (a, b):
+            await directory.store.close()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert second - first > 1 or first > 1  # random steps (1 in 2**40 to be 1)
+    with redis_py.Redis.from_url(redis_server.url) as r:
+        stored = json.loads(r.hget("lstm-serve:models", MODEL))
+        weights = json.loads(r.hget("lstm-serve:models:sha256", MODEL))
+    assert stored == {"1": {"status": "draining", "deadline": 5.0, "replaced_by": None}}
+    assert weights == {"1": "x"}  # kept though the last write named none
+    assert table_from_json({"1": {"status": "serving", "from_a_later_release": 1}}) == {1: VersionState("serving")}
+
+
+def weights_moved(repository, version: int = 1) -> None:
+    """The repository's v1 replaced by other weights under the same number (a mistake the tables must catch)."""
+    other = add_version(repository, 9)
+    target = repository / MODEL / str(version)
+    shutil.rmtree(target)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "version": version}))
+    other.rename(target)
+
+
+def test_a_version_a_replica_loaded_alone_with_other_weights_stops_serving_once_it_reads_the_tables(
+    redis_server, tmp_path
+):
+    """Replica b starts while Redis is out of reach and loads its own v1, whose weights differ from the v1 the
+    others serve. Once it reads the tables it drops that v1 (a v1 session there answers 503, never a step on
+    other weights), and it keeps following them."""
+    first, second = copy_model(tmp_path / "a"), copy_model(tmp_path / "b")
+    weights_moved(second)
+
+    def fleet(repository, url: str) -> Fleet:
+        settings = Settings(model_repository=repository, redis_url=url)
+        store = RedisSessionStore(url, ttl_s=60, max_sessions=10, timeout_s=0.5)
+        return Fleet(settings, Metrics(), RedisDirectory(store), Limits.from_settings(settings))
+
+    async def main():
+        a = fleet(first, redis_server.url)
+        await a.start()
+        b = fleet(second, f"redis://127.0.0.1:{free_port()}/0")  # nobody there
+        await b.start()
+        alone = b.session_model(MODEL, 1)
+        b.directory = RedisDirectory(RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10))  # Redis is back
+        await b.refresh()
+        with pytest.raises(ModelLoading, match="other weights"):
+            b.session_model(MODEL, 1)
+        await a.stop()
+        await b.stop()
+        return alone
+
+    alone = asyncio.run(main())
+    assert alone.entry.path == second / MODEL / "1"
