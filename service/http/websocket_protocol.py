@@ -13,7 +13,7 @@ upgrade headers (426), or has no valid Sec-WebSocket-Key or version 13 (400, 426
 header over MAX_LINE bytes or more than MAX_HEADERS headers (414, 431), always answered and closed, never
 left hanging. After it, a client frame that is not masked, sets reserved bits, has an unknown opcode, is a
 fragmented or oversized control frame, continues no message or starts one inside another (close 1002), a
-message over `ws_max_size` (1009, as soon as its header says so), text that is not UTF-8 (1007), or a close
+message over `ws_max_size` (1009, as soon as its header says so) or in over MAX_FRAGMENTS frames (1009), text that is not UTF-8 (1007), or a close
 frame with a code no endpoint may send (1002). Pings are answered; the server pings every
 `ws_ping_interval` and drops a client that does not answer within `ws_ping_timeout`. No extensions are
 negotiated (replies are a few hundred bytes: compressing them costs more than it saves).
@@ -58,6 +58,9 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_LINE = 8190  # bytes of a request line or a header line, as uvicorn's websockets protocol allowed
 MAX_HEADERS = 128
 MAX_QUEUED = 4  # messages waiting for the app before reading pauses
+# frames one message may arrive in: fragments reach no app (so nothing paces them) and each costs a parse; 4,096
+# fragments of a ws_max_size message are 4 KiB each at the default 16 MiB
+MAX_FRAGMENTS = 4096
 CLOSE_TIMEOUT_S = 10.0  # after our close frame, how long the client has to answer it before the socket closes
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -217,8 +220,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.needed = 0
-        self.fragments: list[bytes] = []
-        self.fragments_size = 0
+        self.fragments = bytearray()  # joined as they arrive: a list of many small ones weighs far more
+        self.fragments_count = 0
         self.fragments_opcode: int | None = None
         # messages for the app: handed to a waiting receive(), else queued
         self.inbox: deque[dict[str, Any]] = deque()
@@ -434,8 +437,10 @@ class WebSocketProtocol(asyncio.Protocol):
             raise ProtocolError(PROTOCOL_ERROR, "a continuation frame with no message to continue")
         if opcode != CONT and self.fragments_opcode is not None:
             raise ProtocolError(PROTOCOL_ERROR, "a new message started before the last one ended")
-        if self.fragments_size + length > self.max_size:
+        if len(self.fragments) + length > self.max_size:
             raise ProtocolError(TOO_BIG, f"message over {self.max_size} bytes")
+        if (opcode == CONT or not first & 0x80) and self.fragments_count >= MAX_FRAGMENTS:
+            raise ProtocolError(TOO_BIG, f"message in over {MAX_FRAGMENTS} frames")
 
     def handle_frame(self, fin: int, opcode: int, payload: bytes) -> None:
         if opcode == PING:
@@ -450,11 +455,11 @@ class WebSocketProtocol(asyncio.Protocol):
         else:
             if opcode != CONT:
                 self.fragments_opcode = opcode
-            self.fragments.append(payload)
-            self.fragments_size += len(payload)
+            self.fragments += payload
+            self.fragments_count += 1
             if fin:
-                whole, opcode = b"".join(self.fragments), cast(int, self.fragments_opcode)
-                self.fragments, self.fragments_size, self.fragments_opcode = [], 0, None
+                whole, opcode = bytes(self.fragments), cast(int, self.fragments_opcode)
+                self.fragments, self.fragments_count, self.fragments_opcode = bytearray(), 0, None
                 self.message(opcode, whole)
 
     def message(self, opcode: int, payload: bytes) -> None:

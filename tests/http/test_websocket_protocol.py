@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 
 from lstm_serve.core.batcher import arrivals
-from lstm_serve.http.websocket_protocol import WebSocketProtocol, accept_key
+from lstm_serve.http.websocket_protocol import MAX_FRAGMENTS, WebSocketProtocol, accept_key
 from tests.conftest import free_port
 
 MAX_SIZE = 4096
@@ -269,6 +269,19 @@ def test_messages_in_one_frame_and_in_fragments_with_a_ping_between_them(echo):
     ws.send(frame(0x1, b""))  # an empty message is a message
     assert ws.read_frame() == (0x1, b"")
     ws.close()
+
+
+def test_a_message_may_come_in_up_to_max_fragments_frames_and_no_more(echo):
+    """Fragments reach no app, so nothing paces them, and each costs a parse: a message in more frames than
+    MAX_FRAGMENTS (empty ones too, which add nothing to its size) closes with 1009."""
+    ws = opened(echo.port)
+    parts = [bytes([k % 256]) for k in range(MAX_FRAGMENTS)]
+    wire = [frame(0x0 if k else 0x2, part, fin=k == len(parts) - 1) for k, part in enumerate(parts)]
+    ws.send(b"".join(wire))
+    assert ws.read_frame() == (0x2, b"".join(parts))
+    ws.send(frame(0x2, b"", fin=False) + frame(0x0, b"", fin=False) * MAX_FRAGMENTS)
+    assert ws.read_close() == (1009, f"message in over {MAX_FRAGMENTS} frames")
+    assert ws.closed_by_server()
 
 
 def test_pipelined_messages_split_anywhere_are_answered_in_order(echo):
