@@ -19,12 +19,14 @@ reconnecting and resending the chunk that was not acknowledged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -185,6 +187,44 @@ def error_of(status: int, body: dict[str, Any]) -> ServerError:
     return ERRORS.get(code, ServerError)(status, code, message, fields.pop("request_id", None), **fields)
 
 
+# a WebSocket the server closes with one of these refused the session itself: opening another changes nothing
+REFUSING_CLOSES = {4401: "unauthorized", 4404: "session_not_found", 1008: "malformed_request"}
+
+
+def refusal(code: int, reply: Any) -> ServerError:
+    """The error a refusing close stands for: the server's error reply before it, when the socket still had it."""
+    if not (isinstance(reply, dict) and isinstance(reply.get("error"), dict)):
+        reply = {"error": {"code": REFUSING_CLOSES[code], "message": f"the server closed the WebSocket with {code}"}}
+    return error_of(STATUS_OF_CODE.get(str(reply["error"].get("code")), 400), reply)
+
+
+def refused_with(closed: Exception) -> int | None:
+    """The close code of a socket the server closed on purpose (REFUSING_CLOSES), else None (it dropped)."""
+    received = getattr(closed, "rcvd", None)
+    code = getattr(received, "code", None)
+    return code if code in REFUSING_CLOSES else None
+
+
+def last_reply(socket: Any) -> Any:
+    """What a closed socket still holds unread (the server's error reply before its close), or None."""
+    try:
+        return json.loads(socket.recv(timeout=0))
+    except Exception:  # nothing left, or not JSON
+        return None
+
+
+async def async_last_reply(socket: Any) -> Any:
+    try:
+        return json.loads(await asyncio.wait_for(socket.recv(), 0.1))
+    except Exception:
+        return None
+
+
+def websocket_url(url: str, path: str) -> str:
+    scheme, rest = url.split("://", 1)
+    return ("wss" if scheme.lower() == "https" else "ws") + "://" + rest + path
+
+
 def resend_wait(reply: dict[str, Any], attempt: int, retries: int) -> float | None:
     """For a reply on the WebSocket: None when it answers the chunk; the seconds to wait before sending the
     chunk again (with its seq) after a 503 or a 429 error reply; any other error is raised as the typed
@@ -278,7 +318,7 @@ class Client:
         return [ModelInfo.of(body) for body in self.request("GET", "/v1/models", retry=True)]
 
     def model(self, name: str) -> ModelInfo:
-        return ModelInfo.of(self.request("GET", f"/v1/models/{name}", retry=True))
+        return ModelInfo.of(self.request("GET", f"/v1/models/{quote(name, safe='')}", retry=True))
 
     def classify(self, sequences: Iterable[Frames], model: str | None = None) -> list[Prediction]:
         """One prediction per sequence (each [T, D]), from zero state."""
@@ -330,27 +370,34 @@ class Session:
         """Each chunk over the WebSocket as binary float32 frames with its seq; a prediction per chunk. A
         dropped socket is reopened (up to `reconnects` times) and the unacknowledged chunk sent again; so is
         a chunk answered with a 503 or a 429 error (up to the client's `retries` times): applied once either
-        way. Any other error reply is raised, with the status the same error has over HTTP."""
+        way: `reconnects` drops in a row, each chunk answered starts the count again. A session the server
+        refuses (unknown, deleted or expired, another key's, a key it does not take) is raised at once. Any
+        other error reply is raised, with the status the same error has over HTTP."""
         from websockets.exceptions import ConnectionClosed, InvalidHandshake
-        from websockets.sync.client import connect
+        from websockets.sync.client import ClientConnection, connect
 
-        url = self.client.url.replace("http", "ws", 1) + f"/v1/sessions/{self.id}/stream"
+        url = websocket_url(self.client.url, f"/v1/sessions/{self.id}/stream")
         headers = {"Authorization": f"Bearer {self.client.api_key}"} if self.client.api_key else {}
-        socket, dropped = None, 0
-        with contextlib.ExitStack() as sockets:  # every socket opened, closed on the way out
+        socket: ClientConnection | None = None
+        dropped = 0
+        try:
             for chunk in chunks:
                 frames = as_frames(chunk)
                 message = SEQ_MARK + self.steps.to_bytes(8, "little") + frames.astype("<f4").tobytes()
                 attempt = 0
                 while True:
                     try:
-                        if socket is None:
-                            socket = sockets.enter_context(connect(url, additional_headers=headers, max_size=None))
+                        if socket is None:  # entered (what websockets asks of a socket it opens), closed below
+                            socket = connect(url, additional_headers=headers, max_size=None).__enter__()
                         socket.send(message)
                         reply = json.loads(socket.recv())
-                    except (ConnectionClosed, InvalidHandshake, OSError):
-                        socket = None
-                        dropped += 1
+                    except (ConnectionClosed, InvalidHandshake, OSError) as failure:
+                        code = refused_with(failure)
+                        if code is not None and socket is not None:
+                            raise refusal(code, last_reply(socket)) from None
+                        if socket is not None:
+                            socket.close()
+                        socket, dropped = None, dropped + 1
                         if dropped > reconnects:
                             raise
                         time.sleep(min(2.0, 0.05 * 2**dropped))
@@ -360,8 +407,11 @@ class Session:
                         break
                     attempt += 1
                     time.sleep(wait)
-                self.steps = reply["steps"]
+                self.steps, dropped = reply["steps"], 0
                 yield Prediction.of(reply["prediction"])
+        finally:
+            if socket is not None:
+                socket.close()
 
 
 # -- the async flavour -----------------------------------------------------------------------------
@@ -411,7 +461,7 @@ class AsyncClient:
         return [ModelInfo.of(body) for body in await self.request("GET", "/v1/models", retry=True)]
 
     async def model(self, name: str) -> ModelInfo:
-        return ModelInfo.of(await self.request("GET", f"/v1/models/{name}", retry=True))
+        return ModelInfo.of(await self.request("GET", f"/v1/models/{quote(name, safe='')}", retry=True))
 
     async def classify(self, sequences: Iterable[Frames], model: str | None = None) -> list[Prediction]:
         body: dict[str, Any] = {"sequences": [as_frames(s).tolist() for s in sequences]}
@@ -456,12 +506,10 @@ class AsyncSession:
     async def stream(self, chunks: Iterable[Frames], reconnects: int = 5) -> AsyncIterator[Prediction]:
         """As Session.stream: binary frames with seq, reconnecting and resending the unacknowledged chunk, and
         resending a chunk answered with a 503 or a 429 error."""
-        import asyncio
-
         from websockets.asyncio.client import ClientConnection, connect
         from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-        url = self.client.url.replace("http", "ws", 1) + f"/v1/sessions/{self.id}/stream"
+        url = websocket_url(self.client.url, f"/v1/sessions/{self.id}/stream")
         headers = {"Authorization": f"Bearer {self.client.api_key}"} if self.client.api_key else {}
         socket: ClientConnection | None = None
         dropped = 0
@@ -475,7 +523,12 @@ class AsyncSession:
                             socket = await connect(url, additional_headers=headers, max_size=None)
                         await socket.send(message)
                         reply = json.loads(await socket.recv())
-                    except (ConnectionClosed, InvalidHandshake, OSError):
+                    except (ConnectionClosed, InvalidHandshake, OSError) as failure:
+                        code = refused_with(failure)
+                        if code is not None and socket is not None:
+                            raise refusal(code, await async_last_reply(socket)) from None
+                        if socket is not None:
+                            await socket.close()
                         socket, dropped = None, dropped + 1
                         if dropped > reconnects:
                             raise
@@ -486,7 +539,7 @@ class AsyncSession:
                         break
                     attempt += 1
                     await asyncio.sleep(wait)
-                self.steps = reply["steps"]
+                self.steps, dropped = reply["steps"], 0
                 yield Prediction.of(reply["prediction"])
         finally:
             if socket is not None:

@@ -1,6 +1,7 @@
 """The Python client against a real server: typed results and errors, and sessions that stay exactly once
 through a connection dropped mid-step and a WebSocket dropped mid-stream."""
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -10,7 +11,15 @@ import httpx
 import numpy as np
 import pytest
 
-from lstm_serve.client import Client, InvalidInput, ModelNotFound, SequenceConflict, SessionNotFound, Unauthorized
+from lstm_serve.client import (
+    AsyncClient,
+    Client,
+    InvalidInput,
+    ModelNotFound,
+    SequenceConflict,
+    SessionNotFound,
+    Unauthorized,
+)
 
 MODEL = "japanese-vowels"
 
@@ -150,10 +159,6 @@ def test_the_client_sends_its_key(start_server, test_sequences):
 
 
 def test_the_async_client_classifies_steps_and_streams_exactly(server, test_sequences):
-    import asyncio
-
-    from lstm_serve.client import AsyncClient
-
     frames = test_sequences[21]
 
     async def main():
@@ -220,3 +225,43 @@ def test_the_client_knows_the_http_status_of_every_error_code_the_server_sends()
     kinds = [errors.ServiceError, *every(errors.ServiceError)]
     server = {kind.code: kind.status for kind in kinds if kind.__module__.startswith("lstm_serve.")}  # not tests
     assert server == STATUS_OF_CODE
+
+
+def test_the_reconnect_budget_counts_drops_in_a_row_not_over_the_whole_stream(server, test_sequences):
+    frames = test_sequences[7]
+    chunks = [frames[i : i + 1] for i in range(10)]
+    proxy = Proxy(server.port)
+    try:
+        with Client(f"HTTP://127.0.0.1:{proxy.port}") as client, client.session() as session:  # capitals too
+            predictions = []
+            for k, prediction in enumerate(session.stream(chunks, reconnects=1)):
+                predictions.append(prediction)
+                if k in (1, 3, 5, 7):
+                    proxy.drop_next_reply.set()  # four drops in all, never two in a row
+            assert proxy.drops == 4 and len(predictions) == len(chunks) and session.steps == len(chunks)
+            expected = client.classify([frames[:10]])[0]
+            np.testing.assert_allclose(predictions[-1].probabilities, expected.probabilities, atol=1e-5)
+    finally:
+        proxy.close()
+
+
+def test_streaming_a_session_the_server_refuses_raises_at_once_instead_of_reconnecting(server):
+    with Client(server.url) as client:
+        session = client.session()
+        session.delete()
+        started = time.monotonic()
+        with pytest.raises(SessionNotFound, match="never created, deleted, or expired"):
+            list(session.stream([np.zeros((1, 12), np.float32)]))
+        took = time.monotonic() - started
+
+    async def in_async() -> float:
+        async with AsyncClient(server.url) as client:
+            session = await client.session()
+            await session.delete()
+            started = time.monotonic()
+            with pytest.raises(SessionNotFound):
+                async for _ in session.stream([np.zeros((1, 12), np.float32)]):
+                    pass
+            return time.monotonic() - started
+
+    assert took < 0.5 and asyncio.run(in_async()) < 0.5, took

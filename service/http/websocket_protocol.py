@@ -13,10 +13,11 @@ upgrade headers (426), or has no valid Sec-WebSocket-Key or version 13 (400, 426
 header over MAX_LINE bytes or more than MAX_HEADERS headers (414, 431), always answered and closed, never
 left hanging. After it, a client frame that is not masked, sets reserved bits, has an unknown opcode, is a
 fragmented or oversized control frame, continues no message or starts one inside another (close 1002), a
-message over `ws_max_size` (1009, as soon as its header says so) or in over MAX_FRAGMENTS frames (1009), text that is not UTF-8 (1007), or a close
-frame with a code no endpoint may send (1002). Pings are answered; the server pings every
-`ws_ping_interval` and drops a client that does not answer within `ws_ping_timeout`. No extensions are
-negotiated (replies are a few hundred bytes: compressing them costs more than it saves).
+message over `ws_max_size` (1009, as soon as its header says so) or in over MAX_FRAGMENTS frames (1009),
+text that is not UTF-8 (1007), or a close frame with a code no endpoint may send (1002). Pings are
+answered; the server pings every `ws_ping_interval` and drops a client that does not answer within
+`ws_ping_timeout`. No extensions are negotiated (replies are a few hundred bytes: compressing them costs
+more than it saves).
 """
 
 from __future__ import annotations
