@@ -94,6 +94,10 @@ class TooManySessions(ServiceError):
     status, code = 429, "too_many_sessions"
 
 
+class TooManyWebSockets(TooManySessions):
+    code = "too_many_websockets"  # the caller's max_websockets_per_key, not its sessions
+
+
 class Overloaded(ServiceError):
     status, code = 503, "overloaded"
 

@@ -6,9 +6,11 @@
      "sha256": "<hex>"}
 
 `sha256` is over `model\\nversion\\nsteps\\n`, then for each tensor in the model's state order its name, a
-newline, and its raw bytes: a state damaged or altered on the way is refused, as is one whose tensors do
-not fit the model. The state is the whole of what the model carries between chunks, so a session
-imported on any server with the same model version continues exactly as the original would.
+newline, and its raw bytes: a state damaged on the way (or edited without its checksum) is refused, as is
+one whose tensors do not fit the model. It is a checksum, not a signature: a caller who recomputes it can
+start their own session from any state that fits, which is theirs to do (it reaches no one else's). The
+state is the whole of what the model carries between chunks, so a session imported on any server with the
+same model version continues exactly as the original would.
 """
 
 from __future__ import annotations
@@ -59,18 +61,26 @@ def export(entry: ModelEntry, record: SessionRecord) -> dict[str, Any]:
     }
 
 
+FIELDS = ("model", "version", "steps", "state", "shape", "sha256")
+
+
 def check(entry: ModelEntry, document: Any) -> Exported:
     """The state in an exported document, if it is for this model and version and intact; InvalidInput
     (422) saying what is wrong otherwise."""
     if not isinstance(document, dict):
         raise InvalidInput("state must be the object GET /v1/sessions/{id}/state returned")
-    missing = [k for k in ("model", "version", "steps", "state", "shape", "sha256") if k not in document]
+    missing = [k for k in FIELDS if k not in document]
     if missing:
         raise InvalidInput(f"state lacks {', '.join(missing)}")
+    unknown = sorted(str(k)[:40] for k in document if k not in FIELDS)
+    if unknown:
+        raise InvalidInput(f"state has fields {unknown[:4]} that an exported state does not have")
     version, steps = document["version"], document["steps"]
     if document["model"] != entry.name:
         raise InvalidInput(f"state.model is {str(document['model'])[:80]!r}, not {entry.name!r}")
-    if not isinstance(version, int) or isinstance(version, bool) or version != entry.version:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InvalidInput(f"state.version must be a whole number, as the export writes it, not {str(version)[:20]!r}")
+    if version != entry.version:
         raise InvalidInput(
             f"state is of {entry.name} v{str(version)[:20]}; this server serves v{entry.version}, and a state "
             "continues only on the model version that made it"

@@ -30,7 +30,7 @@ from lstm_serve.errors import (
     NotReady,
     RequestTimeout,
     ServiceError,
-    TooManySessions,
+    TooManyWebSockets,
     Unauthorized,
     UnsupportedMediaType,
     UpgradeRequired,
@@ -211,7 +211,7 @@ class Frame:
             await self.runtime.check_rate(context.caller)
             limit = self.runtime.settings.max_websockets_per_key
             if self.websockets[context.caller.quota_key] >= limit:
-                raise TooManySessions(f"this API key (or client address) has max_websockets_per_key={limit} open")
+                raise TooManyWebSockets(f"this API key (or client address) has max_websockets_per_key={limit} open")
         except ServiceError as error:
             self.runtime.metrics.rejected.labels(error.code).inc()
             code = CLOSE_UNAUTHORIZED if isinstance(error, Unauthorized) else CLOSE_TOO_MANY

@@ -205,7 +205,7 @@ def test_a_key_over_its_websockets_is_closed_with_4429(start_server):
         for _ in range(2):
             open_ones.enter_context(connect(ws_url(server, session_id), additional_headers=auth(ALICE)))
         with connect(ws_url(server, session_id), additional_headers=auth(ALICE)) as third:
-            assert json.loads(third.recv())["error"]["code"] == "too_many_sessions"
+            assert json.loads(third.recv())["error"]["code"] == "too_many_websockets"
             with pytest.raises(ConnectionClosed):
                 third.recv(timeout=5)
             assert third.close_code == 4429

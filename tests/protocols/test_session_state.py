@@ -86,6 +86,8 @@ def nan_h0(d: dict) -> None:
         ("NaN", lambda d: resealed(d, nan_h0), 422, "NaN"),
         ("extra tensor", lambda d: resealed(d, lambda x: x["state"].update(z0="")), 422, "does not carry"),
         ("negative steps", lambda d: resealed(d, lambda x: x.update(steps=-1)), 422, "steps"),
+        ("version as text", lambda d: resealed(d, lambda x: x.update(version="1")), 422, "whole number, as the"),
+        ("unknown field", lambda d: resealed(d, lambda x: x.update(signed_by="me")), 422, "['signed_by']"),
         ("no fields", lambda d: {"model": MODEL}, 422, "lacks"),
         ("not an object", lambda d: [1, 2], 422, "state"),
     ],
