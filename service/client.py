@@ -189,22 +189,34 @@ def error_of(status: int, body: dict[str, Any]) -> ServerError:
     return ERRORS.get(code, ServerError)(status, code, message, fields.pop("request_id", None), **fields)
 
 
-# a WebSocket the server closes with one of these refused the session itself: opening another changes nothing
-REFUSING_CLOSES = {4401: "unauthorized", 4404: "session_not_found", 1008: "malformed_request"}
+# a WebSocket the server closes with one of these said why in an error reply first (the code it stands for
+# when the reply was not read); closes with other codes, and dropped connections, are reconnected
+CLOSES = {
+    4401: "unauthorized",
+    4404: "session_not_found",
+    4429: "rate_limited",
+    1008: "malformed_request",
+    1013: "not_ready",
+}
 
 
-def refusal(code: int, reply: Any) -> ServerError:
-    """The error a refusing close stands for: the server's error reply before it, when the socket still had it."""
+def stream_failure(failure: Exception, reply: Any) -> ServerError | None:
+    """What a failed WebSocket stands for: the handshake's HTTP error, or the error reply the server sent
+    before closing with one of CLOSES (`reply`: the one read last, or still unread); None for a drop."""
+    response = getattr(failure, "response", None)  # InvalidStatus: the handshake was answered with an error
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int):
+        try:
+            body = json.loads(response.body)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            body = {}
+        return error_of(status, body if isinstance(body, dict) else {})
+    code = getattr(getattr(failure, "rcvd", None), "code", None)
+    if code not in CLOSES:
+        return None
     if not (isinstance(reply, dict) and isinstance(reply.get("error"), dict)):
-        reply = {"error": {"code": REFUSING_CLOSES[code], "message": f"the server closed the WebSocket with {code}"}}
+        reply = {"error": {"code": CLOSES[code], "message": f"the server closed the WebSocket with {code}"}}
     return error_of(STATUS_OF_CODE.get(str(reply["error"].get("code")), 400), reply)
-
-
-def refused_with(closed: Exception) -> int | None:
-    """The close code of a socket the server closed on purpose (REFUSING_CLOSES), else None (it dropped)."""
-    received = getattr(closed, "rcvd", None)
-    code = getattr(received, "code", None)
-    return code if code in REFUSING_CLOSES else None
 
 
 def last_reply(socket: Any) -> Any:
@@ -223,7 +235,9 @@ async def async_last_reply(socket: Any) -> Any:
 
 
 def websocket_url(url: str, path: str) -> str:
-    scheme, rest = url.split("://", 1)
+    scheme, found, rest = url.partition("://")
+    if not found:
+        raise ValueError(f"the client's url {url[:60]!r} must start with http:// or https://")
     return ("wss" if scheme.lower() == "https" else "ws") + "://" + rest + path
 
 
@@ -381,7 +395,7 @@ class Session:
         url = websocket_url(self.client.url, f"/v1/sessions/{self.id}/stream")
         headers = {"Authorization": f"Bearer {self.client.api_key}"} if self.client.api_key else {}
         socket: ClientConnection | None = None
-        dropped = 0
+        dropped, answered = 0, None  # answered: the last error reply read on this socket
         try:
             for chunk in chunks:
                 frames = as_frames(chunk)
@@ -394,22 +408,24 @@ class Session:
                         socket.send(message)
                         reply = json.loads(socket.recv())
                     except (ConnectionClosed, InvalidHandshake, OSError) as failure:
-                        code = refused_with(failure)
-                        if code is not None and socket is not None:
-                            raise refusal(code, last_reply(socket)) from None
+                        error = stream_failure(failure, answered or (socket and last_reply(socket)))
+                        if error is not None and not isinstance(error, RETRIED):
+                            raise error from None
                         if socket is not None:
                             socket.close()
-                        socket, dropped = None, dropped + 1
+                        socket, answered, dropped = None, None, dropped + 1
                         if dropped > reconnects:
+                            if error is not None:
+                                raise error from None
                             raise
                         time.sleep(min(2.0, 0.05 * 2**dropped))
                         continue
                     wait = resend_wait(reply, attempt, self.client.retries)
                     if wait is None:
                         break
-                    attempt += 1
+                    answered, attempt = reply, attempt + 1
                     time.sleep(wait)
-                self.steps, dropped = reply["steps"], 0
+                self.steps, dropped, answered = reply["steps"], 0, None
                 yield Prediction.of(reply["prediction"])
         finally:
             if socket is not None:
@@ -507,14 +523,15 @@ class AsyncSession:
 
     async def stream(self, chunks: Iterable[Frames], reconnects: int = 5) -> AsyncIterator[Prediction]:
         """As Session.stream: binary frames with seq, reconnecting and resending the unacknowledged chunk, and
-        resending a chunk answered with a 503 or a 429 error."""
+        resending a chunk answered with a 503 or a 429 error. Leaving it early, wrap it in
+        `contextlib.aclosing(...)` so its socket closes then, not when the generator is collected."""
         from websockets.asyncio.client import ClientConnection, connect
         from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
         url = websocket_url(self.client.url, f"/v1/sessions/{self.id}/stream")
         headers = {"Authorization": f"Bearer {self.client.api_key}"} if self.client.api_key else {}
         socket: ClientConnection | None = None
-        dropped = 0
+        dropped, answered = 0, None  # answered: the last error reply read on this socket
         try:
             for chunk in chunks:
                 message = SEQ_MARK + self.steps.to_bytes(8, "little") + as_frames(chunk).astype("<f4").tobytes()
@@ -526,22 +543,25 @@ class AsyncSession:
                         await socket.send(message)
                         reply = json.loads(await socket.recv())
                     except (ConnectionClosed, InvalidHandshake, OSError) as failure:
-                        code = refused_with(failure)
-                        if code is not None and socket is not None:
-                            raise refusal(code, await async_last_reply(socket)) from None
+                        unread = await async_last_reply(socket) if socket is not None and answered is None else None
+                        error = stream_failure(failure, answered or unread)
+                        if error is not None and not isinstance(error, RETRIED):
+                            raise error from None
                         if socket is not None:
                             await socket.close()
-                        socket, dropped = None, dropped + 1
+                        socket, answered, dropped = None, None, dropped + 1
                         if dropped > reconnects:
+                            if error is not None:
+                                raise error from None
                             raise
                         await asyncio.sleep(min(2.0, 0.05 * 2**dropped))
                         continue
                     wait = resend_wait(reply, attempt, self.client.retries)
                     if wait is None:
                         break
-                    attempt += 1
+                    answered, attempt = reply, attempt + 1
                     await asyncio.sleep(wait)
-                self.steps, dropped = reply["steps"], 0
+                self.steps, dropped, answered = reply["steps"], 0, None
                 yield Prediction.of(reply["prediction"])
         finally:
             if socket is not None:

@@ -9,7 +9,8 @@ session (or another key's) gets an error reply and close code 4404. With API key
 `Authorization: Bearer <key>`, or from a browser the subprotocol `bearer.<key>`; without a valid key the
 socket closes with 4401, and over the caller's rate or max_websockets_per_key with 4429. A page from an
 origin not in cors_origins is refused (403). `?version=N` states the model version the client expects
-the session to run on: a session on another version gets an error reply and close 1008.
+the session to run on: a session on another version gets an error reply and close 1008, as does one on a
+retired version; one whose version is loading, or whose store is unavailable, gets its 503 and close 1013.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ from lstm_serve.protocols.v1 import SESSION_ID, step_response, store_key
 PATH = "/v1/sessions/{session_id}/stream"
 CLOSE_UNKNOWN_SESSION = 4404
 CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013  # RFC 6455 "try again later": the session is there, its model or store is not yet
+
+
+def opening_close(error: ServiceError) -> int:
+    """How a socket that cannot stream its session closes, after the error reply that says why."""
+    if isinstance(error, SessionNotFound):
+        return CLOSE_UNKNOWN_SESSION
+    return CLOSE_TRY_AGAIN if error.status in (429, 503) else CLOSE_POLICY
 
 
 # A binary message may start with this 4-byte mark and the seq as a little-endian uint64: the mark is a NaN
@@ -72,7 +81,7 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
         check_version(websocket.query_params.get("version"), model)
     except ServiceError as error:
         await websocket.send_text(error_reply(error, context(websocket).request_id))
-        await websocket.close(code=CLOSE_UNKNOWN_SESSION if isinstance(error, SessionNotFound) else CLOSE_POLICY)
+        await websocket.close(code=opening_close(error))
         return
     metrics, limited = runtime.metrics, runtime.limiter is not None
     # the accepted socket's ASGI channels, without starlette's per-message state checks (this loop handles

@@ -14,8 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from lstm_serve.client import Client, Session
+from lstm_serve.client import ModelLoading as ClientModelLoading
 from tests.conftest import ROOT, add_version, copy_model
 
 MODEL = "japanese-vowels"
@@ -349,6 +352,10 @@ def test_a_load_that_finds_a_loaded_versions_files_changed_is_refused_and_it_ser
         np.testing.assert_allclose(probabilities(classify(c, test_sequences[2])), before, rtol=0, atol=0)
 
 
+def client_session(client: Client, session_id: str) -> Session:
+    return Session(client, {"session_id": session_id, "model": MODEL, "version": 2})
+
+
 def shared_table(redis_server, key: str = "lstm-serve:models") -> dict:
     import redis
 
@@ -514,5 +521,13 @@ def test_why_a_version_does_not_load_on_a_replica_reaches_callers_without_the_se
             return reply
 
         reply = eventually(refused_on_b)
+        with connect(b.url.replace("http", "ws") + f"/v1/sessions/{session}/stream") as ws:
+            assert json.loads(ws.recv())["error"]["code"] == "model_loading"
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+            assert ws.close_code == 1013  # try again later: not a policy violation
+        # the client reconnects on 1013, and gives up with the typed error
+        with Client(b.url) as client, pytest.raises(ClientModelLoading, match="does not load on this replica"):
+            list(client_session(client, session).stream([np.zeros((1, 12), np.float32)], reconnects=1))
     assert "<repository>/japanese-vowels/2/model.onnx does not match the sha256" in reply.json()["error"]["message"]
     assert str(tmp_path) not in reply.text
