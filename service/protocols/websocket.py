@@ -10,7 +10,8 @@ session (or another key's) gets an error reply and close code 4404. With API key
 socket closes with 4401, and over the caller's rate or max_websockets_per_key with 4429. A page from an
 origin not in cors_origins is refused (403). `?version=N` states the model version the client expects
 the session to run on: a session on another version gets an error reply and close 1008, as does one on a
-retired version; one whose version is loading, or whose store is unavailable, gets its 503 and close 1013.
+retired version (also once a streaming session's version retires); one whose version is loading, or whose
+store is unavailable, gets its 503 and close 1013.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lstm_serve.core.engine import LoadedModel
 from lstm_serve.core.inputs import Chunk, check_body_size, chunk_from_bytes, chunk_from_lists
 from lstm_serve.core.repository import version_number
 from lstm_serve.core.runtime import Runtime
-from lstm_serve.errors import REJECTIONS, InvalidInput, ServiceError, SessionNotFound
+from lstm_serve.errors import REJECTIONS, InvalidInput, ModelVersionRetired, ServiceError, SessionNotFound
 from lstm_serve.protocols import schemas
 from lstm_serve.protocols.codec import dumps, parse
 from lstm_serve.protocols.routing import V1, Route, context, v1_error_body
@@ -102,9 +103,9 @@ async def stream(websocket: WebSocket, runtime: Runtime) -> None:
                 reply, status = error_reply(error, context(websocket).request_id), str(error.status)
                 if isinstance(error, REJECTIONS):
                     metrics.rejected.labels(error.code).inc()
-                if isinstance(error, SessionNotFound):
+                if isinstance(error, (SessionNotFound, ModelVersionRetired)):  # the session can never step again
                     await websocket.send_text(reply)
-                    await websocket.close(code=CLOSE_UNKNOWN_SESSION)
+                    await websocket.close(code=opening_close(error))
                     return
             try:
                 await send({"type": "websocket.send", "text": reply})

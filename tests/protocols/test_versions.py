@@ -117,6 +117,7 @@ def test_after_an_unload_and_its_drain_the_old_version_answers_410_everywhere(st
         }
         assert c.post(oip_v1, json=infer).status_code == 200
 
+        streaming = connect(server.url.replace("http", "ws") + f"/v1/sessions/{on_v1}/stream")
         unloaded = c.post(f"/v2/repository/models/{MODEL}/unload", json={"parameters": {"version": "1"}})
         assert unloaded.status_code == 200, unloaded.text
         assert step(c, on_v1, sequence[4:8]).status_code == 200  # draining: the live session goes on
@@ -132,6 +133,12 @@ def test_after_an_unload_and_its_drain_the_old_version_answers_410_everywhere(st
 
         error = eventually(retired).json()["error"]
         assert error["code"] == "model_version_retired" and "v2 replaced it" in error["message"]
+        with streaming:  # a socket open across the retirement says so once, then closes: it can never step again
+            streaming.send(json.dumps({"inputs": sequence[8:10].tolist()}))
+            assert json.loads(streaming.recv())["error"]["code"] == "model_version_retired"
+            with pytest.raises(ConnectionClosed):
+                streaming.recv(timeout=5)
+            assert streaming.close_code == 1008
         assert classify(c, sequence, version=1).status_code == 410
         oip = c.post(oip_v1, json=infer)
         assert oip.status_code == 410 and "v2 replaced it" in oip.json()["error"]
