@@ -120,6 +120,7 @@ class HeaderDeadline(HttpToolsProtocol):
         self.ended_in_read = False  # a request's headers or message ended in the read being parsed
         self.head_refused = False  # a head over max_header_bytes was answered 431: the rest is not read
         self.refusal: bytes | None = None  # a 408 or 431 that waits for the answers to earlier requests
+        self.half_closed = False  # the client shut its writing side after whole requests: answer them, then close
 
     def data_received(self, data: bytes) -> None:
         """A head that ends within the reads counts exactly (its parsed line and headers); one that has not
@@ -224,7 +225,20 @@ class HeaderDeadline(HttpToolsProtocol):
         self.transport.write(b"%s\r\n%s%s" % (status_line, defaults, rest))  # date and server, as uvicorn's
         self.transport.close()
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio reads True: keep writing
+        """A client that shuts its writing side once its request is sent (nc, some scripts) still gets the
+        answer, then the connection closes; asyncio's default closed it at once, unanswered. A request cut
+        off mid-body ends the connection as before (the app sees the disconnect)."""
+        cycle = self.cycle
+        unanswered = cycle is not None and not cycle.response_complete and not cycle.more_body
+        if unanswered or self.pipeline:
+            self.half_closed = True
+            return True  # keep the transport open to write
+        return None
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.refusal is not None:
             self.answer(self.refusal)
+        elif self.half_closed and not self.pipeline and self.cycle.response_complete:  # the last one answered
+            self.writer.close()  # the held write goes first

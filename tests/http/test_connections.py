@@ -92,3 +92,26 @@ def test_a_client_that_waits_for_100_continue_gets_it_and_then_its_answer(server
             assert chunk, answer
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_client_that_shuts_its_writing_side_after_its_requests_gets_their_answers_then_a_close(server):
+    body = json.dumps({"sequences": [[[0.5] * 12] * 3]}).encode()
+    request = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request + request)  # two, pipelined
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_to_end(sock)  # the server closes once both are answered
+    assert answer.count(b"HTTP/1.1 200 OK") == 2 and answer.count(b'"predictions"') == 2, answer[:300]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request[:-5])  # cut off in its body: nothing to answer
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_end(sock) == b""
