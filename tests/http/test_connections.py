@@ -103,9 +103,8 @@ def read_to_end(sock: socket.socket) -> bytes:
 
 def test_a_client_that_shuts_its_writing_side_after_its_requests_gets_their_answers_then_a_close(server):
     body = json.dumps({"sequences": [[[0.5] * 12] * 3]}).encode()
-    request = (
-        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    head = "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(request + request)  # two, pipelined
         sock.shutdown(socket.SHUT_WR)
