@@ -20,6 +20,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from lstm_serve.errors import Overloaded
+
 log = logging.getLogger("lstm_serve")
 T = TypeVar("T")
 
@@ -56,10 +58,25 @@ def decode_pool() -> ProcessPoolExecutor:
     )
 
 
+def unread(future: asyncio.Future[Any]) -> None:
+    """Marks an abandoned body's outcome read, so a failure there is not logged as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+def undecoded() -> Overloaded:
+    return Overloaded(
+        "the server's decode process stopped answering and was replaced; send the request again",
+        headers={"Retry-After": "1"},
+    )
+
+
 class Decoder:
     """`stall_s`: a decode process that has finished nothing for this long while a body waited on it is
-    stalled (stopped, swapped out): it is killed and replaced, and the body decoded here. Measured from its
-    last progress, not from a body's arrival, so a queue of large bodies behind it is no stall."""
+    stalled (stopped, swapped out, or on a body that takes that long): it is killed and replaced, and the
+    bodies that waited on it are answered 503 with Retry-After. Never decoded here instead: a body that
+    stalls or kills the decode process would stall (or kill) the server. Measured from its last progress,
+    not from a body's arrival, so a queue of large bodies behind it is no stall."""
 
     def __init__(self, inline_bytes: int = INLINE_BYTES, stall_s: float = STALL_S) -> None:
         self.inline_bytes, self.stall_s = inline_bytes, stall_s
@@ -91,16 +108,17 @@ class Decoder:
                     return await asyncio.wait_for(asyncio.shield(result), max(0.01, deadline - time.monotonic()))
                 except TimeoutError:
                     if time.monotonic() - self.progressed >= self.stall_s:
-                        result.add_done_callback(lambda f: f.cancelled() or f.exception())  # it breaks: unread
+                        result.add_done_callback(unread)  # it breaks with the process
                         self.replace(pool, f"finished nothing in {self.stall_s:g} s (stalled)")
-                        return work(*args)
+                        raise undecoded() from None
                 except asyncio.CancelledError:
                     if result.cancelled() and self.pool is not pool:  # queued on a stalled process, since replaced
-                        return work(*args)
-                    raise  # this request was cancelled
+                        raise undecoded() from None
+                    result.add_done_callback(unread)  # this request was cancelled: nobody reads what comes back
+                    raise
         except BrokenProcessPool:  # the decode process died (killed, out of memory): another one takes over
             self.replace(pool, "died")
-            return work(*args)
+            raise undecoded() from None
 
     def finished(self, future: Future[Any]) -> None:
         """In the executor's thread: a body came back (one a caller gave up on before it ran is no progress)."""
@@ -112,7 +130,7 @@ class Decoder:
         """Kill `pool`'s process and start another, once (the bodies that waited on it all come here)."""
         if self.pool is not pool:
             return
-        log.error("the decode process %s; starting another, and decoding the bodies it held here", what)
+        log.error("the decode process %s; starting another (the bodies it held are answered 503)", what)
         processes = getattr(pool, "_processes", None) or {}  # the executor does not offer a kill
         for process in list(processes.values()):
             with contextlib.suppress(OSError):

@@ -105,8 +105,10 @@ def plan_load(
     keep = policy.select(candidates)
     planned = dict(table)
     for version in keep:
+        # a version in the table keeps its sha256, or its lack of one (served by an earlier release): this
+        # replica cannot vouch for the weights others served
         known = table.get(version)
-        digest = known.sha256 if known is not None and known.sha256 else available.get(version)
+        digest = known.sha256 if known is not None else available.get(version)
         planned[version] = VersionState("serving", sha256=digest)
     newest = max(keep) if keep else None
     for version in serving(table):

@@ -40,6 +40,7 @@ from lstm_serve.protocols.tensors import HEADER_LENGTH, OutputTensor, write_resp
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "sequence"]
 PLATFORM = "onnxruntime_onnx"
+INFLATION = 1032  # the most a deflate stream inflates: a small compressed body may hold a large document
 
 
 class SequenceNotStarted(ServiceError):
@@ -235,11 +236,12 @@ async def model_config(request: Request, runtime: Runtime) -> Response:
 async def infer(request: Request, runtime: Runtime) -> Response:
     model = resolve(runtime, request.path_params)
     body, headers = await read_body(request), request.headers
+    encoding = headers.get("content-encoding")
     inference = await runtime.decoder.run(
-        len(body),
+        len(body) * INFLATION if encoding else len(body),  # where it is decoded: by what it may inflate to
         decode_inference,
         body,
-        headers.get("content-encoding"),
+        encoding,
         headers.get(HEADER_LENGTH),
         model.entry,
         runtime.limits,

@@ -11,7 +11,7 @@ from lstm_serve.protocols.schemas import Request
 
 class InferInputTensor(Request):
     name: str
-    shape: list[int]
+    shape: list[int] = Field(fail_fast=True)
     datatype: str
     parameters: dict[str, Any] = Field(default_factory=dict, description="binary_data_size for binary data")
     data: list[Any] | None = Field(None, description="row-major elements, flat or nested (service/tensors.py)")
@@ -30,8 +30,8 @@ class InferenceRequest(Request):
         default_factory=dict,
         description="sequence_id (int or string), sequence_start, sequence_end, binary_data_output",
     )
-    inputs: list[InferInputTensor] = Field(..., min_length=1)
-    outputs: list[InferOutputRequest] | None = Field(None, description="all outputs when omitted")
+    inputs: list[InferInputTensor] = Field(..., min_length=1, fail_fast=True)
+    outputs: list[InferOutputRequest] | None = Field(None, fail_fast=True, description="all outputs when omitted")
 
 
 class InferOutputTensor(BaseModel):

@@ -18,7 +18,7 @@ from lstm_serve.core.session_state import Exported
 from lstm_serve.errors import InvalidInput, SessionNotFound
 from lstm_serve.ids import caller_id
 from lstm_serve.protocols import schemas
-from lstm_serve.protocols.codec import JSON, parse, read_body
+from lstm_serve.protocols.codec import JSON, read_body
 from lstm_serve.protocols.routing import V1, Content, Reply, Route, context
 from lstm_serve.state.sessions import SessionRecord, new_session_id
 
@@ -117,7 +117,11 @@ async def classify(request: Request, runtime: Runtime) -> Response:
 async def create_session(request: Request, runtime: Runtime) -> Response:
     """A new session from zero state, or (with `state`) from a state exported by GET .../state."""
     raw = await read_body(request)
-    body = parse(schemas.SessionCreateRequest, raw) if raw else schemas.SessionCreateRequest()
+    body = (
+        await runtime.decoder.run(len(raw), schemas.decode_session_create, raw)
+        if raw
+        else schemas.SessionCreateRequest()
+    )
     caller = context(request).caller
     session_id = new_session_id()
     key = store_key(session_id, caller.owner)

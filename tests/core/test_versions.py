@@ -82,3 +82,11 @@ def test_weights_that_differ_from_those_a_number_was_served_with_are_found():
     assert reused(table, {1: "aaa", 2: "bbb", 3: "ccc"}) == {}
     assert reused(table, {1: "zzz", 2: "bbb"}) == {1: ("aaa", "zzz")}
     assert reused({1: VersionState("serving")}, {1: "zzz"}) == {}  # a table from before sha256 was kept
+
+
+def test_a_version_served_without_a_sha256_is_not_given_this_replicas_one():
+    """A version a replica of an earlier release loaded has no sha256 in the table: a replica with other files
+    must not record its own as the version's (it would lock out the replicas that serve the real ones)."""
+    table = {1: VersionState("serving")}
+    planned = plan_load(table, {1: "mine", 2: "new"}, VersionPolicy(None), DRAIN, False, NOW)
+    assert planned == {1: VersionState("serving"), 2: VersionState("serving", sha256="new")}

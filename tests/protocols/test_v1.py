@@ -188,3 +188,21 @@ def test_metric_labels_use_route_templates_never_session_ids(client):
     assert sid not in text
     assert "PROPFIND" not in text and 'method="OTHER",route="/v1/sessions/{session_id}",status="405"' in text
     assert 'lstm_serve_requests_total{method="PUT",route="/v1/sessions/{session_id}",status="405"}' in text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "first"),
+    [
+        ("/v1/classify", '{"sequences": [[[' + ",".join(['"a"'] * 100_000) + "]]]}", "sequences.0.0.0"),
+        ("/v1/classify", '{"sequences": [' + ",".join(["1"] * 100_000) + "]}", "sequences.0:"),
+        ("/v2/models/japanese-vowels/infer", '{"inputs": [' + ",".join(["1"] * 100_000) + "]}", "inputs.0:"),
+    ],
+)
+def test_a_body_of_many_bad_items_is_refused_at_the_first_not_after_building_an_error_for_each(
+    client, path, body, first
+):
+    """A list stops at its first bad item: reporting three of a million errors built all million (seconds of
+    the event loop and gigabytes, from a body of a few KB compressed)."""
+    reply = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code in (400, 422), reply.text
+    assert first in reply.text and "more problems" not in reply.text, reply.text[:300]
