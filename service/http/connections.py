@@ -121,6 +121,8 @@ class HeaderDeadline(HttpToolsProtocol):
         self.head_refused = False  # a head over max_header_bytes was answered 431: the rest is not read
         self.refusal: bytes | None = None  # a 408 or 431 that waits for the answers to earlier requests
         self.half_closed = False  # the client shut its writing side after whole requests: answer them, then close
+        self.in_head = False  # parsing a request's line and headers (header fields after them are trailers)
+        self.trailer_bytes = 0  # of the current request's trailers, which are counted, never kept
 
     def data_received(self, data: bytes) -> None:
         """A head that ends within the reads counts exactly (its parsed line and headers); one that has not
@@ -149,7 +151,8 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.streamed_head_bytes = self.head_bytes = self.target_bytes = 0
+        self.in_head = True
+        self.streamed_head_bytes = self.head_bytes = self.target_bytes = self.trailer_bytes = 0
         if self.header_timer is None:
             self.arm_header_timer()
 
@@ -159,10 +162,19 @@ class HeaderDeadline(HttpToolsProtocol):
         self.target_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:  # a trailer of a chunked body: uvicorn kept each, unbounded, where no app reads it
+            self.trailer_bytes += len(name) + len(value) + 4
+            if self.trailer_bytes > self.max_header_bytes and not self.head_refused:
+                self.head_refused = True  # nothing more is read: the request is dropped with its connection
+                if self.rejected is not None:
+                    self.rejected.labels("headers_too_large").inc()
+                self.transport.close()
+            return
         super().on_header(name, value)
         self.head_bytes += len(name) + len(value) + 4  # ": " and CRLF
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         self.disarm_header_timer()
         self.ended_in_read = True
         if self.head_refused or self.head_bytes > self.max_header_bytes:
@@ -242,3 +254,5 @@ class HeaderDeadline(HttpToolsProtocol):
             self.answer(self.refusal)
         elif self.half_closed and not self.pipeline and self.cycle.response_complete:  # the last one answered
             self.writer.close()  # the held write goes first
+        elif self.cycle.more_body and not self.pipeline:  # answered before its body arrived (401, 404, 413, ...):
+            self.writer.close()  # the rest would be read and dropped for as long as the client sends it

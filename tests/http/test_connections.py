@@ -2,6 +2,7 @@
 body; a write nothing follows still goes out, on the event loop's next turn."""
 
 import asyncio
+import contextlib
 import json
 import socket
 
@@ -114,3 +115,35 @@ def test_a_client_that_shuts_its_writing_side_after_its_requests_gets_their_answ
         sock.sendall(request[:-5])  # cut off in its body: nothing to answer
         sock.shutdown(socket.SHUT_WR)
         assert read_to_end(sock) == b""
+
+
+def test_trailers_are_never_kept_and_too_many_end_the_connection(server):
+    """A chunked body's trailers went into the request's headers, unbounded (20 MB of them grew the server by
+    450 MB): they are counted against max_header_bytes (64 KiB here) and dropped."""
+    head = (
+        "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    body = json.dumps({"sequences": [[[0.5] * 12]]}).encode()
+    chunk = b"%x\r\n%s\r\n" % (len(body), body)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head.encode() + chunk + b"0\r\nx-trailer: fine\r\n\r\n")
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head.encode() + chunk + b"0\r\n")
+        with contextlib.suppress(OSError):  # the server may close while this is still sending
+            for _ in range(40):  # 80 KB of trailers
+                sock.sendall(b"x-t: " + b"y" * 2000 + b"\r\n")
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):  # closed with the client's bytes unread: a reset
+            answer = read_to_end(sock)
+        assert b"200 OK" not in answer
+
+
+def test_a_request_answered_before_its_body_arrived_ends_its_connection(server):
+    """Answered early (here 404), the rest of the body would be read and dropped for as long as the client
+    trickles it, past every deadline: the connection closes after the answer instead."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=1) as sock:  # closed at once, not kept alive
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+        answer = read_to_end(sock)
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
