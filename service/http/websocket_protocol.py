@@ -275,8 +275,19 @@ class WebSocketProtocol(asyncio.Protocol):
             and len(self.inbox) < MAX_QUEUED // 2
             and not self.transport.is_closing()
         ):
-            self.read_paused = False
-            self.transport.resume_reading()
+            self.read_on()
+
+    def read_on(self) -> None:
+        """Resume reading, starting with the frames already read that parsing stopped before."""
+        self.read_paused = False
+        self.transport.resume_reading()
+        if self.pending and self.pending_size >= self.needed:
+            data = b"".join(self.pending)
+            self.pending, self.pending_size = [], 0
+            try:
+                self.parse(data)
+            except ProtocolError as error:
+                self.fail(error.code, str(error))
 
     def data_received(self, data: bytes) -> None:
         if self.handshake is None:
@@ -383,10 +394,12 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # -- frames in ------------------------------------------------------------------------------------
     def parse(self, data: bytes) -> None:
-        """Every whole frame in `data`; the rest waits in `pending` for the bytes it lacks."""
+        """Every whole frame in `data` until reading pauses (MAX_QUEUED messages wait for the app: one read may
+        hold tens of thousands of tiny ones); the rest waits in `pending`, for the bytes it lacks or for
+        reading to resume."""
         end, at = len(data), 0
         view = memoryview(data)
-        while end - at >= 2 and not self.transport.is_closing():
+        while end - at >= 2 and not self.read_paused and not self.transport.is_closing():
             first, second = data[at], data[at + 1]
             length, head = second & 0x7F, 2
             if length == 126:
@@ -577,8 +590,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.close_sent = True
         self.stop_keepalive()
         if self.read_paused:  # read on, for the client's answer to the close
-            self.read_paused = False
-            self.transport.resume_reading()
+            self.read_on()
         self.close_timer = self.loop.call_later(CLOSE_TIMEOUT_S, self.transport.close)
 
     def send_handshake_reply(self, message: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 
 from lstm_serve.core.batcher import arrivals
-from lstm_serve.http.websocket_protocol import MAX_FRAGMENTS, WebSocketProtocol, accept_key
+from lstm_serve.http.websocket_protocol import MAX_FRAGMENTS, MAX_QUEUED, WebSocketProtocol, accept_key
 from tests.conftest import free_port
 
 MAX_SIZE = 4096
@@ -483,3 +483,18 @@ def test_messages_read_and_not_yet_taken_count_as_arrivals_until_taken_or_their_
     taken.close()
     time.sleep(1.2)  # the stalled app has drained what was left of the closed connection
     assert arrivals.waiting == before
+
+
+def test_one_read_of_thousands_of_tiny_messages_queues_no_more_than_max_queued():
+    """Reading pauses at MAX_QUEUED messages waiting for the app, and so does parsing what one read already
+    holds (it queued 43,690 empty messages from one 256 KB write): the rest is parsed as the app takes them,
+    every one answered in order."""
+    with EchoServer(ping_interval_s=None) as quiet:  # this raw client answers no keepalive ping
+        before = arrivals.waiting
+        ws = opened(quiet.port, "/stall")  # the app takes nothing for a second
+        ws.send(b"".join(frame(0x1, b"%d" % k) for k in range(5000)))
+        time.sleep(0.5)
+        queued = arrivals.waiting - before
+        assert queued <= MAX_QUEUED, f"{queued} messages queued for an app that takes none"
+        assert [ws.read_frame() for _ in range(5000)] == [(0x1, b"%d" % k) for k in range(5000)]
+        ws.close()
