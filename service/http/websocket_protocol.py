@@ -59,6 +59,7 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_LINE = 8190  # bytes of a request line or a header line, as uvicorn's websockets protocol allowed
 MAX_HEADERS = 128
 MAX_QUEUED = 4  # messages waiting for the app before reading pauses
+YIELD_EVERY = 16  # messages taken without waiting before the connection's handler lets the others run
 # frames one message may arrive in: fragments reach no app (so nothing paces them) and each costs a parse; 4,096
 # fragments of a ws_max_size message are 4 KiB each at the default 16 MiB
 MAX_FRAGMENTS = 4096
@@ -229,6 +230,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.waiter: asyncio.Future[dict[str, Any]] | None = None
         self.disconnect_message: dict[str, Any] | None = None
         self.read_paused = False
+        self.taken_at_once = 0  # messages receive() returned from the inbox without waiting, in a row
         self.counted = 0  # this connection's messages in `arrivals` (delivered, not yet received by the app)
         self.writable = asyncio.Event()
         self.writable.set()
@@ -530,9 +532,14 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.inbox:
             message = self.inbox.popleft()
             self.resume_reading_if_caught_up()
+            self.taken_at_once += 1
+            if self.taken_at_once >= YIELD_EVERY:  # a client that keeps the inbox full gets no more than its turn
+                self.taken_at_once = 0
+                await asyncio.sleep(0)
         elif self.disconnect_message is not None:  # already told once; a receive after it gets it again
             return self.disconnect_message
         else:
+            self.taken_at_once = 0
             self.waiter = self.loop.create_future()
             message = await self.waiter
         if self.counted and message["type"] == "websocket.receive":
