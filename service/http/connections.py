@@ -46,6 +46,16 @@ URI_TOO_LONG_RESPONSE = (
     b"content-length: %d\r\n\r\n%s" % (len(URI_TOO_LONG_BODY), URI_TOO_LONG_BODY)
 )
 
+MAX_PIPELINED = 64  # requests read ahead of their answers on one connection; uvicorn queued as many as one read held
+PIPELINED_BODY = (
+    b'{"error":{"code":"too_many_pipelined","message":"more than %d requests were sent ahead of their answers on '
+    b'one connection; the rest were not read: send them again"}}' % MAX_PIPELINED
+)
+PIPELINED_RESPONSE = (
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(PIPELINED_BODY), PIPELINED_BODY)
+)
+
 
 BUSY_BODY = (
     b'{"error":{"code":"too_many_connections","message":"the server holds its maximum of open connections '
@@ -179,6 +189,10 @@ class HeaderDeadline(HttpToolsProtocol):
         self.ended_in_read = True
         if self.head_refused or self.head_bytes > self.max_header_bytes:
             self.head_refused = True  # no request starts; data_received answers 431 once the read is parsed
+            return
+        if len(self.pipeline) >= MAX_PIPELINED:  # the earlier ones are answered, then this 429 and a close
+            self.head_refused = True
+            self.refuse(PIPELINED_RESPONSE, "too_many_pipelined")
             return
         cycle = self.cycle
         super().on_headers_complete()

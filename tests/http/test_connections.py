@@ -8,7 +8,7 @@ import socket
 
 import uvloop
 
-from lstm_serve.http.connections import ResponseWriter
+from lstm_serve.http.connections import MAX_PIPELINED, ResponseWriter
 
 
 class RecordingTransport:
@@ -147,3 +147,13 @@ def test_a_request_answered_before_its_body_arrived_ends_its_connection(server):
         sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
         answer = read_to_end(sock)
     assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+
+
+def test_requests_sent_far_ahead_of_their_answers_are_answered_up_to_a_bound_then_429(server):
+    """One read of 256 KB of pipelined requests queued ~7,700 of them (~70x their size in memory, for a client
+    that need never read): past MAX_PIPELINED waiting, the earlier ones are answered, then a 429 and a close."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+        answer = read_to_end(sock)
+    assert answer.count(b"HTTP/1.1 200 OK") == MAX_PIPELINED + 1, answer.count(b"HTTP/1.1 200 OK")
+    assert answer.count(b"HTTP/1.1 429 Too Many Requests") == 1 and answer.endswith(b'send them again"}}')
