@@ -283,13 +283,8 @@ class WebSocketProtocol(asyncio.Protocol):
         """Resume reading, starting with the frames already read that parsing stopped before."""
         self.read_paused = False
         self.transport.resume_reading()
-        if self.pending and self.pending_size >= self.needed:
-            data = b"".join(self.pending)
-            self.pending, self.pending_size = [], 0
-            try:
-                self.parse(data)
-            except ProtocolError as error:
-                self.fail(error.code, str(error))
+        if self.pending:
+            self.parse_pending()
 
     def data_received(self, data: bytes) -> None:
         if self.handshake is None:
@@ -304,10 +299,18 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.pending:  # the rest of a frame: parse once it is all here
             self.pending.append(data)
             self.pending_size += len(data)
-            if self.pending_size < self.needed:
-                return
+            self.parse_pending()
+        else:
+            self.parse_or_fail(data)
+
+    def parse_pending(self) -> None:
+        """The bytes held back (a frame's start, or frames read before reading paused), once whole."""
+        if self.pending_size >= self.needed:
             data = b"".join(self.pending)
             self.pending, self.pending_size = [], 0
+            self.parse_or_fail(data)
+
+    def parse_or_fail(self, data: bytes) -> None:
         try:
             self.parse(data)
         except ProtocolError as error:
