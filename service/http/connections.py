@@ -263,10 +263,13 @@ class HeaderDeadline(HttpToolsProtocol):
         return None
 
     def on_response_complete(self) -> None:
+        # with requests queued behind it, the one answered is not the newest (`self.cycle`), and its body has
+        # all arrived: the next request's head came after it
+        answered_newest = not self.pipeline
         super().on_response_complete()
         if self.refusal is not None:
             self.answer(self.refusal)
         elif self.half_closed and not self.pipeline and self.cycle.response_complete:  # the last one answered
             self.writer.close()  # the held write goes first
-        elif self.cycle.more_body and not self.pipeline:  # answered before its body arrived (401, 404, 413, ...):
+        elif answered_newest and self.cycle.more_body:  # answered before its body arrived (401, 404, 413, ...):
             self.writer.close()  # the rest would be read and dropped for as long as the client sends it

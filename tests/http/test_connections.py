@@ -149,6 +149,22 @@ def test_a_request_answered_before_its_body_arrived_ends_its_connection(server):
     assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
 
 
+def test_a_pipelined_request_whose_body_is_still_arriving_when_the_one_before_it_is_answered_is_answered(server):
+    """The close above is for the request that was answered early. A pipelined request behind it, whose body
+    was still on its way when the first was answered, was cut off with it (a reset, its answer never sent)."""
+    body = json.dumps({"sequences": [[[0.5] * 12] * 3]}).encode()
+    head = f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    head += "\r\n\r\n"
+    request = head.encode() + body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request + head.encode() + body[:10])  # the second's body cut short
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 OK"), first[:200]
+        sock.sendall(body[10:])
+        second = sock.recv(65536)
+    assert second.startswith(b"HTTP/1.1 200 OK") and b'"predictions"' in second, second[:200]
+
+
 def test_requests_sent_far_ahead_of_their_answers_are_answered_up_to_a_bound_then_429(server):
     """One read of 256 KB of pipelined requests queued ~7,700 of them (~70x their size in memory, for a client
     that need never read): past MAX_PIPELINED waiting, the earlier ones are answered, then a 429 and a close."""
