@@ -142,7 +142,12 @@ class Settings(BaseSettings):
         le=16 * 1024 * 1024,
         description="largest request line and headers; over it, 431 (414 for a long request line) and close",
     )
-    body_timeout_s: float = Field(15.0, gt=0, le=3600, description="time a client gets to send a request's body")
+    body_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="time a client gets to send a request's body, and to read on once it stops reading its answers",
+    )
     keep_alive_s: float = Field(5.0, gt=0, le=600, description="an idle keep-alive connection closes after this")
     max_connections: int = Field(2048, ge=1, description="open connections and requests in progress; beyond it, 503")
 

@@ -137,6 +137,7 @@ def create_app(settings: Settings | None = None) -> Frame:
     settings = settings or Settings()
     HeaderDeadline.header_timeout_s = settings.header_timeout_s
     HeaderDeadline.max_header_bytes = settings.max_header_bytes
+    HeaderDeadline.send_timeout_s = settings.body_timeout_s
     metrics = Metrics()
     HeaderDeadline.rejected = metrics.rejected
     store = make_store(settings, metrics)

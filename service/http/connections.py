@@ -10,7 +10,8 @@ of it) and the connection closes. Each refusal counts in lstm_serve_rejected_req
 
 The body has its own deadline, in the frame (http/frame.py), where the route that reads it can answer in
 its protocol; a request whose body has all arrived says so in its scope (BODY_COMPLETE), and the frame
-then reads it without a deadline.
+then reads it without a deadline. Answers have one too: a client that stops reading them (the write buffer
+stays full) for body_timeout_s is reset.
 
 uvicorn writes a response's head as soon as the app starts it and its body as a second write: two system
 calls, and two TCP segments the client wakes up for. Here the response cycle writes through
@@ -21,6 +22,9 @@ the app) and sends both at once; a write nothing follows goes out on the event l
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from typing import Any, ClassVar
 
 from prometheus_client import Counter
@@ -46,6 +50,7 @@ URI_TOO_LONG_RESPONSE = (
     b"content-length: %d\r\n\r\n%s" % (len(URI_TOO_LONG_BODY), URI_TOO_LONG_BODY)
 )
 
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: the kernel drops what is unsent and resets
 MAX_PIPELINED = 64  # requests read ahead of their answers on one connection; uvicorn queued as many as one read held
 PIPELINED_BODY = (
     b'{"error":{"code":"too_many_pipelined","message":"more than %d requests were sent ahead of their answers on '
@@ -119,6 +124,7 @@ class ResponseWriter:
 class HeaderDeadline(HttpToolsProtocol):
     header_timeout_s: ClassVar[float] = 5.0  # set from the settings by create_app, in every worker process
     max_header_bytes: ClassVar[int] = 65536  # likewise
+    send_timeout_s: ClassVar[float] = 15.0  # likewise (body_timeout_s): how long answers may wait unread
     rejected: ClassVar[Counter | None] = None  # lstm_serve_rejected_requests_total, by reason; likewise
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -133,6 +139,7 @@ class HeaderDeadline(HttpToolsProtocol):
         self.half_closed = False  # the client shut its writing side after whole requests: answer them, then close
         self.in_head = False  # parsing a request's line and headers (header fields after them are trailers)
         self.trailer_bytes = 0  # of the current request's trailers, which are counted, never kept
+        self.send_timer: asyncio.TimerHandle | None = None  # armed while the client reads none of its answers
 
     def data_received(self, data: bytes) -> None:
         """A head that ends within the reads counts exactly (its parsed line and headers); one that has not
@@ -216,7 +223,37 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()
+        self.disarm_send_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client has stopped reading its answers: it gets send_timeout_s to read on. A client that never
+        reads held its connection (a max_connections slot, its answers in the server and the kernel, the
+        requests behind them) for good: a response waiting to be written is not idle, so keep-alive never
+        ended it."""
+        super().pause_writing()
+        if self.send_timer is None:
+            self.send_timer = self.loop.call_later(self.send_timeout_s, self.answers_not_read)
+
+    def resume_writing(self) -> None:
+        self.disarm_send_timer()
+        super().resume_writing()
+
+    def disarm_send_timer(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def answers_not_read(self) -> None:
+        """Reset, not closed: a close would leave the unread answers queued in the kernel for minutes."""
+        self.send_timer = None
+        if self.rejected is not None:
+            self.rejected.labels("send_timeout").inc()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        self.transport.abort()
 
     def arm_header_timer(self) -> None:
         self.header_timer = self.loop.call_later(self.header_timeout_s, self.headers_too_slow)

@@ -1,8 +1,10 @@
 """Slow and idle clients cannot hold the server: headers and bodies have deadlines (408, then the connection
 closes), idle keep-alive connections close, and while many clients trickle, others are served."""
 
+import contextlib
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -109,6 +111,35 @@ def test_an_idle_keep_alive_connection_closes(strict):
     assert first.startswith(b"HTTP/1.1 200")
     rest, closed_after = read_until_closed(sock, 5)
     assert rest == b"" and closed_after < 3
+
+
+def test_a_client_that_reads_none_of_its_answers_is_dropped_after_the_body_deadline(strict):
+    """Its answers filled the kernel's buffers and then the server's, and the connection stayed open for good
+    (a response waiting to be written is not idle, so keep-alive never ended it): now it is dropped once its
+    answers have waited body_timeout_s (1.5 s here) unread."""
+    session = httpx.post(f"{strict.url}/v1/sessions", json={}).json()["session_id"]
+    body = json.dumps({"inputs": [[0.5] * 12] * 2000, "return_steps": True}).encode()  # a ~350 KB answer
+    head = f"POST /v1/sessions/{session}/steps HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.connect(("127.0.0.1", strict.port))
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # dropped before all is sent
+            sock.sendall(request * 24)
+
+    started = time.perf_counter()
+    threading.Thread(target=send, daemon=True).start()
+    while "send_timeout" not in rejections(strict) and time.perf_counter() - started < 20:
+        time.sleep(0.2)
+    assert rejections(strict).get("send_timeout") == 1.0, "the connection was not dropped"
+    sock.settimeout(5)
+    with pytest.raises(ConnectionResetError):  # dropped with its answers unsent
+        while sock.recv(1 << 20):
+            pass
+    sock.close()
+    assert httpx.get(f"{strict.url}/healthz").status_code == 200
 
 
 def test_while_many_clients_trickle_others_are_served_and_the_tricklers_are_dropped(strict):
