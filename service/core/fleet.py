@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import logging
 import os
 import time
@@ -101,8 +102,9 @@ def retired(name: str, version: int, state: VersionState, session: bool = False)
     return ModelVersionRetired(f"{what} was unloaded and its drain has ended{replaced}{start}")
 
 
-def draining(name: str, version: int, state: VersionState) -> ModelVersionRetired:
-    instead = f"; new sessions start on v{state.replaced_by}" if state.replaced_by is not None else ""
+def draining(name: str, version: int, state: VersionState, table: Table) -> ModelVersionRetired:
+    newest = serving(table)  # not replaced_by: the version that replaced it may be unloaded since
+    instead = f"; new sessions start on v{newest[-1]}" if newest else "; no version of it takes new sessions"
     until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.deadline or 0))
     return ModelVersionRetired(
         f"{name} v{version} is draining (unloaded): its live sessions continue until {until}, "
@@ -244,12 +246,15 @@ class Fleet:
 
     def not_found(self, name: str) -> str:
         folder = self.settings.model_repository / name
-        if folder.is_dir():
-            try:
-                os.listdir(folder)
-            except OSError as error:
+        try:
+            os.listdir(folder)
+        except (NotADirectoryError, FileNotFoundError):
+            pass
+        except OSError as error:  # unreadable, or a name too long for the file system
+            if error.errno != errno.ENAMETOOLONG:
                 return f"the model folder {folder} cannot be read ({error.strerror}): let the server's user read it"
-        return f"no model {name!r} in the repository {self.settings.model_repository} (it has {sorted(self.on_disk)})"
+        where = self.settings.model_repository
+        return f"no model {name[:80]!r} in the repository {where} (it has {sorted(self.on_disk)})"
 
     async def apply(self, name: str, explicit: bool) -> Table:
         """Plan the model's table from what is on disk, build the runners it needs, write it to the shared
@@ -524,7 +529,7 @@ class Fleet:
     def check_new_session(self, model: LoadedModel) -> None:
         state = self.tables.get(model.name, {}).get(model.version)
         if state is not None and state.status != "serving":
-            raise draining(model.name, model.version, state)
+            raise draining(model.name, model.version, state, self.tables[model.name])
 
     def session_model(self, name: str, version: int) -> LoadedModel:
         """The model a session runs on: its own version for its whole life, while that version lives."""
@@ -561,7 +566,7 @@ class Fleet:
         if key not in self.loaded:
             return {"state": "UNAVAILABLE", "reason": self.unavailable(key).message}
         if state.status == "draining":
-            return {"state": "UNLOADING", "reason": draining(*key, state).message}
+            return {"state": "UNLOADING", "reason": draining(*key, state, self.tables.get(key[0], {})).message}
         return {"state": "READY", "reason": ""}
 
 

@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -23,7 +24,14 @@ from lstm_serve.core.inputs import Chunk
 from lstm_serve.core.repository import version_number
 from lstm_serve.core.runner import Output
 from lstm_serve.core.runtime import Runtime
-from lstm_serve.errors import InvalidInput, ModelNotFound, ServiceError, SessionNotFound
+from lstm_serve.errors import (
+    InvalidInput,
+    MalformedRequest,
+    ModelNotFound,
+    ModelVersionRetired,
+    ServiceError,
+    SessionNotFound,
+)
 from lstm_serve.protocols import oip_schemas as schemas
 from lstm_serve.protocols.codec import JSON, dumps, read_body
 from lstm_serve.protocols.oip_requests import (
@@ -233,8 +241,29 @@ async def model_config(request: Request, runtime: Runtime) -> Response:
     return JSON(configuration(resolve(runtime, request.path_params), runtime))
 
 
+def resolve_infer(runtime: Runtime, params: dict[str, str]) -> tuple[LoadedModel, ModelVersionRetired | None]:
+    """The model an inference request is decoded for. A model unloaded whole still has sequences live on its
+    draining versions, which Triton's clients continue and end on the path without a version: that path then
+    decodes for the newest draining version, and its refusal stands for everything but those sequences."""
+    try:
+        return resolve(runtime, params), None
+    except ModelVersionRetired as refusal:
+        name = params["model_name"]
+        live = runtime.engine.fleet.versions_of(name, new_sessions=False)
+        if "model_version" in params or not live:
+            raise
+        return runtime.engine.fleet.model(name, live[-1]), refusal
+
+
+def given_header_length(headers: Headers) -> str | None:
+    given = headers.getlist(HEADER_LENGTH)
+    if len(set(given)) > 1:  # a proxy that keeps another of them would frame the body otherwise
+        raise MalformedRequest(f"the request has {len(given)} different Inference-Header-Content-Length headers")
+    return given[0] if given else None
+
+
 async def infer(request: Request, runtime: Runtime) -> Response:
-    model = resolve(runtime, request.path_params)
+    model, refusal = resolve_infer(runtime, request.path_params)
     body, headers = await read_body(request), request.headers
     encoding = headers.get("content-encoding")
     inference = await runtime.decoder.run(
@@ -242,10 +271,12 @@ async def infer(request: Request, runtime: Runtime) -> Response:
         decode_inference,
         body,
         encoding,
-        headers.get(HEADER_LENGTH),
+        given_header_length(headers),
         model.entry,
         runtime.limits,
     )
+    if refusal is not None and (inference.sequence is None or inference.sequence.start):
+        raise refusal
     head: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if inference.request.id is not None:
         head["id"] = inference.request.id
@@ -271,6 +302,7 @@ VERSION = "/v2/models/{model_name}/versions/{model_version}"
 MODEL_PARAMETERS = {"model_name": {"type": "string"}}
 VERSION_PARAMETERS = {**MODEL_PARAMETERS, "model_version": {"type": "string"}}
 NO_MODEL = OIP.error(404, "no model of that name or version")
+UNLOADED = OIP.error(410, "the model or version was unloaded (its drain may have ended)")
 NOT_READY = OIP.error(503, "loading, or draining after SIGTERM")
 
 
@@ -308,6 +340,7 @@ def model_routes(base: str, parameters: dict[str, dict[str, Any]]) -> list[Route
                 OIP.error(400, "the request, its tensors or its sequence parameters are not what the model takes"),
                 NO_MODEL,
                 OIP.error(409, "the sequence was restarted while this request ran; it was not applied"),
+                UNLOADED,
                 OIP.error(413, "the body (or the decompressed body) is over max_body_bytes"),
                 OIP.error(415, "a Content-Type or Content-Encoding the server does not take"),
                 OIP.error(429, "sequence_start when the server holds max_sessions", ("Retry-After",)),
@@ -322,7 +355,7 @@ def model_routes(base: str, parameters: dict[str, dict[str, Any]]) -> list[Route
             f"Model metadata{versioned}",
             "open inference protocol",
             parameters=parameters,
-            replies=(json_reply(schemas.ModelMetadata), NO_MODEL),
+            replies=(json_reply(schemas.ModelMetadata), NO_MODEL, UNLOADED),
         ),
         Route(
             "GET",
@@ -332,7 +365,7 @@ def model_routes(base: str, parameters: dict[str, dict[str, Any]]) -> list[Route
             f"Model ready{versioned}",
             "open inference protocol",
             parameters=parameters,
-            replies=(Reply(200, "ready"), NO_MODEL, NOT_READY),
+            replies=(Reply(200, "ready"), NO_MODEL, UNLOADED, NOT_READY),
         ),
         Route(
             "GET",
@@ -342,7 +375,7 @@ def model_routes(base: str, parameters: dict[str, dict[str, Any]]) -> list[Route
             f"Model configuration (Triton){versioned}",
             "open inference protocol",
             parameters=parameters,
-            replies=(json_reply({"type": "object"}, "Triton's model configuration"), NO_MODEL),
+            replies=(json_reply({"type": "object"}, "Triton's model configuration"), NO_MODEL, UNLOADED),
         ),
     ]
 

@@ -66,7 +66,7 @@ def wanted_outputs(request: InferenceRequest, entry: ModelEntry) -> list[WantedO
     binary_default = request.parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise InvalidInput("parameters.binary_data_output must be a boolean")
-    if request.outputs is None:
+    if not request.outputs:  # none named: all of them (Triton reads an empty list the same way)
         return [WantedOutput(name, binary_default, 0) for name in (PROBABILITIES, LOGITS)]
     wanted: list[WantedOutput] = []
     C = len(entry.labels)
@@ -120,6 +120,14 @@ class Sequence:
         return cls(sequence_id, start, end)
 
 
+def check_names_model(request: InferenceRequest, entry: ModelEntry) -> None:
+    """A body may repeat the path's model and version (Triton's binary-data example does); not name others."""
+    if request.model_name is not None and request.model_name != entry.name:
+        raise InvalidInput(f"the body names model {request.model_name[:80]!r}, the path {entry.name!r}")
+    if request.model_version not in (None, "", str(entry.version)):
+        raise InvalidInput(f"the body names version {request.model_version[:20]!r}, the path v{entry.version}")
+
+
 @dataclass(frozen=True)
 class Inference:
     """A decoded inference request: its sequences, the outputs it wants, and the sequence it belongs to."""
@@ -137,6 +145,7 @@ def decode_inference(
     """An inference body -> its checked sequences, wanted outputs and sequence (in a decode process when large)."""
     body = decompress(body, encoding, limits)
     request, tensors = read_request(body, header_length)
+    check_names_model(request, entry)
     chunks = model_sequences(entry, limits, tensors)
     wanted = wanted_outputs(request, entry)
     sequence = Sequence.from_parameters(request.parameters)

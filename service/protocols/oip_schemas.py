@@ -26,6 +26,8 @@ class InferOutputRequest(Request):
 
 class InferenceRequest(Request):
     id: str | None = None
+    model_name: str | None = Field(None, description="the path's model, if given (as in Triton's examples)")
+    model_version: str | None = Field(None, description="the version the path runs, if given")
     parameters: dict[str, Any] = Field(
         default_factory=dict,
         description="sequence_id (int or string), sequence_start, sequence_end, binary_data_output",

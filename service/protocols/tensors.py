@@ -39,6 +39,7 @@ DTYPES = {
 }
 NUMERIC_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}  # JSON numbers each datatype accepts
 BYTE_COUNT = re.compile(r"[0-9]{1,20}")
+GZIP_MAGIC, MAX_GZIP_MEMBERS = b"\x1f\x8b", 64
 MAX_DIMENSIONS = 16
 MAX_DIMENSION = 2**62
 
@@ -58,17 +59,22 @@ def decompress(body: bytes, encoding: str | None, limits: Limits) -> bytes:
         return body
     if encoding not in ("gzip", "deflate"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
-    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip framing, detected from the header
-    try:
-        data = inflater.decompress(body, limits.max_body_bytes + 1)
-    except zlib.error as error:
-        raise MalformedRequest(f"the {encoding} body could not be decompressed: {error}") from None
-    check_body_size(len(data), limits, "the decompressed body")
-    if not inflater.eof:
-        raise MalformedRequest(f"the {encoding} body could not be decompressed: it ends before its stream does")
-    if inflater.unused_data:
-        raise MalformedRequest(f"the {encoding} body has bytes after its compressed stream (one stream per body)")
-    return data
+    data, rest = b"", body
+    for _ in range(MAX_GZIP_MEMBERS):  # gzip is a series of members (RFC 1952 2.2); zlib is one stream
+        inflater = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip framing, detected from the header
+        try:
+            data += inflater.decompress(rest, limits.max_body_bytes + 1 - len(data))
+        except zlib.error as error:
+            raise MalformedRequest(f"the {encoding} body could not be decompressed: {error}") from None
+        check_body_size(len(data), limits, "the decompressed body")
+        if not inflater.eof:
+            raise MalformedRequest(f"the {encoding} body could not be decompressed: it ends before its stream does")
+        rest = inflater.unused_data
+        if not rest:
+            return data
+        if not rest.startswith(GZIP_MAGIC):
+            raise MalformedRequest(f"the {encoding} body has bytes after its compressed stream")
+    raise MalformedRequest(f"the gzip body has more than {MAX_GZIP_MEMBERS} members")
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -141,20 +147,41 @@ def from_bytes(tensor: InferInputTensor, count: int, raw: memoryview) -> np.ndar
 
 
 def from_json(tensor: InferInputTensor, count: int, data: list) -> np.ndarray:
-    """Row-major data, flat or nested; JSON numbers only, of a kind the datatype can hold."""
-    name, datatype = tensor.name, tensor.datatype
+    """Row-major data, flat or nested; JSON numbers only (booleans for BOOL), of a kind and range the
+    datatype holds. numpy alone would take `true` among numbers as 1, wrap an INT32 of 2**32 + 5 to 5, and
+    not read an integer literal past int64 as a number at all."""
+    name, datatype, dtype = tensor.name, tensor.datatype, np.dtype(DTYPES[tensor.datatype])
     try:
         values = np.asarray(data)
-    except ValueError:
-        raise InvalidInput(f"input {name!r}: nested data is ragged; send it flat, in row-major order") from None
+        if values.dtype == object and dtype.kind == "f":  # integers past int64 are numbers all the same
+            values = np.asarray(data, np.float64)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(
+            f"input {name!r}: data must be JSON {'booleans' if datatype == 'BOOL' else 'numbers'} in nested lists "
+            f"of one shape, at most {MAX_DIMENSIONS} deep (or flat, in row-major order)"
+        ) from None
     if values.size != count:
         raise InvalidInput(f"input {name!r}: {values.size} values in data, but shape {tensor.shape} holds {count}")
-    if count and values.dtype.kind not in NUMERIC_KINDS[np.dtype(DTYPES[datatype]).kind]:
-        raise InvalidInput(
-            f"input {name!r}: data of datatype {datatype} must be JSON "
-            f"{'booleans' if datatype == 'BOOL' else 'numbers'}"
-        )
-    return values.astype(DTYPES[datatype]).reshape(tensor.shape)
+    if not count:
+        return values.astype(dtype).reshape(tensor.shape)
+    if values.dtype.kind not in NUMERIC_KINDS[dtype.kind] or (dtype.kind != "b" and holds_booleans(values, data)):
+        what = "booleans" if datatype == "BOOL" else "integers" if dtype.kind in "iu" else "numbers"
+        raise InvalidInput(f"input {name!r}: data of datatype {datatype} must be JSON {what}")
+    if dtype.kind in "iu":
+        bounds = np.iinfo(dtype)
+        if values.min() < bounds.min or values.max() > bounds.max:
+            raise InvalidInput(
+                f"input {name!r}: data of datatype {datatype} must lie between {bounds.min} and {bounds.max}"
+            )
+    return values.astype(dtype).reshape(tensor.shape)
+
+
+def holds_booleans(values: np.ndarray, data: list) -> bool:
+    """Whether JSON `true` or `false` hides among numbers, where numpy read it as 1 or 0: looked for element
+    by element only in data holding a 0 or a 1."""
+    if not np.logical_or(values == 0, values == 1).any():
+        return False
+    return bool in set(map(type, np.asarray(data, dtype=object).ravel()))
 
 
 def bytes_elements(array: np.ndarray) -> bytes:

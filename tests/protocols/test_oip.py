@@ -219,6 +219,19 @@ def x_tensor(shape, data=None, datatype="FP32", **extra):
             400,
             "unsigned 64-bit",
         ),
+        ({"inputs": [x_tensor([1, 2, 12], data=[0.5] * 23 + [True])]}, 400, "FP32 must be JSON numbers"),
+        (
+            {"inputs": [x_tensor([1, 2, 12]), {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [True]}]},
+            400,
+            "INT64 must be JSON integers",
+        ),
+        (
+            {"inputs": [x_tensor([1, 2, 12]), {"name": "lengths", "shape": [1], "datatype": "INT32", "data": [2**32]}]},
+            400,
+            "INT32 must lie between -2147483648 and 2147483647",  # it was read as 0 (2**32 + 1 as 1)
+        ),
+        ({"inputs": [x_tensor([1, 2, 12], data=[10**400] * 24)]}, 400, "must be JSON numbers"),
+        ({"inputs": [x_tensor([1, 2, 12])], "model_name": "basic-motions"}, 400, "the body names model"),
         ({"inputs": []}, 400, "inputs"),
         ({"input": [x_tensor([1, 2, 12])]}, 400, "invalid inference request"),
     ],
@@ -307,6 +320,43 @@ def test_binary_framing_errors(client):
     )
     assert v1.status_code == 415 and "Content-Encoding 'gzip'" in v1.json()["error"]["message"]
     assert client.get("/readyz").status_code == 200  # still serving
+
+
+def test_what_other_clients_send_is_read_as_they_mean_it(client, test_sequences):
+    """An integer literal past int64 is a number (as /v1 reads it); the body may repeat the path's model (as
+    Triton's binary-data example does); an empty outputs list asks for all (as in Triton); a gzip body may be
+    several members (RFC 1952)."""
+    frames = test_sequences[0][:5].copy()
+    frames[0, 0] = 1e20
+    data: list = frames.ravel().tolist()
+    data[0] = 10**20  # a JSON integer, not 1e+20
+    body = {"inputs": [x_tensor([1, 5, 12], data=data)], "model_name": MODEL, "model_version": "1"}
+    reply = infer_raw(client, body)
+    assert reply.status_code == 200, reply.text
+    probabilities = next(out["data"] for out in reply.json()["outputs"] if out["name"] == "probabilities")
+    np.testing.assert_allclose(probabilities, v1_probabilities(client, [frames])[0], rtol=0, atol=1e-6)
+    assert {out["name"] for out in infer_raw(client, {**body, "outputs": []}).json()["outputs"]} == {
+        "probabilities",
+        "logits",
+    }
+    raw = json.dumps(body).encode()
+    members = gzip.compress(raw[:100]) + gzip.compress(raw[100:])
+    again = infer_raw(client, members, {"Content-Encoding": "gzip"})
+    assert again.status_code == 200 and again.json()["outputs"] == reply.json()["outputs"], again.text
+
+
+def test_an_inference_header_length_given_twice_differently_is_refused(client):
+    header = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 2, 12], "datatype": "FP32", "parameters": {"binary_data_size": 96}}]}
+    ).encode()
+    body = header + np.ones((1, 2, 12), "<f4").tobytes()
+    length, json_type = ("Inference-Header-Content-Length", str(len(header))), ("Content-Type", "application/json")
+    twice = client.post(
+        f"/v2/models/{MODEL}/infer", content=body, headers=[json_type, length, ("Inference-Header-Content-Length", "7")]
+    )
+    assert twice.status_code == 400 and "2 different Inference-Header-Content-Length" in twice.json()["error"]
+    same = client.post(f"/v2/models/{MODEL}/infer", content=body, headers=[json_type, length, length])
+    assert same.status_code == 200, same.text
 
 
 def test_binary_output_framing(client):

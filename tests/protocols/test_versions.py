@@ -151,6 +151,38 @@ def test_after_an_unload_and_its_drain_the_old_version_answers_410_everywhere(st
         assert classify(c, sequence).json()["version"] == 2  # the rest serves on
 
 
+def test_a_sequence_goes_on_and_ends_on_the_path_without_a_version_while_its_unloaded_model_drains(
+    start_server, repository, test_sequences
+):
+    """tritonclient sends a sequence to /v2/models/{name}/infer (no version). Once the model was unloaded whole,
+    that path answered 410 to the sequence's next request: it could neither go on nor end while it drained."""
+    server = start_server("--model-repository", str(repository), "--version-drain-s", "600")
+    sequence, path = test_sequences[2], f"/v2/models/{MODEL}/infer"
+
+    def part(frames: np.ndarray, **flags: bool) -> dict:
+        return {**oip_body(frames), "parameters": {"sequence_id": 7, **flags}}
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        whole = probabilities(classify(c, sequence))
+        assert c.post(path, json=part(sequence[:4], sequence_start=True)).status_code == 200
+        unloaded = c.post(f"/v2/repository/models/{MODEL}/unload")
+        assert unloaded.status_code == 200, unloaded.text
+        going_on = c.post(path, json=part(sequence[4:8]))
+        assert going_on.status_code == 200 and going_on.json()["model_version"] == "1", going_on.text
+        ended = c.post(path, json={**part(sequence[8:], sequence_end=True), "outputs": [{"name": "probabilities"}]})
+        assert ended.status_code == 200, ended.text
+        np.testing.assert_allclose(ended.json()["outputs"][0]["data"], whole, rtol=0, atol=2e-6)
+        assert ended.json()["parameters"]["sequence_steps"] == len(sequence)
+        for body in (part(sequence[:4], sequence_start=True), oip_body(sequence)):  # nothing new starts on it
+            refused = c.post(path, json=body)
+            assert refused.status_code == 410 and "was unloaded" in refused.json()["error"], refused.text
+        assert c.post(path, json=part(sequence[:4])).status_code == 400  # that sequence has ended
+        (row,) = c.post("/v2/repository/index").json()
+        assert row["state"] == "UNLOADING" and "no version of it takes new sessions" in row["reason"], row
+        too_long = c.post(f"/v2/repository/models/{'a' * 300}/load")  # past the file system's names
+        assert too_long.status_code == 400 and too_long.json()["error"].startswith("no model 'aaa"), too_long.text
+
+
 def test_the_version_policy_picks_what_serves_and_a_request_may_name_a_version(
     start_server, repository, test_sequences
 ):
