@@ -299,7 +299,7 @@ class Fleet:
                 table = self.tables.get(name, {})
                 live = serving(table)
                 if not live or (version is not None and version not in live):
-                    what = f"{name} v{version}" if version is not None else f"model {name!r}"
+                    what = f"{name[:80]} v{version}" if version is not None else f"model {name[:80]!r}"
                     raise ModelNotFound(f"{what} is not serving here (serving versions: {live})")
                 planned = plan_unload(table, version, self.settings.version_drain_s)
                 if await self.adopt(name, planned):

@@ -59,7 +59,7 @@ class Catalogue:
         if version is not None and any(n == name for n, _ in self.versions):
             loaded = sorted(v for n, v in self.versions if n == name)
             raise ModelNotFound(f"model {name!r} has no version {version}; this server serves versions {loaded}")
-        raise ModelNotFound(f"no model {name!r}; this server has {sorted(self.entries)}")
+        raise ModelNotFound(f"no model {name[:80]!r}; this server has {sorted(self.entries)}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -255,6 +255,8 @@ def test_unknown_model_version_endpoint_and_method(client):
     assert "no version 9" in infer_raw(client, body, path=f"/v2/models/{MODEL}/versions/9/infer").json()["error"]
     missing = client.get("/v2/models/nope").json()
     assert set(missing) == {"error", "request_id"} and missing["error"].startswith("no model 'nope'; this server has [")
+    long_name = client.get(f"/v2/models/{'n' * 5000}")  # not echoed whole
+    assert long_name.status_code == 404 and len(long_name.json()["error"]) < 300
     unknown = client.get("/v2/repository/index")  # Triton's repository API takes POST only
     assert unknown.status_code == 405 and unknown.headers["allow"] == "POST"
     assert set(unknown.json()) == {"error", "request_id"}
