@@ -22,6 +22,7 @@ from lstm_serve.http.connections import HeaderDeadline
 from lstm_serve.http.docs import Documents
 from lstm_serve.http.frame import Frame
 from lstm_serve.http.table import RouteTable
+from lstm_serve.http.websocket_protocol import WebSocketProtocol
 from lstm_serve.protocols import health, oip, repository, v1, websocket
 from lstm_serve.settings import Settings
 from lstm_serve.state.directory import LocalDirectory, ModelDirectory
@@ -137,7 +138,7 @@ def create_app(settings: Settings | None = None) -> Frame:
     settings = settings or Settings()
     HeaderDeadline.header_timeout_s = settings.header_timeout_s
     HeaderDeadline.max_header_bytes = settings.max_header_bytes
-    HeaderDeadline.send_timeout_s = settings.body_timeout_s
+    HeaderDeadline.send_timeout_s = WebSocketProtocol.send_timeout_s = settings.body_timeout_s
     metrics = Metrics()
     HeaderDeadline.rejected = metrics.rejected
     store = make_store(settings, metrics)

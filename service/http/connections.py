@@ -245,15 +245,10 @@ class HeaderDeadline(HttpToolsProtocol):
             self.send_timer = None
 
     def answers_not_read(self) -> None:
-        """Reset, not closed: a close would leave the unread answers queued in the kernel for minutes."""
         self.send_timer = None
         if self.rejected is not None:
             self.rejected.labels("send_timeout").inc()
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
-        self.transport.abort()
+        reset(self.transport)
 
     def arm_header_timer(self) -> None:
         self.header_timer = self.loop.call_later(self.header_timeout_s, self.headers_too_slow)
@@ -310,3 +305,13 @@ class HeaderDeadline(HttpToolsProtocol):
             self.writer.close()  # the held write goes first
         elif answered_newest and self.cycle.more_body:  # answered before its body arrived (401, 404, 413, ...):
             self.writer.close()  # the rest would be read and dropped for as long as the client sends it
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Drop a connection whose client reads nothing: reset, not closed, for a close would wait for the unread
+    answers to drain, or leave them queued in the kernel for minutes."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+    transport.abort()

@@ -16,7 +16,7 @@ fragmented or oversized control frame, continues no message or starts one inside
 message over `ws_max_size` (1009, as soon as its header says so) or in over MAX_FRAGMENTS frames (1009),
 text that is not UTF-8 (1007), or a close frame with a code no endpoint may send (1002). Pings are
 answered; the server pings every `ws_ping_interval` and drops a client that does not answer within
-`ws_ping_timeout`. No extensions are negotiated (replies are a few hundred bytes: compressing them costs
+`ws_ping_timeout`, and resets one that leaves its replies unread for `send_timeout_s` (body_timeout_s). No extensions are negotiated (replies are a few hundred bytes: compressing them costs
 more than it saves).
 """
 
@@ -31,7 +31,7 @@ import logging
 import os
 from collections import deque
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import unquote
 
 from uvicorn.config import Config
@@ -39,6 +39,7 @@ from uvicorn.protocols.utils import ClientDisconnected, get_local_addr, get_remo
 from uvicorn.server import ServerState
 
 from lstm_serve.core.batcher import arrivals
+from lstm_serve.http.connections import HeaderDeadline, reset
 
 
 def unmask_in_python(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
@@ -198,6 +199,8 @@ class Handshake:
 
 
 class WebSocketProtocol(asyncio.Protocol):
+    send_timeout_s: ClassVar[float] = 15.0  # set by create_app (body_timeout_s): how long replies may wait unread
+
     def __init__(
         self,
         config: Config,
@@ -235,6 +238,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.close_timer: asyncio.TimerHandle | None = None
+        self.send_timer: asyncio.TimerHandle | None = None  # armed while the client reads none of its replies
         self.ping_timer: asyncio.TimerHandle | None = None
         self.pong_timer: asyncio.TimerHandle | None = None
         self.ping_payload: bytes | None = None
@@ -261,13 +265,26 @@ class WebSocketProtocol(asyncio.Protocol):
         """The client does not read what we send: stop reading it too, or the pongs its pings ask for would
         pile up in the write buffer without bound (the app's own replies already wait in send())."""
         self.writable.clear()
+        if self.send_timer is None:  # it gets send_timeout_s to read on: a close would wait on it for good
+            self.send_timer = self.loop.call_later(self.send_timeout_s, self.replies_not_read)
         if not self.read_paused and not self.close_sent and not self.transport.is_closing():
             self.read_paused = True
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
         self.writable.set()
         self.resume_reading_if_caught_up()
+
+    def replies_not_read(self) -> None:
+        """Its replies, pings and close frame wait unread behind each other; the socket held its memory, its
+        max_connections slot and its app task until the client went."""
+        self.send_timer = None
+        if HeaderDeadline.rejected is not None:
+            HeaderDeadline.rejected.labels("send_timeout").inc()
+        reset(self.transport)
 
     def resume_reading_if_caught_up(self) -> None:
         """Read on once the client reads again and the app has taken most of what waits for it."""
@@ -601,7 +618,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.stop_keepalive()
         if self.read_paused:  # read on, for the client's answer to the close
             self.read_on()
-        self.close_timer = self.loop.call_later(CLOSE_TIMEOUT_S, self.transport.close)
+        self.close_timer = self.loop.call_later(CLOSE_TIMEOUT_S, reset, self.transport)  # it reads nothing more
 
     def send_handshake_reply(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -704,6 +721,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def stop_timers(self) -> None:
         self.stop_keepalive()
-        if self.close_timer is not None:
-            self.close_timer.cancel()
-            self.close_timer = None
+        for timer in (self.close_timer, self.send_timer):
+            if timer is not None:
+                timer.cancel()
+        self.close_timer = self.send_timer = None

@@ -4,6 +4,7 @@ closes), idle keep-alive connections close, and while many clients trickle, othe
 import contextlib
 import json
 import socket
+import struct
 import threading
 import time
 
@@ -136,6 +137,40 @@ def test_a_client_that_reads_none_of_its_answers_is_dropped_after_the_body_deadl
     assert rejections(strict).get("send_timeout") == 1.0, "the connection was not dropped"
     sock.settimeout(5)
     with pytest.raises(ConnectionResetError):  # dropped with its answers unsent
+        while sock.recv(1 << 20):
+            pass
+    sock.close()
+    assert httpx.get(f"{strict.url}/healthz").status_code == 200
+
+
+def test_a_websocket_client_that_reads_none_of_its_replies_is_dropped_after_the_body_deadline(strict):
+    """Its replies filled the kernel's buffers and then the server's (~12 MB a socket); its keepalive ping and
+    close frame queued behind them, and the close waited for them to drain: the socket, its memory and its app
+    task stayed until the client went."""
+    session = httpx.post(f"{strict.url}/v1/sessions", json={}).json()["session_id"]
+    message = json.dumps({"inputs": [[0.5] * 12] * 4096, "return_steps": True})  # a ~700 KB reply
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", strict.port))
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    sock.sendall(
+        f"GET /v1/sessions/{session}/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    text_frame = b"\x81\xff" + struct.pack("!Q", len(message)) + b"\0\0\0\0" + message.encode()  # a zero mask
+
+    def send() -> None:  # and never read
+        with contextlib.suppress(OSError):  # dropped before all is sent
+            sock.sendall(text_frame * 16)
+
+    started = time.perf_counter()
+    threading.Thread(target=send, daemon=True).start()
+    while "send_timeout" not in rejections(strict) and time.perf_counter() - started < 30:
+        time.sleep(0.2)
+    assert rejections(strict).get("send_timeout") == 1.0, "the socket was not dropped"
+    sock.settimeout(5)
+    with pytest.raises(ConnectionResetError):  # what the server sent is gone with the reset
         while sock.recv(1 << 20):
             pass
     sock.close()
