@@ -16,8 +16,8 @@ fragmented or oversized control frame, continues no message or starts one inside
 message over `ws_max_size` (1009, as soon as its header says so) or in over MAX_FRAGMENTS frames (1009),
 text that is not UTF-8 (1007), or a close frame with a code no endpoint may send (1002). Pings are
 answered; the server pings every `ws_ping_interval` and drops a client that does not answer within
-`ws_ping_timeout`, and resets one that leaves its replies unread for `send_timeout_s` (body_timeout_s). No extensions are negotiated (replies are a few hundred bytes: compressing them costs
-more than it saves).
+`ws_ping_timeout`, and resets one that leaves its replies unread for `send_timeout_s` (body_timeout_s). No
+extensions are negotiated (replies are a few hundred bytes: compressing them costs more than it saves).
 """
 
 from __future__ import annotations

@@ -122,25 +122,8 @@ def test_a_client_that_reads_none_of_its_answers_is_dropped_after_the_body_deadl
     body = json.dumps({"inputs": [[0.5] * 12] * 2000, "return_steps": True}).encode()  # a ~350 KB answer
     head = f"POST /v1/sessions/{session}/steps HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
-    sock.connect(("127.0.0.1", strict.port))
-
-    def send() -> None:
-        with contextlib.suppress(OSError):  # dropped before all is sent
-            sock.sendall(request * 24)
-
-    started = time.perf_counter()
-    threading.Thread(target=send, daemon=True).start()
-    while "send_timeout" not in rejections(strict) and time.perf_counter() - started < 20:
-        time.sleep(0.2)
-    assert rejections(strict).get("send_timeout") == 1.0, "the connection was not dropped"
-    sock.settimeout(5)
-    with pytest.raises(ConnectionResetError):  # dropped with its answers unsent
-        while sock.recv(1 << 20):
-            pass
-    sock.close()
-    assert httpx.get(f"{strict.url}/healthz").status_code == 200
+    sock = small_window(strict)
+    send_and_never_read(strict, sock, request * 24)
 
 
 def test_a_websocket_client_that_reads_none_of_its_replies_is_dropped_after_the_body_deadline(strict):
@@ -149,32 +132,42 @@ def test_a_websocket_client_that_reads_none_of_its_replies_is_dropped_after_the_
     task stayed until the client went."""
     session = httpx.post(f"{strict.url}/v1/sessions", json={}).json()["session_id"]
     message = json.dumps({"inputs": [[0.5] * 12] * 4096, "return_steps": True})  # a ~700 KB reply
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", strict.port))
-    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    sock = small_window(strict)
     sock.sendall(
         f"GET /v1/sessions/{session}/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
     )
     assert sock.recv(4096).startswith(b"HTTP/1.1 101")
     text_frame = b"\x81\xff" + struct.pack("!Q", len(message)) + b"\0\0\0\0" + message.encode()  # a zero mask
+    send_and_never_read(strict, sock, text_frame * 16)
 
-    def send() -> None:  # and never read
+
+def small_window(server) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.connect(("127.0.0.1", server.port))
+    return sock
+
+
+def send_and_never_read(server, sock: socket.socket, data: bytes) -> None:
+    """Send `data` (from a thread: it blocks once the server stops reading) and read nothing, until the server
+    counts a send_timeout; the connection must then be reset, its unsent answers dropped."""
+
+    def send() -> None:
         with contextlib.suppress(OSError):  # dropped before all is sent
-            sock.sendall(text_frame * 16)
+            sock.sendall(data)
 
     started = time.perf_counter()
     threading.Thread(target=send, daemon=True).start()
-    while "send_timeout" not in rejections(strict) and time.perf_counter() - started < 30:
+    while "send_timeout" not in rejections(server) and time.perf_counter() - started < 30:
         time.sleep(0.2)
-    assert rejections(strict).get("send_timeout") == 1.0, "the socket was not dropped"
+    assert rejections(server).get("send_timeout") == 1.0, "the connection was not dropped"
     sock.settimeout(5)
-    with pytest.raises(ConnectionResetError):  # what the server sent is gone with the reset
+    with pytest.raises(ConnectionResetError):
         while sock.recv(1 << 20):
             pass
     sock.close()
-    assert httpx.get(f"{strict.url}/healthz").status_code == 200
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
 def test_while_many_clients_trickle_others_are_served_and_the_tricklers_are_dropped(strict):
