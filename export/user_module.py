@@ -160,9 +160,15 @@ class Checker:
         worst = 0.0
         for x in batches:
             for name, ours, theirs in zip(self.signature.outputs, self.graph(x), self.torch(x), strict=True):
-                diff = float(np.abs(ours - theirs).max())
+                for side, values in (("PyTorch", theirs), ("onnxruntime", ours)):
+                    if not np.isfinite(values).all():
+                        raise ContractError(
+                            f"parity: {side}'s {name} holds NaN or Inf for input {list(x.shape)}; a served model "
+                            "must give finite outputs for finite frames"
+                        )
+                diff = gap(ours, theirs)
                 worst = max(worst, diff)
-                if diff > ATOL:
+                if not diff <= ATOL:
                     raise ContractError(
                         f"parity: onnxruntime and PyTorch differ by {diff:.2e} (> {ATOL}) on {name} for input "
                         f"{list(x.shape)}"
@@ -177,10 +183,10 @@ class Checker:
             logits.append(out[0])
             state, start = out[1:], start + size
         diff = max(
-            float(np.abs(np.concatenate(logits, axis=1) - whole[0]).max()),
-            *(float(np.abs(a - b).max()) for a, b in zip(state or [], whole[1:], strict=True)),
+            gap(np.concatenate(logits, axis=1), whole[0]),
+            *(gap(a, b) for a, b in zip(state or [], whole[1:], strict=True)),
         )
-        if diff > ATOL:
+        if not diff <= ATOL:
             raise ContractError(
                 f"streaming: the sequence fed in chunks {chunks} differs from one call by {diff:.2e} (> {ATOL}); "
                 "the state returned must be all the module carries between frames"
@@ -188,36 +194,55 @@ class Checker:
         self.report.append(f"streaming: chunks {chunks} equal one call within {diff:.2e}")
 
     def batch_independence(self, x: np.ndarray) -> None:
-        """Every row's outputs in the batch equal that row alone, and row 0's stay when the others change."""
-        changed = x.copy()
-        changed[1:] = changed[1:] * 3 + 1
-        batched = self.graph(x)  # logits [B, T, C], states [L, B, H]
-        # (row, outputs where that row's result is row 0, tolerance): the batch with the others changed (the same
-        # batch size: the same kernels, exact), then each row alone (another batch size may take other kernels)
-        pairs = [(0, self.graph(changed), 1e-6)] + [(row, self.graph(x[row : row + 1]), ATOL) for row in range(len(x))]
-        for row, other, tolerance in pairs:
-            diff = max(
-                float(np.abs(batched[0][row] - other[0][0]).max()),
-                *(float(np.abs(a[:, row] - b[:, 0]).max()) for a, b in zip(batched[1:], other[1:], strict=True)),
-            )
-            if diff > tolerance:
-                raise ContractError(
-                    f"batch independence: row {row}'s outputs change by {diff:.2e} with the other rows of its batch; "
-                    "each sequence must be computed alone (no batch statistics, no mixing across the batch)"
+        """Every row's outputs in the batch equal that row alone, and row 0's stay when the others change: from
+        zero state (a classify batch) and from each row's own state (the server batches steps of many sessions,
+        and a module can mix states across the batch that are all zeros alike)."""
+        s, rng = self.signature, np.random.default_rng(1)
+        given = [rng.normal(0, 0.5, (s.layers, len(x), s.hidden)).astype(np.float32) for _ in s.state_names]
+        for state, start in ((None, "zero state"), (given, "their own states")):
+            changed, changed_state = x.copy(), [a.copy() for a in state or []]
+            changed[1:] = changed[1:] * 3 + 1
+            for a in changed_state:
+                a[:, 1:] = a[:, 1:] * -2 + 0.25
+            batched = self.graph(x, state)  # logits [B, T, C], states [L, B, H]
+            # (row, outputs where that row's result is row 0, tolerance): the batch with the others changed (the
+            # same batch size: the same kernels, exact), then each row alone (another batch size may take other
+            # kernels)
+            pairs = [(0, self.graph(changed, changed_state or None), 1e-6)] + [
+                (row, self.graph(x[row : row + 1], [a[:, row : row + 1] for a in state] if state else None), ATOL)
+                for row in range(len(x))
+            ]
+            for row, other, tolerance in pairs:
+                diff = max(
+                    gap(batched[0][row], other[0][0]),
+                    *(gap(a[:, row], b[:, 0]) for a, b in zip(batched[1:], other[1:], strict=True)),
                 )
-        self.report.append("batch independence: other rows never change a row's outputs")
+                if not diff <= tolerance:
+                    raise ContractError(
+                        f"batch independence: from {start}, row {row}'s outputs change by {diff:.2e} with the "
+                        "other rows of its batch; each sequence must be computed alone (no batch statistics, no "
+                        "mixing across the batch, its state taken as [L, B, H])"
+                    )
+        self.report.append("batch independence: other rows never change a row's outputs, from zero or given states")
 
     def causality(self, x: np.ndarray) -> None:
         T, cut = x.shape[1], x.shape[1] // 2
         changed = x.copy()
         changed[:, cut:] = changed[:, cut:] * 3 + 1
-        diff = float(np.abs(self.graph(x)[0][:, :cut] - self.graph(changed)[0][:, :cut]).max())
-        if diff > 1e-6:
+        diff = gap(self.graph(x)[0][:, :cut], self.graph(changed)[0][:, :cut])
+        if not diff <= 1e-6:
             raise ContractError(
                 f"causality: changing frames from t={cut} on changed the logits before t={cut} by {diff:.2e}; "
                 "a frame's logits may depend only on it and the frames before it (no bidirectional layers)"
             )
         self.report.append(f"causality: frames after t never change logits up to t (T={T})")
+
+
+def gap(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest |a - b|, infinite where either is not finite (a NaN difference passes every `>` test)."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    return float(np.abs(a - b).max()) if a.size else 0.0
 
 
 def export_module(

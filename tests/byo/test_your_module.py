@@ -133,6 +133,34 @@ class Forgetful(nn.Module):
         return self.head(out), (torch.zeros_like(h), torch.zeros_like(c))
 
 
+class NotFinite(nn.Module):
+    """NaN for any negative frame value (torch.sqrt); onnxruntime's GRU turned the NaN into finite logits, and the
+    export reported parity 0.00e+00: every check compared with `>`, which a NaN difference passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, state=None):
+        out, state = self.rnn(torch.sqrt(x), state)
+        return self.head(out), state
+
+
+class SharedState(nn.Module):
+    """Starts every row from the batch's mean state: from zero state (all the checks used) that is each row's
+    own; for sessions stepped in one batch it mixed their states, and each ended off its classify."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, state=None):
+        if state is not None:
+            state = state.mean(1, keepdim=True).expand_as(state).contiguous()
+        out, state = self.rnn(x, state)
+        return self.head(out), state
+
+
 class WrongShape(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -146,8 +174,10 @@ class WrongShape(nn.Module):
 @pytest.mark.parametrize(
     ("module", "says"),
     [
-        (Leaky, "batch independence: row 0's outputs change by"),
-        (Mixing, "batch independence: row 1's outputs change by"),
+        (Leaky, "batch independence: from zero state, row 0's outputs change by"),
+        (Mixing, "batch independence: from zero state, row 1's outputs change by"),
+        (SharedState, "batch independence: from their own states, row 0's outputs change by"),
+        (NotFinite, "parity: PyTorch's logits holds NaN or Inf for input [1, 1, 4]"),
         (Peeking, "causality: changing frames from t=20 on changed the logits before t=20 by"),
         (Forgetful, "streaming: the sequence fed in chunks"),
         (WrongShape, "logits must be [B, T, C] = [2, 5, 2]"),
