@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +27,41 @@ class InputError(ValueError):
     """A file that cannot be read as sequences; one line."""
 
 
-def read_sequences(path: str) -> tuple[list[np.ndarray], list[str] | None]:
-    """The sequences in a file, and their true labels when the file has them; each of one frame or more,
-    every number finite (what the server refuses is refused here too, before any model runs)."""
-    sequences, labels = read_file(path)
-    for i, sequence in enumerate(sequences):
+@dataclass(frozen=True)
+class SequencesFile:
+    path: str
+    sequences: list[np.ndarray]
+    labels: list[str] | None  # their true labels, when the file has them
+    feature_names: list[str] | None  # what each number of a frame is, when the file names its columns
+
+    def in_order_of(self, model: str, wanted: Sequence[str]) -> list[np.ndarray]:
+        """The frames with their numbers in the model's feature order, matched by name when the file and the
+        model both name them (a CSV's columns in another order were fed as they stood)."""
+        names = self.feature_names
+        if not names or not wanted or list(names) == list(wanted):
+            return self.sequences
+        if sorted(names) != sorted(wanted):
+            raise InputError(
+                f"{self.path}: its features {names[:6]} are not model {model!r}'s {list(wanted)[:6]} "
+                "(columns are matched by name)"
+            )
+        order = [names.index(name) for name in wanted]
+        return [sequence[:, order] for sequence in self.sequences]
+
+
+def read_sequences(path: str) -> SequencesFile:
+    """The sequences in a file, each of one frame or more, every number finite (what the server refuses is
+    refused here too, before any model runs)."""
+    read = read_file(path)
+    for i, sequence in enumerate(read.sequences):
         if len(sequence) == 0:
             raise InputError(f"{path}: sequence {i} has no frames")
         if not np.isfinite(sequence).all():
             raise InputError(f"{path}: sequence {i} holds NaN or Inf (or a value beyond float32)")
-    return sequences, labels
+    return read
 
 
-def read_file(path: str) -> tuple[list[np.ndarray], list[str] | None]:
+def read_file(path: str) -> SequencesFile:
     file = Path(path)
     if not file.is_file():
         raise InputError(f"{path}: no such file")
@@ -49,9 +72,9 @@ def read_file(path: str) -> tuple[list[np.ndarray], list[str] | None]:
         except (ValueError, TypeError, OSError, EOFError) as error:
             raise InputError(f"{path}: not a numeric .npy array ({str(error)[:100]})") from None
         if array.ndim == 2:
-            return [array], None
+            return SequencesFile(path, [array], None, None)
         if array.ndim == 3:
-            return list(array), None
+            return SequencesFile(path, list(array), None, None)
         raise InputError(f"{path}: a .npy must be [T, D] or [N, T, D]; it is {list(array.shape)}")
     if suffix in (".csv", ".npz"):
         from lstm_serve.model.data import DataError, read_user_data
@@ -60,9 +83,10 @@ def read_file(path: str) -> tuple[list[np.ndarray], list[str] | None]:
             data = read_user_data(file, training=False)
         except DataError as error:
             raise InputError(str(error)) from None
-        return data.sequences, data.labels if all(data.labels) else None
+        labels = data.labels if all(data.labels) else None
+        return SequencesFile(path, data.sequences, labels, data.feature_names if data.named else None)
     if suffix == ".json":
-        return json_sequences(path, json.loads(file.read_text()))
+        return SequencesFile(path, *json_sequences(path, json.loads(file.read_text())), None)
     raise InputError(f"{path}: expected .npy, .npz, .csv or .json")
 
 
@@ -80,7 +104,7 @@ def json_sequences(path: str, document: Any) -> tuple[list[np.ndarray], list[str
     return sequences, None
 
 
-def local_predictions(repository: Path, model: str | None, sequences: list[np.ndarray]) -> list[Prediction]:
+def local_predictions(repository: Path, model: str | None, read: SequencesFile) -> list[Prediction]:
     """onnxruntime in this process, as the server would run it (one call per batch, zero state)."""
     from lstm_serve.core.repository import load_repository
     from lstm_serve.core.runner import Item, OnnxRunner
@@ -91,6 +115,7 @@ def local_predictions(repository: Path, model: str | None, sequences: list[np.nd
     if name not in entries:
         raise InputError(f"no model {name!r} in {repository} (it has {', '.join(sorted(entries))})")
     entry = entries[name]
+    sequences = read.in_order_of(name, entry.feature_names)
     if any(s.shape[1] != entry.input_dim for s in sequences):
         raise InputError(f"{name} takes {entry.input_dim} features per frame")
     outputs = OnnxRunner(entry, "cpu").run([Item(s, None) for s in sequences])
@@ -136,13 +161,29 @@ def classify(argv: Sequence[str], formatter: type[argparse.HelpFormatter]) -> No
     parser.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     common(parser)
     args = parser.parse_args(argv)
-    sequences, truths = read_sequences(args.file)
+    read = read_sequences(args.file)
     if args.url:
         with Client(args.url, api_key(args)) as client:
-            predictions = client.classify(sequences, args.model)
+            model, sequences = args.model, read.sequences
+            if read.feature_names:
+                model, sequences = served_order(client, model, read)
+            predictions = client.classify(sequences, model)
     else:
-        predictions = local_predictions(Path(args.model_repository), args.model, sequences)
-    print_predictions(predictions, truths, args.json)
+        predictions = local_predictions(Path(args.model_repository), args.model, read)
+    print_predictions(predictions, read.labels, args.json)
+
+
+def served_order(client: Client, model: str | None, read: SequencesFile) -> tuple[str | None, list[np.ndarray]]:
+    """A file that names its features, in the order of the model that will run it: the one named, else the one
+    model whose features the file's are (the server's default model is not known here)."""
+    if model is not None:
+        return model, read.in_order_of(model, client.model(model).feature_names)
+    names = sorted(read.feature_names or [])
+    matching = [m for m in client.models() if sorted(m.feature_names) == names]
+    if len(matching) != 1:
+        found = "no model" if not matching else f"{len(matching)} models"
+        raise InputError(f"{read.path}: {found} on the server has its features {names[:6]}: name one with --model")
+    return matching[0].name, read.in_order_of(matching[0].name, matching[0].feature_names)
 
 
 def stream(argv: Sequence[str], formatter: type[argparse.HelpFormatter]) -> None:
@@ -160,15 +201,19 @@ def stream(argv: Sequence[str], formatter: type[argparse.HelpFormatter]) -> None
     args = parser.parse_args(argv)
     if args.chunk < 1:
         raise InputError("--chunk must be at least 1")
-    sequences, truths = read_sequences(args.file)
-    frames = sequences[0]
-    chunks = [frames[i : i + args.chunk] for i in range(0, len(frames), args.chunk)]
+    read = read_sequences(args.file)
     with Client(args.url, api_key(args)) as client, client.session(args.model) as session:
+        frames = read.in_order_of(session.model, client.model(session.model).feature_names)[0]
+        if session.input_dim is not None and frames.shape[1] != session.input_dim:  # binary frames carry no width
+            raise InputError(
+                f"{read.path}: {frames.shape[1]} features per frame; {session.model} takes {session.input_dim}"
+            )
+        chunks = [frames[i : i + args.chunk] for i in range(0, len(frames), args.chunk)]
         for prediction in session.stream(chunks):
             p = prediction.probabilities[prediction.class_id]
             print(f"frames {session.steps:>5}  {prediction.label:<20} {p:6.3f}", flush=True)
-    if truths:
-        print(f"true label: {truths[0]}")
+    if read.labels:
+        print(f"true label: {read.labels[0]}")
 
 
 def models(argv: Sequence[str], formatter: type[argparse.HelpFormatter]) -> None:

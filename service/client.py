@@ -285,10 +285,14 @@ def retry_wait(retry: bool, attempt: int, retries: int, failure: Exception) -> f
     return None
 
 
-def as_frames(frames: Frames) -> np.ndarray:
+def as_frames(frames: Frames, width: int | None = None) -> np.ndarray:
+    """[T, D] float32; with `width`, D must be it: a WebSocket's binary frames carry no width, so the server
+    would read [T, 2D] as [2T, D]."""
     array = np.asarray(frames, np.float32)
     if array.ndim != 2:
         raise ValueError(f"frames must be [T, D]; got shape {list(array.shape)}")
+    if width is not None and array.shape[1] != width:
+        raise ValueError(f"frames have {array.shape[1]} numbers each; the session's model takes {width}")
     return array
 
 
@@ -359,6 +363,7 @@ class Session:
     def __init__(self, client: Client, created: dict[str, Any]) -> None:
         self.client, self.id = client, created["session_id"]
         self.model, self.version, self.steps = created["model"], created["version"], created.get("steps", 0)
+        self.input_dim: int | None = created.get("input_dim")  # None from a server that does not say it
 
     def __enter__(self) -> Session:
         return self
@@ -398,7 +403,7 @@ class Session:
         dropped, answered = 0, None  # answered: the last error reply read on this socket
         try:
             for chunk in chunks:
-                frames = as_frames(chunk)
+                frames = as_frames(chunk, self.input_dim)
                 message = SEQ_MARK + self.steps.to_bytes(8, "little") + frames.astype("<f4").tobytes()
                 attempt = 0
                 while True:
@@ -500,6 +505,7 @@ class AsyncSession:
     def __init__(self, client: AsyncClient, created: dict[str, Any]) -> None:
         self.client, self.id = client, created["session_id"]
         self.model, self.version, self.steps = created["model"], created["version"], created.get("steps", 0)
+        self.input_dim: int | None = created.get("input_dim")  # None from a server that does not say it
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -534,7 +540,8 @@ class AsyncSession:
         dropped, answered = 0, None  # answered: the last error reply read on this socket
         try:
             for chunk in chunks:
-                message = SEQ_MARK + self.steps.to_bytes(8, "little") + as_frames(chunk).astype("<f4").tobytes()
+                frames = as_frames(chunk, self.input_dim)
+                message = SEQ_MARK + self.steps.to_bytes(8, "little") + frames.astype("<f4").tobytes()
                 attempt = 0
                 while True:
                     try:

@@ -1,6 +1,7 @@
 """`lstm-serve classify`, `stream` and `models`: here with onnxruntime, or against a real server; a bad file
 or an unreachable server is one line and exit 2."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -28,6 +29,28 @@ def test_classify_here_and_on_a_server_agree_in_every_format(server, client):
             assert abs(row["probability"] - max(expected["predictions"][0]["probabilities"])) < 1e-5
     table = cli("classify", str(ROOT / "model" / "examples" / "motions.npz"), "--model", "basic-motions")
     assert table.returncode == 0 and len(table.stdout.splitlines()) == 25 and "true" in table.stdout.splitlines()[0]
+
+
+def test_a_csv_is_read_by_its_column_names_and_one_naming_other_features_is_refused(server, tmp_path):
+    """Columns in another order were fed as they stood, and columns of other names were taken."""
+    rows = list(csv.reader((EXAMPLES / "japanese-vowels.csv").open()))
+    order = [0, 1, 3, 2, *range(4, len(rows[0]))]  # the first two features swapped
+    swapped, renamed = tmp_path / "swapped.csv", tmp_path / "renamed.csv"
+    csv.writer(swapped.open("w", newline="")).writerows([[row[i] for i in order] for row in rows])
+    header = rows[0][:2] + [f"c{i}" for i in range(12)] + rows[0][14:]  # sequence_id, t, 12 features, label
+    csv.writer(renamed.open("w", newline="")).writerows([header, *rows[1:]])
+    for where in ((), ("--url", server.url), ("--url", server.url, "--model", "japanese-vowels")):
+        original = cli("classify", str(EXAMPLES / "japanese-vowels.csv"), "--json", *where)
+        reordered = cli("classify", str(swapped), "--json", *where)
+        assert reordered.returncode == 0 and json.loads(reordered.stdout) == json.loads(original.stdout), where
+        refused = cli("classify", str(renamed), *where)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "c0" in refused.stderr, refused.stderr
+    streamed = cli("stream", str(swapped), "--url", server.url, "--chunk", "100")
+    original = cli("stream", str(EXAMPLES / "japanese-vowels.csv"), "--url", server.url, "--chunk", "100")
+    assert streamed.returncode == 0 and streamed.stdout == original.stdout, streamed.stderr
+    wide = cli("stream", str(EXAMPLES / "basic-motions.npy"), "--url", server.url, "--model", "japanese-vowels")
+    assert wide.returncode == 2 and "6 features per frame; japanese-vowels takes 12" in wide.stderr, wide.stderr
 
 
 def test_stream_prints_a_prediction_per_chunk(server):

@@ -57,6 +57,16 @@ def test_a_session_streams_exactly_and_is_deleted_on_exit(server, test_sequences
         resumed.delete()
 
 
+def test_a_stream_of_frames_of_another_width_is_refused_before_it_is_sent(server, test_sequences):
+    """A binary message carries no width: [T, 24] frames to a 12-feature session were read as [2T, 12]."""
+    frames = test_sequences[0]
+    with Client(server.url) as client, client.session() as session:
+        assert session.input_dim == 12
+        with pytest.raises(ValueError, match="frames have 24 numbers each; the session's model takes 12"):
+            next(session.stream([np.concatenate([frames[:2], frames[2:4]], axis=1)]))
+        assert session.steps == 0 and client.request("GET", f"/v1/sessions/{session.id}")["steps"] == 0
+
+
 class DropsOneReply(httpx.HTTPTransport):
     """Sends the n-th steps request to the server, then loses the answer, as a dropped connection would."""
 

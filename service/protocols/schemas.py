@@ -95,6 +95,7 @@ class SessionCreated(BaseModel):
     version: int
     steps: int
     expires_at: float
+    input_dim: int = Field(description="numbers per frame the session takes (D): a binary frame carries no width")
 
 
 class SessionState(BaseModel):

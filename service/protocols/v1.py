@@ -133,7 +133,8 @@ async def create_session(request: Request, runtime: Runtime) -> Response:
         record = await runtime.engine.create_session(model, key, caller.quota_key)
     context(request).session_id = session_id
     info = describe_session(runtime, record)
-    return JSON({k: info[k] for k in ("session_id", "model", "version", "steps", "expires_at")}, status_code=201)
+    created = {k: info[k] for k in ("session_id", "model", "version", "steps", "expires_at")}
+    return JSON({**created, "input_dim": model.entry.input_dim}, status_code=201)
 
 
 async def get_session(request: Request, runtime: Runtime) -> Response:
