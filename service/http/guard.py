@@ -19,7 +19,7 @@ from lstm_serve.protocols.routing import Route
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 BEARER = re.compile(r"bearer\s+(\S+)\s*", re.IGNORECASE)
-SUBPROTOCOL_KEY = "bearer."
+SUBPROTOCOL, SUBPROTOCOL_KEY = "lstm-serve", "bearer."
 ALLOWED_HEADERS = ("authorization", "content-type", "x-request-id", "inference-header-content-length")
 EXPOSED_HEADERS = b"X-Request-ID, Retry-After, WWW-Authenticate, Inference-Header-Content-Length"
 WWW_AUTHENTICATE = {"WWW-Authenticate": "Bearer"}
@@ -192,8 +192,10 @@ class Guard:
 
 
 def chosen_subprotocol(scope: Scope) -> str | None:
-    """The subprotocol to accept: a browser fails a WebSocket whose answer names none of those it offered.
-    The first one that is not a key, else the key entry itself (echoed to the client that sent it)."""
+    """The subprotocol to accept: `lstm-serve` when offered, else a key entry (echoed to the browser that sent it:
+    a browser fails a WebSocket whose answer names none of those it offered), else none. Never one the server
+    does not speak (RFC 6455 4.2.2): the first offered was echoed, whatever it was."""
     offered = list(scope.get("subprotocols", []))
-    plain = [p for p in offered if not p.startswith(SUBPROTOCOL_KEY)]
-    return (plain or offered or [None])[0]
+    if SUBPROTOCOL in offered:
+        return SUBPROTOCOL
+    return next((p for p in offered if p.startswith(SUBPROTOCOL_KEY)), None)

@@ -473,6 +473,8 @@ class WebSocketProtocol(asyncio.Protocol):
             raise ProtocolError(PROTOCOL_ERROR, "a continuation frame with no message to continue")
         if opcode != CONT and self.fragments_opcode is not None:
             raise ProtocolError(PROTOCOL_ERROR, "a new message started before the last one ended")
+        if length >= 1 << 63:
+            raise ProtocolError(PROTOCOL_ERROR, "a 64-bit payload length must have its top bit 0")
         if len(self.fragments) + length > self.max_size:
             raise ProtocolError(TOO_BIG, f"message over {self.max_size} bytes")
         if (opcode == CONT or not first & 0x80) and self.fragments_count >= MAX_FRAGMENTS:

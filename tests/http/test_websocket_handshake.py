@@ -47,3 +47,19 @@ def test_a_handshake_it_can_parse_still_upgrades(server, client):
     with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
         sock.sendall(f"GET /v1/sessions/{sid}/stream HTTP/1.1\r\nHost: test\r\n{KEY_HEADERS}\r\n".encode())
         assert sock.recv(4096).startswith(b"HTTP/1.1 101 Switching Protocols")
+
+
+def test_the_answer_names_only_a_subprotocol_the_server_speaks(server, client):
+    """RFC 6455 4.2.2: the first offered was echoed, whatever it was (`foo` came back as `foo`)."""
+    sid = client.post("/v1/sessions", json={}).json()["session_id"]
+    address = urlparse(server.url)
+    for offered, answered in (("foo, lstm-serve", "lstm-serve"), ("foo", None), ("bearer.k, foo", "bearer.k")):
+        with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+            sock.sendall(
+                f"GET /v1/sessions/{sid}/stream HTTP/1.1\r\nHost: test\r\n{KEY_HEADERS}"
+                f"Sec-WebSocket-Protocol: {offered}\r\n\r\n".encode()
+            )
+            head = sock.recv(4096).split(b"\r\n\r\n")[0].decode().lower()
+        assert head.startswith("http/1.1 101"), head
+        names = [line.split(": ", 1)[1] for line in head.split("\r\n") if line.startswith("sec-websocket-protocol:")]
+        assert names == ([answered] if answered else []), (offered, head)

@@ -321,6 +321,7 @@ def test_lengths_at_the_edges_of_the_length_encodings(echo):
         (frame(0x1, "é".encode()[:1]), 1007),
         (frame(0x2, b"x" * (MAX_SIZE + 1)), 1009),
         (frame(0x2, b"x" * MAX_SIZE, fin=False) + frame(0x0, b"y"), 1009),
+        (bytes((0x82, 0x80 | 127)) + struct.pack("!Q", 1 << 63) + bytes(4), 1002),  # the length's top bit set
         (frame(0x8, b"\x03"), 1002),
         (frame(0x8, struct.pack("!H", 1005)), 1002),
         (frame(0x8, struct.pack("!H", 999)), 1002),
