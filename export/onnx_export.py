@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -270,16 +272,26 @@ def entry_folder(repository: str | Path, name: str, version: int, replace: bool 
 
 
 def export_checkpoint(
-    checkpoint_path: str | Path, repository: str | Path, name: str, version: int = 1, replace: bool = False
+    checkpoint_path: str | Path,
+    repository: str | Path,
+    name: str,
+    version: int = 1,
+    replace: bool = False,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
-    """checkpoint.pt -> <repository>/<name>/<version>/{model.onnx, config.json}; returns the entry folder."""
+    """checkpoint.pt -> <repository>/<name>/<version>/{model.onnx, config.json}; returns the entry folder. The
+    entry is written in a staging folder, and `check` (given it) runs there: a graph that fails never reaches
+    the repository, where a rerun would have found the version taken."""
     entry = entry_folder(repository, name, version, replace)
     model, checkpoint = load_checkpoint(checkpoint_path)
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / "model.onnx"
-        export_onnx(model, staged)
+        staged = Path(tmp)
+        export_onnx(model, staged / "model.onnx")
+        config = model_config(model, checkpoint, name, version, staged / "model.onnx")
+        (staged / "config.json").write_text(config_text(config))
+        if check is not None:
+            check(staged)
         entry.mkdir(parents=True, exist_ok=True)  # only once there is a graph: no empty entry stops a server
-        staged.replace(entry / "model.onnx")
-    config = model_config(model, checkpoint, name, version, entry / "model.onnx")
-    (entry / "config.json").write_text(config_text(config))
+        for file in ("model.onnx", "config.json"):  # the config last: an entry is whole once it is there
+            shutil.move(staged / file, entry / file)
     return entry

@@ -258,14 +258,24 @@ def cmd_export(argv: Sequence[str]) -> None:
         export_user_module(args)
         return
     from lstm_serve.export.onnx_export import export_checkpoint
+    from lstm_serve.export.parity import check_entry
+    from lstm_serve.model.data import DataError
 
-    entry = export_checkpoint(args.checkpoint, args.repository, args.name, args.version, args.replace)
-    print(f"wrote {entry}/model.onnx and config.json")
-    if args.check:
-        from lstm_serve.export.parity import check_entry
+    report: list[str] = []
 
-        for line in check_entry(args.checkpoint, entry):
-            print(line)
+    def check(staged: Path) -> None:
+        try:
+            report.extend(check_entry(args.checkpoint, staged))
+        except DataError as error:
+            raise DataError(
+                f"{error}: the check runs the checkpoint's test split, read from its training data "
+                "(--no-check exports without it)"
+            ) from None
+
+    entry = export_checkpoint(
+        args.checkpoint, args.repository, args.name, args.version, args.replace, check if args.check else None
+    )
+    print(f"wrote {entry}/model.onnx and config.json", *report, sep="\n")
 
 
 def export_user_module(args: argparse.Namespace) -> None:

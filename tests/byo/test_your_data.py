@@ -2,6 +2,7 @@
 and a chunked session through HTTP equal onnxruntime on the exported graph, and the model describes itself."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -22,12 +23,25 @@ def lstm_serve(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_train_export_and_serve_the_example_csv(tmp_path, start_server):
-    run, repository = tmp_path / "run", tmp_path / "repository"
-    trained = lstm_serve("train", "--data", str(CSV), "--epochs", "20", "--ensemble", "1", "--out-dir", str(run))
+    run, repository, csv = tmp_path / "run", tmp_path / "repository", tmp_path / "speakers.csv"
+    shutil.copy(CSV, csv)
+    trained = lstm_serve("train", "--data", str(csv), "--epochs", "20", "--ensemble", "1", "--out-dir", str(run))
     assert trained.returncode == 0, trained.stderr[-2000:]
-    exported = lstm_serve(
-        "export", "--checkpoint", str(run / "checkpoint.pt"), "--repository", str(repository), "--name", "speakers"
+    export = (
+        "export",
+        "--checkpoint",
+        str(run / "checkpoint.pt"),
+        "--repository",
+        str(repository),
+        "--name",
+        "speakers",
     )
+    csv.rename(tmp_path / "moved.csv")  # the check reads the test split from the training data
+    refused = lstm_serve(*export)
+    assert refused.returncode == 2 and "--no-check exports without it" in refused.stderr, refused.stderr[-2000:]
+    assert not (repository / "speakers" / "1").exists(), "an unchecked entry was left in the repository"
+    (tmp_path / "moved.csv").rename(csv)
+    exported = lstm_serve(*export)  # no --replace: the refused export took no version
     assert exported.returncode == 0 and "parity" in exported.stdout, exported.stderr[-2000:]
     graph = repository / "speakers" / "1" / "model.onnx"
     server = start_server("--model-repository", str(repository))
@@ -58,7 +72,7 @@ def test_train_export_and_serve_the_example_csv(tmp_path, start_server):
         tried = c.post("/v1/classify", json={"model": "speakers", "sequences": [example["frames"]]})
         assert tried.status_code == 200
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["train_config"]["data"] == str(CSV) and metrics["split"]["test"] == 6
+    assert metrics["train_config"]["data"] == str(csv) and metrics["split"]["test"] == 6
 
 
 def test_a_bad_data_file_is_one_line_and_exit_2(tmp_path):
