@@ -79,7 +79,8 @@ def probe(module: nn.Module, input_dim: int, num_classes: int) -> Signature:
         with torch.no_grad():
             result = module(x, None)
     except Exception as error:
-        raise ContractError(f"forward(x [2, 5, {input_dim}], None) failed: {type(error).__name__}: {error}") from None
+        said = next((line for line in reversed(str(error).splitlines()) if line.strip()), "").strip()[:300]
+        raise ContractError(f"forward(x [2, 5, {input_dim}], None) failed: {type(error).__name__}: {said}") from None
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ContractError("forward must return (logits, new_state)")
     logits, state = result

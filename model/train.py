@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lstm_serve.model.data import Dataset, Split, load_dataset, pad_batch, stratified_split, user_dataset
+from lstm_serve.model.data import DataError, Dataset, Split, load_dataset, pad_batch, stratified_split, user_dataset
 from lstm_serve.model.model import ModelConfig, SequenceClassifier, combine_members
 
 
@@ -183,6 +183,11 @@ def cross_validate(cfg: TrainConfig, data: Dataset, candidates: list[dict[str, A
     """Score each candidate recipe by k-fold cross-validation on the training split alone: one member per
     fold, its epoch chosen on a validation part of the other folds, scored on the fold. The test split is
     never read."""
+    if len(data.train.labels) < 2 * folds:
+        raise DataError(
+            f"{folds}-fold cross-validation needs at least {2 * folds} training sequences (each fold is held out "
+            f"once, the rest trains); there are {len(data.train.labels)}: use fewer --folds, or no --select"
+        )
     fold_idx = stratified_folds(data.train.labels, folds, cfg.seed)
     results = []
     for number, candidate in enumerate(candidates, start=1):

@@ -182,7 +182,24 @@ def train_config(argv: Sequence[str]) -> tuple[Any, list[dict[str, Any]], int]:
     )
     parser.add_argument("--folds", type=int, default=5, help="folds of the cross-validation of --select")
     args = parser.parse_args(argv)
-    return apply_flags(defaults, args), candidates(defaults, args.select), args.folds
+    cfg = apply_flags(defaults, args)
+    for flag, value, allowed, say in (
+        ("--epochs", cfg.epochs, cfg.epochs >= 1, "at least 1"),
+        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
+        ("--ensemble", cfg.ensemble, cfg.ensemble >= 1, "at least 1"),
+        ("--threads", cfg.threads, cfg.threads >= 1, "at least 1"),
+        ("--lr", cfg.lr, cfg.lr > 0, "above 0"),
+        ("--test-fraction", cfg.test_fraction, 0 < cfg.test_fraction < 1, "between 0 and 1"),
+        ("--val-fraction", cfg.val_fraction, 0 < cfg.val_fraction < 1, "between 0 and 1"),
+        ("--crop", cfg.crop, 0 < cfg.crop <= 1, "above 0, at most 1"),
+        ("--model.hidden-size", cfg.model.hidden_size, cfg.model.hidden_size >= 1, "at least 1"),
+        ("--model.num-layers", cfg.model.num_layers, cfg.model.num_layers >= 1, "at least 1"),
+        ("--model.dropout", cfg.model.dropout, 0 <= cfg.model.dropout < 1, "from 0, below 1"),
+        ("--folds", args.folds, args.folds >= 2, "at least 2"),
+    ):
+        if not allowed:
+            fail("train", f"{flag} {value}: must be {say}")
+    return cfg, candidates(defaults, args.select), args.folds
 
 
 def candidates(defaults: Any, selects: list[str]) -> list[dict[str, Any]]:
@@ -287,7 +304,7 @@ def export_user_module(args: argparse.Namespace) -> None:
     sys.path.insert(0, os.getcwd())  # the module is importable from the current folder, as with python -m
     if not args.labels:
         fail("export", "--module needs --labels (the class names, in logit order)")
-    feature_names = args.feature_names.split(",") if args.feature_names else None
+    feature_names = [name.strip() for name in args.feature_names.split(",")] if args.feature_names else None
     sequences, example = [], None
     try:
         if args.example_data:
@@ -297,7 +314,7 @@ def export_user_module(args: argparse.Namespace) -> None:
             feature_names = feature_names or data.feature_names
         entry, report = export_module(
             load_factory(args.module),
-            args.labels.split(","),
+            [label.strip() for label in args.labels.split(",")],
             args.repository,
             args.name,
             args.version,

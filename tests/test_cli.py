@@ -59,6 +59,10 @@ def test_version():
         (["bench", "--url", "notaurl"], "'notaurl' needs a host and a port"),
         (["export", "--checkpoint", "README.md", "--repository", "/nonexistent/r"], "(UnpicklingError; LSTM_SERVE_"),
         (["export", "--name", "../up", "--repository", "/nonexistent/r"], "model name '../up': letters, digits"),
+        (["train", "--epochs", "0"], "--epochs 0: must be at least 1"),  # an AssertionError, "no epoch was trained"
+        (["train", "--ensemble", "0"], "--ensemble 0: must be at least 1"),  # an IndexError
+        (["train", "--folds", "1"], "--folds 1: must be at least 2"),  # "need at least one array to concatenate"
+        (["train", "--val-fraction", "1.5"], "--val-fraction 1.5: must be between 0 and 1"),
     ],
 )
 def test_a_mistake_is_one_line_on_stderr_and_a_nonzero_exit(args, message):
@@ -93,3 +97,15 @@ def test_a_file_the_server_would_refuse_is_refused_by_the_local_commands_in_one_
         result = run("classify", str(tmp_path / name))
         assert result.returncode == 2 and message in result.stderr, (name, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cross_validation_over_too_few_sequences_says_so_in_one_line(tmp_path):
+    """Two training sequences a class and 5 folds made an empty fold: an IndexError about array indices."""
+    rows = ["sequence_id,t,a,b,label"]
+    for n in range(6):
+        rows += [f"s{n},{t},{n + t * 0.5},{t - n},{'xy'[n % 2]}" for t in range(4)]
+    (tmp_path / "few.csv").write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "run")
+    result = run("train", "--data", str(tmp_path / "few.csv"), "--select", "lr=0.01,0.001", "--out-dir", out)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "5-fold cross-validation needs at least 10 training sequences" in result.stderr, result.stderr

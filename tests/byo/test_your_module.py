@@ -161,6 +161,13 @@ class SharedState(nn.Module):
         return self.head(out), state
 
 
+class SaysMuch(nn.Module):
+    """Fails with a message of many lines, as a TorchScript module's errors are (its whole traceback)."""
+
+    def forward(self, x, state=None):
+        raise RuntimeError("The following operation failed in the TorchScript interpreter.\n  File ...\nbad shapes")
+
+
 class WrongShape(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -181,13 +188,14 @@ class WrongShape(nn.Module):
         (Peeking, "causality: changing frames from t=20 on changed the logits before t=20 by"),
         (Forgetful, "streaming: the sequence fed in chunks"),
         (WrongShape, "logits must be [B, T, C] = [2, 5, 2]"),
+        (SaysMuch, "forward(x [2, 5, 4], None) failed: RuntimeError: bad shapes"),  # its last line, not all 3
     ],
 )
 def test_a_module_that_breaks_the_contract_is_refused_saying_which_property(tmp_path, module, says):
     torch.manual_seed(0)
     with pytest.raises(ContractError) as refused:
         export_module(module(), ["a", "b"], tmp_path, "bad", feature_names=["w", "x", "y", "z"])
-    assert says in str(refused.value), str(refused.value)
+    assert says in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
     assert not (tmp_path / "bad" / "1" / "model.onnx").exists(), "a refused module left an entry behind"
 
 
@@ -216,6 +224,25 @@ def test_the_export_cli_refuses_in_one_line(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "nowhere" in done.stderr, done.stderr
+
+
+def test_the_export_cli_takes_labels_and_feature_names_with_spaces_after_the_commas(tmp_path):
+    """`--labels "a, b"` kept ' b' as a label, and an example labelled b was then not one of the labels."""
+    (tmp_path / "gru_module.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Gru(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.rnn, self.head = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 2)\n\n"
+        "    def forward(self, x, state=None):\n        out, state = self.rnn(x, state)\n"
+        "        return self.head(out), state\n\n\ndef made():\n    torch.manual_seed(0)\n    return Gru()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "lstm_serve.cli", "export", "--module", "gru_module:made", "--labels", "a, b",
+         "--feature-names", "w, x, y, z", "--repository", "repo", "--name", "spaced"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "repo" / "spaced" / "1" / "config.json").read_text())
+    assert config["labels"] == ["a", "b"] and config["feature_names"] == ["w", "x", "y", "z"]
 
 
 class Stateless(nn.Module):
