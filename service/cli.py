@@ -299,7 +299,7 @@ def export_user_module(args: argparse.Namespace) -> None:
     import os
 
     from lstm_serve.export.user_module import ContractError, export_module, load_factory
-    from lstm_serve.model.data import DataError, read_user_data
+    from lstm_serve.model.data import DataError, UserData, matching_features, read_user_data
 
     sys.path.insert(0, os.getcwd())  # the module is importable from the current folder, as with python -m
     if not args.labels:
@@ -307,10 +307,14 @@ def export_user_module(args: argparse.Namespace) -> None:
     feature_names = [name.strip() for name in args.feature_names.split(",")] if args.feature_names else None
     sequences, example = [], None
     try:
-        if args.example_data:
-            data = read_user_data(args.example_data)
+        if args.example_data:  # real sequences, of any number of classes; the first, labelled, is the example
+            data = read_user_data(args.example_data, training=False)
+            if feature_names and data.named:  # matched by name, as train --test matches its file
+                named = UserData(data.sequences, data.labels, feature_names)
+                data = matching_features(data, named, args.example_data, "--feature-names")
             sequences = data.sequences[:8]
-            example = {"label": data.labels[0], "frames": data.sequences[0].tolist()}
+            if data.labels[0]:
+                example = {"label": data.labels[0], "frames": data.sequences[0].tolist()}
             feature_names = feature_names or data.feature_names
         entry, report = export_module(
             load_factory(args.module),

@@ -244,6 +244,23 @@ def test_the_export_cli_takes_labels_and_feature_names_with_spaces_after_the_com
     config = json.loads((tmp_path / "repo" / "spaced" / "1" / "config.json").read_text())
     assert config["labels"] == ["a", "b"] and config["feature_names"] == ["w", "x", "y", "z"]
 
+    # example data of one class, its columns in another order: matched by name (the example's frames were kept
+    # in the file's order under the model's names), and refused when they name other features
+    rows = [f"s{n},{t},{4 * t + 3},{4 * t + 2},{4 * t + 1},{4 * t},a" for n in range(3) for t in range(5)]
+    (tmp_path / "reversed.csv").write_text("sequence_id,t,z,y,x,w,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "other.csv").write_text("sequence_id,t,p,q,r,s,label\n" + "\n".join(rows) + "\n")
+    for data, version, status in (("reversed.csv", "2", 0), ("other.csv", "3", 2)):
+        done = subprocess.run(
+            [sys.executable, "-m", "lstm_serve.cli", "export", "--module", "gru_module:made", "--labels", "a,b",
+             "--feature-names", "w,x,y,z", "--example-data", data, "--repository", "repo", "--name", "spaced",
+             "--version", version],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == status, done.stderr
+    config = json.loads((tmp_path / "repo" / "spaced" / "2" / "config.json").read_text())
+    assert config["example"] == {"label": "a", "frames": [[4.0 * t + k for k in range(4)] for t in range(5)]}
+    assert "features ['p', 'q', 'r', 's'] are not among --feature-names" in done.stderr, done.stderr
+
 
 class Stateless(nn.Module):
     """Never uses the state it is given: its graph has no state input for a session to feed."""
