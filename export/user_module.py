@@ -91,8 +91,11 @@ def probe(module: nn.Module, input_dim: int, num_classes: int) -> Signature:
     if len(tensors) not in (1, 2) or not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in tensors):
         raise ContractError("new_state must be (h, c) as torch.nn.LSTM returns it, or h as torch.nn.GRU does")
     layers, batch, hidden = tensors[0].shape
-    if batch != 2 or any(tuple(t.shape) != (layers, 2, hidden) for t in tensors):
-        raise ContractError(f"state tensors must be [L, B, H] with B=2 here; got {[list(t.shape) for t in tensors]}")
+    shapes = [list(t.shape) for t in tensors]
+    if batch != 2 or any(t.shape[:2] != (layers, 2) for t in tensors):
+        raise ContractError(f"state tensors must be [L, B, H] with B=2 here; got {shapes}")
+    if any(t.shape[2] != hidden for t in tensors):  # nn.LSTM(proj_size=P): h is [L, B, P], c is [L, B, H]
+        raise ContractError(f"h and c must have one hidden size H (no proj_size); got {shapes}")
     names = ("h0", "c0") if len(tensors) == 2 else ("h0",)
     return Signature(input_dim, num_classes, names, int(layers), int(hidden))
 

@@ -168,6 +168,18 @@ class SaysMuch(nn.Module):
         raise RuntimeError("The following operation failed in the TorchScript interpreter.\n  File ...\nbad shapes")
 
 
+class Projected(nn.Module):
+    """nn.LSTM(proj_size=...): h [L, B, P], c [L, B, H]; it was refused "with B=2 here" when B was 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 8, batch_first=True, proj_size=3), nn.Linear(3, 2)
+
+    def forward(self, x, state=None):
+        out, state = self.rnn(x, state)
+        return self.head(out), state
+
+
 class WrongShape(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -188,6 +200,7 @@ class WrongShape(nn.Module):
         (Peeking, "causality: changing frames from t=20 on changed the logits before t=20 by"),
         (Forgetful, "streaming: the sequence fed in chunks"),
         (WrongShape, "logits must be [B, T, C] = [2, 5, 2]"),
+        (Projected, "h and c must have one hidden size H (no proj_size); got [[1, 2, 3], [1, 2, 8]]"),
         (SaysMuch, "forward(x [2, 5, 4], None) failed: RuntimeError: bad shapes"),  # its last line, not all 3
     ],
 )
