@@ -224,6 +224,13 @@ class Fleet:
             batcher.start()
             self.loaded[entry.name, entry.version] = LoadedModel(entry, runner, batcher)
             log.info("loaded %s v%d on %s", entry.name, entry.version, runner.provider)
+            example = entry.example or {}
+            if len(example.get("frames") or ()) > s.max_sequence_length:
+                log.warning(
+                    "%s v%d: its example has %d frames, over max_sequence_length=%d: a caller who tries it gets "
+                    "422 (raise LSTM_SERVE_MAX_SEQUENCE_LENGTH, or export a shorter example)",
+                    entry.name, entry.version, len(example["frames"]), s.max_sequence_length,
+                )  # fmt: skip
 
     async def load(self, name: str, explicit: bool = True) -> Table:
         """Load a model from the repository as the version policy says (Triton's repository load): new

@@ -275,3 +275,13 @@ def test_a_request_cut_off_at_shutdown_timeout_is_a_503_not_a_server_error(start
     log = server.output()
     assert "Exception in ASGI application" not in log and "CancelledError" not in log, log
     assert " 503 " in log and "POST /v1/classify 500" not in log, log
+
+
+def test_a_model_whose_example_is_over_max_sequence_length_is_warned_about_at_load(start_server):
+    """A model trained on long sequences advertised an example every caller who tried it got a 422 for."""
+    server = start_server("--max-sequence-length", "5")
+    example = httpx.get(f"{server.url}/v1/models/japanese-vowels").json()["example"]
+    assert len(example["frames"]) > 5
+    assert httpx.post(f"{server.url}/v1/classify", json={"sequences": [example["frames"]]}).status_code == 422
+    said = f"japanese-vowels v1: its example has {len(example['frames'])} frames, over max_sequence_length=5"
+    assert said in server.output(), server.output()[-2000:]
