@@ -27,6 +27,7 @@ import socket
 import struct
 from typing import Any, ClassVar
 
+import httptools
 from prometheus_client import Counter
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -149,7 +150,7 @@ class HeaderDeadline(HttpToolsProtocol):
         if self.head_refused:
             return
         self.ended_in_read = False
-        super().data_received(data)
+        self.parse(data)
         if not self.head_refused and self.header_timer is not None:  # inside a head that has not ended
             self.streamed_head_bytes = 0 if self.ended_in_read else self.streamed_head_bytes + len(data)
             if self.streamed_head_bytes > self.max_header_bytes:
@@ -160,6 +161,25 @@ class HeaderDeadline(HttpToolsProtocol):
             self.refuse(
                 *((URI_TOO_LONG_RESPONSE, "uri_too_long") if too_long else (TOO_LARGE_RESPONSE, "headers_too_large"))
             )
+
+    def parse(self, data: bytes) -> None:
+        """uvicorn's data_received, but for the bytes after an upgrade request's head: uvicorn dropped them, so
+        frames a client sent with its handshake (or a body) vanished, unanswered; the WebSocket gets them."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade as upgrade:
+            if not self._should_upgrade():
+                self._unsupported_upgrade_warning()
+                return
+            self.handle_websocket_upgrade()
+            rest = data[upgrade.args[0] :] if upgrade.args else b""
+            protocol = self.transport.get_protocol()
+            if rest and protocol is not self and not self.transport.is_closing():
+                protocol.data_received(rest)  # type: ignore[attr-defined]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -63,3 +63,21 @@ def test_the_answer_names_only_a_subprotocol_the_server_speaks(server, client):
         assert head.startswith("http/1.1 101"), head
         names = [line.split(": ", 1)[1] for line in head.split("\r\n") if line.startswith("sec-websocket-protocol:")]
         assert names == ([answered] if answered else []), (offered, head)
+
+
+def test_a_frame_sent_with_the_handshake_is_not_silently_dropped(server, client):
+    """A client must wait for the 101 before it sends frames (RFC 6455 4.1). One that sent a frame in the same
+    write as its handshake had the frame dropped, and waited for its answer for good: now the connection
+    closes at once, as when the frame comes in a later read."""
+    sid = client.post("/v1/sessions", json={}).json()["session_id"]
+    address = urlparse(server.url)
+    message = b'{"inputs": [[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]}'
+    text_frame = bytes((0x81, 0x80 | len(message))) + bytes(4) + message  # masked with a zero key
+    with socket.create_connection((address.hostname, address.port), timeout=3) as sock:
+        head = f"GET /v1/sessions/{sid}/stream HTTP/1.1\r\nHost: test\r\n{KEY_HEADERS}\r\n".encode()
+        sock.sendall(head + text_frame)
+        received = b""
+        while chunk := sock.recv(65536):  # a timeout here: the frame was dropped and the socket left open
+            received += chunk
+    assert b'"steps"' not in received, received[:300]
+    assert client.get(f"/v1/sessions/{sid}").json()["steps"] == 0
