@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -293,5 +294,7 @@ def export_checkpoint(
             check(staged)
         entry.mkdir(parents=True, exist_ok=True)  # only once there is a graph: no empty entry stops a server
         for file in ("model.onnx", "config.json"):  # the config last: an entry is whole once it is there
-            shutil.move(staged / file, entry / file)
+            part = entry / f".{file}.part"  # copied when the staging folder is on another file system, then
+            shutil.move(staged / file, part)  # renamed in one step: a poll never reads half a file
+            os.replace(part, entry / file)
     return entry

@@ -38,7 +38,7 @@ class SequencesFile:
         """The frames with their numbers in the model's feature order, matched by name when the file and the
         model both name them (a CSV's columns in another order were fed as they stood)."""
         names = self.feature_names
-        if not names or not wanted or list(names) == list(wanted):
+        if not names or unnamed(wanted) or list(names) == list(wanted):
             return self.sequences
         if sorted(names) != sorted(wanted):
             raise InputError(
@@ -47,6 +47,11 @@ class SequencesFile:
             )
         order = [names.index(name) for name in wanted]
         return [sequence[:, order] for sequence in self.sequences]
+
+
+def unnamed(features: Sequence[str]) -> bool:
+    """A model exported without feature names lists f0, f1, ...: a file's columns then go by position."""
+    return list(features) == [f"f{k}" for k in range(len(features))]
 
 
 def read_sequences(path: str) -> SequencesFile:
@@ -174,16 +179,19 @@ def classify(argv: Sequence[str], formatter: type[argparse.HelpFormatter]) -> No
 
 
 def served_order(client: Client, model: str | None, read: SequencesFile) -> tuple[str | None, list[np.ndarray]]:
-    """A file that names its features, in the order of the model that will run it: the one named, else the one
-    model whose features the file's are (the server's default model is not known here)."""
+    """A file that names its features, in the order of the model that will run it: the one named; else the
+    order of the served models whose features the file's are (the server's default model, which runs it, is
+    not known here), when they agree on one."""
     if model is not None:
         return model, read.in_order_of(model, client.model(model).feature_names)
+    described = client.models()
     names = sorted(read.feature_names or [])
-    matching = [m for m in client.models() if sorted(m.feature_names) == names]
-    if len(matching) != 1:
-        found = "no model" if not matching else f"{len(matching)} models"
-        raise InputError(f"{read.path}: {found} on the server has its features {names[:6]}: name one with --model")
-    return matching[0].name, read.in_order_of(matching[0].name, matching[0].feature_names)
+    orders = {tuple(m.feature_names) for m in described if sorted(m.feature_names) == names}
+    if len(orders) == 1:  # the server's default model decides, as without the names
+        return None, read.in_order_of("the server's", list(orders.pop()))
+    if not orders and all(not unnamed(m.feature_names) for m in described):
+        raise InputError(f"{read.path}: no model on the server has its features {names[:6]}: name one with --model")
+    return None, read.sequences  # models that name theirs in other orders, or not at all: by position
 
 
 def stream(argv: Sequence[str], formatter: type[argparse.HelpFormatter]) -> None:

@@ -214,7 +214,7 @@ def test_a_stream_resends_a_chunk_answered_429_and_raises_other_errors_with_thei
             assert session.steps == len(frames), "a resent chunk was applied twice, or one was lost"
             np.testing.assert_allclose(predictions[-1].probabilities, expected.probabilities, atol=1e-5)
             with pytest.raises(InvalidInput) as refused:
-                list(session.stream([np.zeros((1, 5))]))
+                list(session.stream([np.full((1, 12), np.nan)]))
             assert refused.value.status == 422
         time.sleep(0.5)  # /metrics counts against the rate too
         metrics = httpx.get(f"{server.url}/metrics").text

@@ -255,7 +255,7 @@ class Fleet:
         folder = self.settings.model_repository / name
         try:
             os.listdir(folder)
-        except (NotADirectoryError, FileNotFoundError):
+        except (NotADirectoryError, FileNotFoundError, ValueError):  # ValueError: a NUL in the name
             pass
         except OSError as error:  # unreadable, or a name too long for the file system
             if error.errno != errno.ENAMETOOLONG:

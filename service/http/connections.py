@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import struct
+import termios
 from typing import Any, ClassVar
 
 import httptools
@@ -140,7 +142,6 @@ class HeaderDeadline(HttpToolsProtocol):
         self.half_closed = False  # the client shut its writing side after whole requests: answer them, then close
         self.in_head = False  # parsing a request's line and headers (header fields after them are trailers)
         self.trailer_bytes = 0  # of the current request's trailers, which are counted, never kept
-        self.send_timer: asyncio.TimerHandle | None = None  # armed while the client reads none of its answers
 
     def data_received(self, data: bytes) -> None:
         """A head that ends within the reads counts exactly (its parsed line and headers); one that has not
@@ -184,6 +185,7 @@ class HeaderDeadline(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.writer = ResponseWriter(transport, self.loop)
+        self.send_deadline = SendDeadline(transport, self.send_timeout_s)
         self.arm_header_timer()
 
     def on_message_begin(self) -> None:
@@ -239,6 +241,7 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         if not self.head_refused:
+            self.disarm_send_timer()  # the WebSocket keeps its own
             super().handle_websocket_upgrade()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -252,23 +255,14 @@ class HeaderDeadline(HttpToolsProtocol):
         requests behind them) for good: a response waiting to be written is not idle, so keep-alive never
         ended it."""
         super().pause_writing()
-        if self.send_timer is None:
-            self.send_timer = self.loop.call_later(self.send_timeout_s, self.answers_not_read)
+        self.send_deadline.arm()
 
     def resume_writing(self) -> None:
-        self.disarm_send_timer()
+        self.send_deadline.disarm()
         super().resume_writing()
 
     def disarm_send_timer(self) -> None:
-        if self.send_timer is not None:
-            self.send_timer.cancel()
-            self.send_timer = None
-
-    def answers_not_read(self) -> None:
-        self.send_timer = None
-        if self.rejected is not None:
-            self.rejected.labels("send_timeout").inc()
-        reset(self.transport)
+        self.send_deadline.disarm()
 
     def arm_header_timer(self) -> None:
         self.header_timer = self.loop.call_later(self.header_timeout_s, self.headers_too_slow)
@@ -325,6 +319,48 @@ class HeaderDeadline(HttpToolsProtocol):
             self.writer.close()  # the held write goes first
         elif answered_newest and self.cycle.more_body:  # answered before its body arrived (401, 404, 413, ...):
             self.writer.close()  # the rest would be read and dropped for as long as the client sends it
+
+
+class SendDeadline:
+    """Armed while a connection's write buffer is over its high-water mark (its client reads slower than it is
+    answered): the connection is reset once a whole `timeout_s` passes without the buffer draining at all. A
+    slow reader keeps its connection however long a large answer takes; one that reads nothing is dropped."""
+
+    def __init__(self, transport: asyncio.Transport, timeout_s: float) -> None:
+        self.transport, self.timeout_s = transport, timeout_s
+        self.timer: asyncio.TimerHandle | None = None
+        self.waiting = 0  # bytes in the write buffer when the window began
+
+    def arm(self) -> None:
+        if self.timer is None and not self.transport.is_closing():
+            self.waiting = self.unsent()
+            self.timer = asyncio.get_running_loop().call_later(self.timeout_s, self.check)
+
+    def unsent(self) -> int:
+        """Bytes not yet taken by the client: the write buffer's, and the kernel's send queue (a slow reader
+        drains the kernel's megabytes long before the buffer moves)."""
+        queued = 0
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return self.transport.get_write_buffer_size() + queued
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def check(self) -> None:
+        self.timer = None
+        if self.transport.is_closing() and self.transport.get_write_buffer_size() == 0:
+            return
+        if self.unsent() < self.waiting:  # the client took some: another window
+            self.arm()
+            return
+        if HeaderDeadline.rejected is not None:
+            HeaderDeadline.rejected.labels("send_timeout").inc()
+        reset(self.transport)
 
 
 def reset(transport: asyncio.Transport) -> None:

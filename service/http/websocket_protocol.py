@@ -39,7 +39,7 @@ from uvicorn.protocols.utils import ClientDisconnected, get_local_addr, get_remo
 from uvicorn.server import ServerState
 
 from lstm_serve.core.batcher import arrivals
-from lstm_serve.http.connections import HeaderDeadline, reset
+from lstm_serve.http.connections import SendDeadline
 
 
 def unmask_in_python(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
@@ -238,7 +238,6 @@ class WebSocketProtocol(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.close_timer: asyncio.TimerHandle | None = None
-        self.send_timer: asyncio.TimerHandle | None = None  # armed while the client reads none of its replies
         self.ping_timer: asyncio.TimerHandle | None = None
         self.pong_timer: asyncio.TimerHandle | None = None
         self.ping_payload: bytes | None = None
@@ -246,6 +245,9 @@ class WebSocketProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # its replies, pings and close frame wait unread behind each other: the socket held its memory, its
+        # max_connections slot and its app task until the client went
+        self.send_deadline = SendDeadline(self.transport, self.send_timeout_s)
         self.connections.add(self)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -265,26 +267,15 @@ class WebSocketProtocol(asyncio.Protocol):
         """The client does not read what we send: stop reading it too, or the pongs its pings ask for would
         pile up in the write buffer without bound (the app's own replies already wait in send())."""
         self.writable.clear()
-        if self.send_timer is None:  # it gets send_timeout_s to read on: a close would wait on it for good
-            self.send_timer = self.loop.call_later(self.send_timeout_s, self.replies_not_read)
+        self.send_deadline.arm()  # a close would wait on a client that reads nothing for good
         if not self.read_paused and not self.close_sent and not self.transport.is_closing():
             self.read_paused = True
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.send_timer is not None:
-            self.send_timer.cancel()
-            self.send_timer = None
+        self.send_deadline.disarm()
         self.writable.set()
         self.resume_reading_if_caught_up()
-
-    def replies_not_read(self) -> None:
-        """Its replies, pings and close frame wait unread behind each other; the socket held its memory, its
-        max_connections slot and its app task until the client went."""
-        self.send_timer = None
-        if HeaderDeadline.rejected is not None:
-            HeaderDeadline.rejected.labels("send_timeout").inc()
-        reset(self.transport)
 
     def resume_reading_if_caught_up(self) -> None:
         """Read on once the client reads again and the app has taken most of what waits for it."""
@@ -516,6 +507,9 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def handle_close(self, payload: bytes) -> None:
         if self.close_sent:  # the client answered our close frame: the closing handshake is done
+            if self.close_timer is not None:
+                self.close_timer.cancel()
+                self.close_timer = None
             self.transport.close()
             return
         code, reason = parse_close(payload)
@@ -592,7 +586,7 @@ class WebSocketProtocol(asyncio.Protocol):
             self.send_denial_body(message)
         elif not self.accepted and not self.close_sent:
             self.send_handshake_reply(message)
-        elif self.close_sent and kind in ("websocket.send", "websocket.close"):
+        elif self.close_sent and kind in ("websocket.accept", "websocket.send", "websocket.close"):
             raise ClientDisconnected()  # the close handshake has begun: nothing more goes out
         else:
             raise RuntimeError(f"Unexpected ASGI message {kind!r} after the WebSocket closed.")
@@ -620,7 +614,15 @@ class WebSocketProtocol(asyncio.Protocol):
         self.stop_keepalive()
         if self.read_paused:  # read on, for the client's answer to the close
             self.read_on()
-        self.close_timer = self.loop.call_later(CLOSE_TIMEOUT_S, reset, self.transport)  # it reads nothing more
+        self.close_timer = self.loop.call_later(CLOSE_TIMEOUT_S, self.close_unanswered)
+
+    def close_unanswered(self) -> None:
+        """The client has not answered our close frame: close; what it has not read yet still goes out, while
+        it drains (a client that reads nothing is reset by the send deadline)."""
+        self.close_timer = None
+        if self.transport.get_write_buffer_size():
+            self.send_deadline.arm()
+        self.transport.close()
 
     def send_handshake_reply(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -723,7 +725,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def stop_timers(self) -> None:
         self.stop_keepalive()
-        for timer in (self.close_timer, self.send_timer):
-            if timer is not None:
-                timer.cancel()
-        self.close_timer = self.send_timer = None
+        self.send_deadline.disarm()
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None

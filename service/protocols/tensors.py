@@ -154,6 +154,8 @@ def from_json(tensor: InferInputTensor, count: int, data: list) -> np.ndarray:
     try:
         values = np.asarray(data)
         if values.dtype == object and dtype.kind == "f":  # integers past int64 are numbers all the same
+            if not set(map(type, values.ravel())) <= {int, float}:  # not "3" or null taken as numbers
+                raise TypeError("not numbers")
             values = np.asarray(data, np.float64)
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput(
@@ -179,9 +181,10 @@ def from_json(tensor: InferInputTensor, count: int, data: list) -> np.ndarray:
 def holds_booleans(values: np.ndarray, data: list) -> bool:
     """Whether JSON `true` or `false` hides among numbers, where numpy read it as 1 or 0: looked for element
     by element only in data holding a 0 or a 1."""
-    if not np.logical_or(values == 0, values == 1).any():
+    zero_or_one = np.flatnonzero(np.logical_or(values == 0, values == 1))
+    if not zero_or_one.size:
         return False
-    return bool in set(map(type, np.asarray(data, dtype=object).ravel()))
+    return bool in set(map(type, np.asarray(data, dtype=object).ravel()[zero_or_one]))
 
 
 def bytes_elements(array: np.ndarray) -> bytes:

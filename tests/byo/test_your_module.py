@@ -273,6 +273,20 @@ def test_the_export_cli_takes_labels_and_feature_names_with_spaces_after_the_com
     config = json.loads((tmp_path / "repo" / "spaced" / "2" / "config.json").read_text())
     assert config["example"] == {"label": "a", "frames": [[4.0 * t + k for k in range(4)] for t in range(5)]}
     assert "features ['p', 'q', 'r', 's'] are not among --feature-names" in done.stderr, done.stderr
+    # a model exported without feature names lists f0..f3: a CSV's columns then go by position, whatever named
+    for command in (
+        ["export", "--module", "gru_module:made", "--labels", "a,b", "--input-dim", "4", "--repository", "repo",
+         "--name", "plain"],
+        ["classify", "other.csv", "--model-repository", "repo", "--model", "plain"],
+    ):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "lstm_serve.cli", *command],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
 
 
 class Stateless(nn.Module):

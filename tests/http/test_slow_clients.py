@@ -126,6 +126,31 @@ def test_a_client_that_reads_none_of_its_answers_is_dropped_after_the_body_deadl
     send_and_never_read(strict, sock, request * 24)
 
 
+def test_a_client_that_reads_its_answers_slowly_keeps_its_connection_however_long_they_take(strict):
+    """The deadline is for a client that reads nothing. One reading ~80 KB/s of 5.6 MB of answers drains the
+    kernel's send queue long before the server's write buffer moves: judged by the buffer alone, it was reset
+    after one body_timeout_s (1.5 s here); judged by both, it reads on."""
+    session = httpx.post(f"{strict.url}/v1/sessions", json={}).json()["session_id"]
+    body = json.dumps({"inputs": [[0.5] * 12] * 2000, "return_steps": True}).encode()  # a ~350 KB answer
+    head = f"POST /v1/sessions/{session}/steps HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    sock = small_window(strict)
+    threading.Thread(target=lambda: sock.sendall(request * 16), daemon=True).start()
+    received, started = 0, time.perf_counter()
+    sock.settimeout(10)
+    while time.perf_counter() - started < 5:  # over three windows
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            raise AssertionError(f"reset after {received} bytes: {rejections(strict)}") from None
+        assert chunk, f"closed after {received} bytes: {rejections(strict)}"
+        received += len(chunk)
+        time.sleep(0.05)  # a few KB a read (its window is small)
+    sock.close()
+    assert 100_000 < received < 1_000_000, received  # it did read, slowly
+    assert "send_timeout" not in rejections(strict)
+
+
 def test_a_websocket_client_that_reads_none_of_its_replies_is_dropped_after_the_body_deadline(strict):
     """Its replies filled the kernel's buffers and then the server's (~12 MB a socket); its keepalive ping and
     close frame queued behind them, and the close waited for them to drain: the socket, its memory and its app

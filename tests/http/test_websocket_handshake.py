@@ -81,3 +81,4 @@ def test_a_frame_sent_with_the_handshake_is_not_silently_dropped(server, client)
             received += chunk
     assert b'"steps"' not in received, received[:300]
     assert client.get(f"/v1/sessions/{sid}").json()["steps"] == 0
+    assert "Exception in ASGI application" not in server.output(), server.output()[-3000:]

@@ -231,6 +231,8 @@ def x_tensor(shape, data=None, datatype="FP32", **extra):
             "INT32 must lie between -2147483648 and 2147483647",  # it was read as 0 (2**32 + 1 as 1)
         ),
         ({"inputs": [x_tensor([1, 2, 12], data=[10**400] * 24)]}, 400, "must be JSON numbers"),
+        ({"inputs": [x_tensor([1, 2, 12], data=[2**64] + ["3"] * 23)]}, 400, "must be JSON numbers"),  # "3" was 3.0
+        ({"inputs": [x_tensor([1, 2, 12], data=[2**64] + [None] * 23)]}, 400, "must be JSON numbers"),
         ({"inputs": [x_tensor([1, 2, 12])], "model_name": "basic-motions"}, 400, "the body names model"),
         ({"inputs": []}, 400, "inputs"),
         ({"input": [x_tensor([1, 2, 12])]}, 400, "invalid inference request"),

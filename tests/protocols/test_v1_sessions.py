@@ -33,7 +33,8 @@ def split(frames: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
 def test_session_lifecycle_fields(client):
     created = client.post("/v1/sessions", json={"model": "japanese-vowels"})
     body = created.json()
-    assert set(body) == {"session_id", "model", "version", "steps", "expires_at"} and body["model"] == "japanese-vowels"
+    assert set(body) == {"session_id", "model", "version", "steps", "expires_at", "input_dim"}
+    assert body["model"] == "japanese-vowels" and body["input_dim"] == 12
     sid = body["session_id"]
     info = client.get(f"/v1/sessions/{sid}").json()
     assert info["steps"] == 0 and info["prediction"] is None and info["created_at"] < info["expires_at"]
