@@ -32,9 +32,10 @@ $(VENV)/.dev: pyproject.toml $(PACKAGE_DIRS) | $(BIN)/python
 serve: $(VENV)/.runtime
 	$(BIN)/lstm-serve serve
 
-# lint, format, types and the import direction of the layers, then the suite (-rs: say why, were a test skipped)
+# lint, format, types and the import direction of the layers, then the suite (-rs: say why, were a test skipped;
+# the 20 slowest listed, to keep it well under 10 minutes on 2 cores)
 test: lint $(VENV)/.dev browser kubectl
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=20
 
 # kubectl builds the Kubernetes kustomization offline in the manifests' test (kustomize is built in)
 kubectl:

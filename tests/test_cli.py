@@ -59,10 +59,6 @@ def test_version():
         (["bench", "--url", "notaurl"], "'notaurl' needs a host and a port"),
         (["export", "--checkpoint", "README.md", "--repository", "/nonexistent/r"], "(UnpicklingError; LSTM_SERVE_"),
         (["export", "--name", "../up", "--repository", "/nonexistent/r"], "model name '../up': letters, digits"),
-        (["train", "--epochs", "0"], "--epochs 0: must be at least 1"),  # an AssertionError, "no epoch was trained"
-        (["train", "--ensemble", "0"], "--ensemble 0: must be at least 1"),  # an IndexError
-        (["train", "--folds", "1"], "--folds 1: must be at least 2"),  # "need at least one array to concatenate"
-        (["train", "--val-fraction", "1.5"], "--val-fraction 1.5: must be between 0 and 1"),
     ],
 )
 def test_a_mistake_is_one_line_on_stderr_and_a_nonzero_exit(args, message):
@@ -109,3 +105,21 @@ def test_cross_validation_over_too_few_sequences_says_so_in_one_line(tmp_path):
     result = run("train", "--data", str(tmp_path / "few.csv"), "--select", "lr=0.01,0.001", "--out-dir", out)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "5-fold cross-validation needs at least 10 training sequences" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "--epochs 0: must be at least 1"),  # was an AssertionError, "no epoch was trained"
+        (["--ensemble", "0"], "--ensemble 0: must be at least 1"),  # an IndexError
+        (["--folds", "1"], "--folds 1: must be at least 2"),  # "need at least one array to concatenate"
+        (["--val-fraction", "1.5"], "--val-fraction 1.5: must be between 0 and 1"),
+    ],
+)
+def test_a_training_setting_out_of_its_range_is_one_line(args, message, capsys):
+    """In this process: `lstm-serve train` reads its flags before it trains anything."""
+    from lstm_serve.cli import train_config
+
+    with pytest.raises(SystemExit) as stopped:
+        train_config(args)
+    assert stopped.value.code == 2 and capsys.readouterr().err == f"lstm-serve train: {message}\n"
