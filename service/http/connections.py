@@ -54,6 +54,7 @@ URI_TOO_LONG_RESPONSE = (
 )
 
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: the kernel drops what is unsent and resets
+DISCARD_LIMIT = 1 << 20  # of a body answered before it arrived, read and dropped; past it the connection closes
 MAX_PIPELINED = 64  # requests read ahead of their answers on one connection; uvicorn queued as many as one read held
 PIPELINED_BODY = (
     b'{"error":{"code":"too_many_pipelined","message":"more than %d requests were sent ahead of their answers on '
@@ -142,6 +143,8 @@ class HeaderDeadline(HttpToolsProtocol):
         self.half_closed = False  # the client shut its writing side after whole requests: answer them, then close
         self.in_head = False  # parsing a request's line and headers (header fields after them are trailers)
         self.trailer_bytes = 0  # of the current request's trailers, which are counted, never kept
+        self.discard_timer: asyncio.TimerHandle | None = None  # the rest of a body answered early is coming
+        self.discarded = 0  # bytes of it dropped so far
 
     def data_received(self, data: bytes) -> None:
         """A head that ends within the reads counts exactly (its parsed line and headers); one that has not
@@ -229,11 +232,20 @@ class HeaderDeadline(HttpToolsProtocol):
             self.cycle.transport = self.writer  # type: ignore[assignment]  # what the cycle uses of it
 
     def on_body(self, body: bytes) -> None:
+        if self.discard_timer is not None:  # the rest of a body answered before it arrived: dropped
+            self.discarded += len(body)
+            if self.discarded > DISCARD_LIMIT:
+                self.stop_discarding()
+                self.writer.close()
+            return
         if not self.head_refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         self.ended_in_read = True
+        if self.discard_timer is not None:  # all of it came: the connection serves the client's next request
+            self.stop_discarding()
+            return
         if self.head_refused:
             return
         super().on_message_complete()
@@ -247,7 +259,22 @@ class HeaderDeadline(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()
         self.disarm_send_timer()
+        self.stop_discarding()
         super().connection_lost(exc)
+
+    def discard_rest(self) -> None:
+        """Answered before its body arrived (401, 404, 413, ...): the rest is read and dropped, so the connection
+        serves the client's next request (clients send a body in writes of their own after its head: closing
+        at once reset the next request of a client that reused the connection). A client whose rest passes
+        DISCARD_LIMIT, or has not all come within body_timeout_s, is closed: a trickled body is no way to hold
+        a connection."""
+        self.discarded = 0
+        self.discard_timer = self.loop.call_later(self.send_timeout_s, self.writer.close)
+
+    def stop_discarding(self) -> None:
+        if self.discard_timer is not None:
+            self.discard_timer.cancel()
+            self.discard_timer = None
 
     def pause_writing(self) -> None:
         """The client has stopped reading its answers: it gets send_timeout_s to read on. A client that never
@@ -317,8 +344,8 @@ class HeaderDeadline(HttpToolsProtocol):
             self.answer(self.refusal)
         elif self.half_closed and not self.pipeline and self.cycle.response_complete:  # the last one answered
             self.writer.close()  # the held write goes first
-        elif answered_newest and self.cycle.more_body:  # answered before its body arrived (401, 404, 413, ...):
-            self.writer.close()  # the rest would be read and dropped for as long as the client sends it
+        elif answered_newest and self.cycle.more_body:  # answered before its body arrived (401, 404, 413, ...)
+            self.discard_rest()
 
 
 class SendDeadline:

@@ -114,6 +114,20 @@ def test_an_idle_keep_alive_connection_closes(strict):
     assert rest == b"" and closed_after < 3
 
 
+def test_a_body_answered_before_it_arrived_is_dropped_and_its_connection_closes_if_it_trickles_or_floods(strict):
+    """The rest of a body answered early (here 404) is read and dropped while it comes; one that has not all
+    come within body_timeout_s (1.5 s here), or is over a MiB, ends the connection."""
+    for length, rest in ((100_000, b""), (4 << 20, b" " * (2 << 20))):
+        with socket.create_connection(("127.0.0.1", strict.port), timeout=5) as sock:
+            sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n{" % length)
+            started = time.perf_counter()
+            with contextlib.suppress(OSError):  # closed while this still sends
+                sock.sendall(rest)
+            answer, closed_after = read_until_closed(sock, 5)
+        assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+        assert time.perf_counter() - started < 3.5, "the connection stayed open"
+
+
 def test_a_client_that_reads_none_of_its_answers_is_dropped_after_the_body_deadline(strict):
     """Its answers filled the kernel's buffers and then the server's, and the connection stayed open for good
     (a response waiting to be written is not idle, so keep-alive never ended it): now it is dropped once its
