@@ -211,7 +211,8 @@ def stream(argv: Sequence[str], formatter: type[argparse.HelpFormatter]) -> None
         raise InputError("--chunk must be at least 1")
     read = read_sequences(args.file)
     with Client(args.url, api_key(args)) as client, client.session(args.model) as session:
-        frames = read.in_order_of(session.model, client.model(session.model).feature_names)[0]
+        named = client.model(session.model).feature_names if read.feature_names else []  # a round trip only then
+        frames = read.in_order_of(session.model, named)[0]
         if session.input_dim is not None and frames.shape[1] != session.input_dim:  # binary frames carry no width
             raise InputError(
                 f"{read.path}: {frames.shape[1]} features per frame; {session.model} takes {session.input_dim}"

@@ -253,12 +253,12 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         if not self.head_refused:
-            self.disarm_send_timer()  # the WebSocket keeps its own
+            self.send_deadline.disarm()  # the WebSocket keeps its own
             super().handle_websocket_upgrade()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()
-        self.disarm_send_timer()
+        self.send_deadline.disarm()
         self.stop_discarding()
         super().connection_lost(exc)
 
@@ -287,9 +287,6 @@ class HeaderDeadline(HttpToolsProtocol):
     def resume_writing(self) -> None:
         self.send_deadline.disarm()
         super().resume_writing()
-
-    def disarm_send_timer(self) -> None:
-        self.send_deadline.disarm()
 
     def arm_header_timer(self) -> None:
         self.header_timer = self.loop.call_later(self.header_timeout_s, self.headers_too_slow)
