@@ -251,10 +251,32 @@ class HeaderDeadline(HttpToolsProtocol):
         super().on_message_complete()
         self.scope[BODY_COMPLETE] = True  # type: ignore[literal-required]  # the frame's body deadline reads it
 
+    def _should_upgrade(self) -> bool:
+        """Every Connection and Upgrade header counts, as the WebSocket's handshake reads them: uvicorn read the
+        last Connection header only, so `Connection: Upgrade` followed by `Connection: keep-alive` got 426."""
+        wants = b"upgrade" in self.tokens(b"connection") and b"websocket" in self.tokens(b"upgrade")
+        return wants and self._should_upgrade_to_ws()
+
+    def tokens(self, field: bytes) -> set[bytes]:
+        return {token.strip().lower() for name, value in self.headers if name == field for token in value.split(b",")}
+
     def handle_websocket_upgrade(self) -> None:
-        if not self.head_refused:
-            self.send_deadline.disarm()  # the WebSocket keeps its own
-            super().handle_websocket_upgrade()
+        """uvicorn's, but the request line keeps the client's HTTP version, which the handshake checks: uvicorn
+        wrote HTTP/1.1 whatever it was, and an upgrade over HTTP/1.0 opened a WebSocket (RFC 6455 4.1)."""
+        if self.head_refused:
+            return
+        self.send_deadline.disarm()  # the WebSocket keeps its own
+        self.connections.discard(self)
+        version = self.parser.get_http_version().encode("latin-1")
+        head = b"%s %s HTTP/%s\r\n" % (self.scope["method"].encode("latin-1"), self.url, version)
+        head += b"".join(b"%s: %s\r\n" % header for header in self.scope["headers"]) + b"\r\n"
+        assert self.ws_protocol_class is not None  # _should_upgrade: the server speaks WebSocket
+        protocol = self.ws_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.app_state
+        )
+        protocol.connection_made(self.transport)
+        self.transport.set_protocol(protocol)
+        protocol.data_received(head)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm_header_timer()

@@ -160,6 +160,8 @@ class Handshake:
         if version != b"HTTP/1.1":
             raise HandshakeError(505, "a WebSocket opens over HTTP/1.1")
         self.check_upgrade()
+        if sum(name == b"host" for name, _ in self.headers) != 1:
+            raise HandshakeError(400, "a WebSocket handshake names its Host, once")
         self.key = self.header_value(b"sec-websocket-key")
         try:
             valid_key = self.key is not None and len(base64.b64decode(self.key, validate=True)) == 16

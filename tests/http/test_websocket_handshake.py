@@ -82,3 +82,38 @@ def test_a_frame_sent_with_the_handshake_is_not_silently_dropped(server, client)
     assert b'"steps"' not in received, received[:300]
     assert client.get(f"/v1/sessions/{sid}").json()["steps"] == 0
     assert "Exception in ASGI application" not in server.output(), server.output()[-3000:]
+
+
+def upgrade_answer(url: str, request: str) -> bytes:
+    address = urlparse(url)
+    with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+        sock.sendall(request.encode())
+        return sock.recv(4096)
+
+
+def test_an_upgrade_over_http_1_0_or_without_one_host_is_refused(server, client):
+    """RFC 6455 4.1: an HTTP/1.1 GET with a Host. uvicorn rewrote the request line to HTTP/1.1 before the
+    WebSocket saw it, so an upgrade over HTTP/1.0 opened a WebSocket, as did one with no Host."""
+    sid = client.post("/v1/sessions", json={}).json()["session_id"]
+    path = f"/v1/sessions/{sid}/stream"
+    for request, status in (
+        (f"GET {path} HTTP/1.0\r\nHost: test\r\n{KEY_HEADERS}\r\n", b"505"),
+        (f"GET {path} HTTP/1.1\r\n{KEY_HEADERS}\r\n", b"400"),
+        (f"GET {path} HTTP/1.1\r\nHost: a\r\nHost: b\r\n{KEY_HEADERS}\r\n", b"400"),
+    ):
+        answer = upgrade_answer(server.url, request)
+        assert answer.startswith(b"HTTP/1.1 " + status), (request, answer[:200])
+    assert client.get(f"/v1/sessions/{sid}").status_code == 200  # the server serves on
+
+
+def test_every_connection_header_counts_towards_an_upgrade(server, client):
+    """uvicorn read only the last Connection header: `Connection: Upgrade` then `Connection: keep-alive`
+    (proxies add one) was answered 426 "send Connection: Upgrade"."""
+    sid = client.post("/v1/sessions", json={}).json()["session_id"]
+    headers = KEY_HEADERS.replace("Connection: Upgrade\r\n", "")
+    request = (
+        f"GET /v1/sessions/{sid}/stream HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\n{headers}"
+        "Connection: keep-alive\r\n\r\n"
+    )
+    answer = upgrade_answer(server.url, request)
+    assert answer.startswith(b"HTTP/1.1 101 Switching Protocols"), answer[:200]
