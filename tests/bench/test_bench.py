@@ -42,7 +42,7 @@ def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
             "--redis-levels",
             "2",
             "--rounds",
-            "3",
+            "2",
             "--out-dir",
             str(out),
         ],
@@ -52,7 +52,7 @@ def test_bench_runs_both_servers_and_writes_json_markdown_and_plots(tmp_path):
         capture_output=True,
     )
     results = json.loads((out / "results.json").read_text())
-    assert all(len(p["round_throughputs"]) == 3 for p in results["points"] + results["redis"])  # alternating rounds
+    assert all(len(p["round_throughputs"]) == 2 for p in results["points"] + results["redis"])  # alternating rounds
     points = {(p["server"], p["workload"], p["concurrency"]) for p in results["points"]}
     for server in ("lstm-serve", "baseline"):
         assert {

@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 # A fixed seed keeps CI repeatable; set LSTM_SERVE_CONTRACT_SEED to explore other requests.
 SEED = os.environ.get("LSTM_SERVE_CONTRACT_SEED", "20261123")
-BUDGET_S = os.environ.get("LSTM_SERVE_CONTRACT_SECONDS", "75")
+BUDGET_S = os.environ.get("LSTM_SERVE_CONTRACT_SECONDS", "45")
 
 
 def test_schemathesis_finds_nothing_with_every_check(start_server, tmp_path):

@@ -1,7 +1,7 @@
 """A bounded soak against a real server with two API keys: hundreds of sessions streamed in random chunks,
 with retries of the same chunk and seq, stale seqs, deletes, and the other key probing every session.
 Every completed session equals the offline result, no key ever sees another's session, and the server's
-memory stays bounded. About 60 s; set LSTM_SERVE_SOAK_SECONDS for longer."""
+memory stays bounded. About 30 s; set LSTM_SERVE_SOAK_SECONDS for longer."""
 
 import asyncio
 import os
@@ -17,7 +17,7 @@ from lstm_serve.settings import DEFAULT_REPOSITORY
 
 MODEL = "japanese-vowels"
 KEYS = ("soak-alice-5d1e", "soak-bob-77c2")
-SOAK_S = float(os.environ.get("LSTM_SERVE_SOAK_SECONDS", "60"))
+SOAK_S = float(os.environ.get("LSTM_SERVE_SOAK_SECONDS", "30"))
 WORKERS = 16
 
 
