@@ -228,6 +228,29 @@ def test_a_gru_module_exports_with_h_alone(tmp_path):
     assert config["feature_names"] == ["f0", "f1", "f2"] and len(report) == 5
 
 
+def test_a_module_with_large_logits_exports_within_float32_rounding(tmp_path):
+    """Logits near 1e4 (an unnormalised head) differ by ~1e-3 between onnxruntime and PyTorch from float32
+    rounding alone: parity compared them with an absolute 1e-4 and refused the module."""
+
+    class Loud(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(4, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x, state=None):
+            out, state = self.rnn(x, state)
+            return self.head(out) * 3e4, state
+
+    torch.manual_seed(0)
+    module = Loud()
+    entry, report = export_module(module, list("abc"), tmp_path, "loud", input_dim=4)
+    assert report[0].startswith("parity: max |onnxruntime - PyTorch| = ") and "relative" in report[0]
+    frames = np.random.default_rng(3).normal(size=(9, 4)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(module(torch.from_numpy(frames[None]))[0][0, -1].double(), -1).numpy()
+    assert np.abs(graph_probabilities(entry / "model.onnx", frames) - expected).max() < 1e-6
+
+
 def test_the_export_cli_refuses_in_one_line(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "lstm_serve.cli", "export", "--module", "nowhere:factory", "--labels", "a,b"],
