@@ -334,5 +334,6 @@ def user_dataset(
             f"{path}: class {names[int(counts.argmin())]!r} has fewer than 2 training sequences; "
             "a validation split needs 2"
         )
-    description = f"Trained on {Path(path).name}: {len(names)} classes, {len(data.feature_names)} features per frame."
+    width = len(data.feature_names)
+    description = f"Trained on {Path(path).name}: {len(names)} classes, {width} feature{'s' * (width != 1)} per frame."
     return Dataset(Path(path).stem, names, train_split, test_split, data.feature_names, description)

@@ -151,3 +151,14 @@ def test_a_test_file_is_matched_by_position_when_either_file_names_no_features(t
     named.write_text("sequence_id,t,b,a,label\nq1,0,-5,5,y\n")
     dataset = user_dataset(path, named)
     np.testing.assert_array_equal(dataset.test.sequences[0], [[-5, 5]])  # as written: by position
+
+
+def test_a_file_of_one_feature_reads_as_frames_of_width_one(tmp_path):
+    path = tmp_path / "univariate.csv"
+    path.write_text(
+        "sequence_id,t,value,label\n" + "".join(f"s{k},{t},{k + t},{'xy'[k % 2]}\n" for k in range(8) for t in range(3))
+    )
+    dataset = user_dataset(path, seed=0)
+    assert dataset.input_dim == 1 and dataset.feature_names == ["value"]
+    assert all(sequence.shape == (3, 1) for sequence in dataset.train.sequences + dataset.test.sequences)
+    assert dataset.description == "Trained on univariate.csv: 2 classes, 1 feature per frame."
