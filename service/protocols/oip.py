@@ -31,6 +31,7 @@ from lstm_serve.errors import (
     ModelVersionRetired,
     ServiceError,
     SessionNotFound,
+    UnsupportedMediaType,
 )
 from lstm_serve.protocols import oip_schemas as schemas
 from lstm_serve.protocols.codec import JSON, dumps, read_body
@@ -266,15 +267,20 @@ async def infer(request: Request, runtime: Runtime) -> Response:
     model, refusal = resolve_infer(runtime, request.path_params)
     body, headers = await read_body(request), request.headers
     encoding = headers.get("content-encoding")
-    inference = await runtime.decoder.run(
-        len(body) * INFLATION if encoding else len(body),  # where it is decoded: by what it may inflate to
-        decode_inference,
-        body,
-        encoding,
-        given_header_length(headers),
-        model.entry,
-        runtime.limits,
-    )
+    try:
+        inference = await runtime.decoder.run(
+            len(body) * INFLATION if encoding else len(body),  # where it is decoded: by what it may inflate to
+            decode_inference,
+            body,
+            encoding,
+            given_header_length(headers),
+            model.entry,
+            runtime.limits,
+        )
+    except (InvalidInput, MalformedRequest, UnsupportedMediaType):
+        if refusal is not None:  # no sequence goes on in a body not read: the model is gone, whatever it held
+            raise refusal from None
+        raise
     if refusal is not None and (inference.sequence is None or inference.sequence.start):
         raise refusal
     head: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}

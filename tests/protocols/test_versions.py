@@ -177,6 +177,9 @@ def test_a_sequence_goes_on_and_ends_on_the_path_without_a_version_while_its_unl
             refused = c.post(path, json=body)
             assert refused.status_code == 410 and "was unloaded" in refused.json()["error"], refused.text
         assert c.post(path, json=part(sequence[:4])).status_code == 400  # that sequence has ended
+        for body in (b"{not json", b'{"inputs": []}'):  # no sequence goes on in a body not read: the model's answer
+            refused = c.post(path, content=body, headers={"content-type": "application/json"})
+            assert refused.status_code == 410 and "was unloaded" in refused.json()["error"], refused.text
         (row,) = c.post("/v2/repository/index").json()
         assert row["state"] == "UNLOADING" and "no version of it takes new sessions" in row["reason"], row
         for name in ("a" * 300, "a%00b"):  # past the file system's names; a NUL no path may hold
