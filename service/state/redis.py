@@ -65,20 +65,24 @@ INDEX_SLACK_S = 1.0  # at most this far (and at most a tenth of the TTL) a sessi
 # KEYS[1] session hash, KEYS[2] index, KEYS[3] the quota's index; ARGV: now, ttl, max, max per quota, id,
 # index slack, fields... -> 1 stored, -1 when the store is full, -2 when the quota's share is.
 # A restart (the id exists) keeps its slot; the record's new incarnation tells it from the old one.
+# The first write is a ZADD: a Redis over maxmemory (noeviction) refuses a script's first command that may
+# grow memory, but lets every later one through once the script has written; when that first write was a
+# removal (ZREMRANGEBYSCORE, DEL), a full Redis still took sessions, and imported states, each of a few KB.
 CREATE = """
 local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local live = '(' .. (now - ttl)
 local replacing = redis.call('EXISTS', KEYS[1]) == 1
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
-if not replacing and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
-if not replacing and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return -2 end
+if not replacing and redis.call('ZCOUNT', KEYS[2], live, '+inf') >= tonumber(ARGV[3]) then return -1 end
+if not replacing and redis.call('ZCOUNT', KEYS[3], live, '+inf') >= tonumber(ARGV[4]) then return -2 end
 local bound = now + tonumber(ARGV[6])
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'indexed', bound, unpack(ARGV, 7))
-redis.call('EXPIRE', KEYS[1], math.ceil(ttl))
 redis.call('ZADD', KEYS[2], bound, ARGV[5])
 redis.call('ZADD', KEYS[3], bound, ARGV[5])
 redis.call('EXPIRE', KEYS[3], math.ceil(ttl + tonumber(ARGV[6])))
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'indexed', bound, unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
 return 1
 """
 

@@ -328,3 +328,33 @@ def test_errors_name_the_session_by_the_id_its_caller_knows_not_by_its_store_key
     loaded, committed = run(main())
     assert loaded.startswith("no session 'xyz' ") and committed.startswith("session 'xyz' was deleted")
     assert "owner-digest" not in loaded + committed
+
+
+def test_a_full_redis_refuses_a_new_session_before_writing_any_of_it(redis_server):
+    """A Redis over maxmemory (noeviction) refuses only a script's first command that may grow memory: the create
+    script began with removals, so a full Redis still took sessions (and imported states) that could not take a
+    step, and its memory grew past the limit."""
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(redis_server.url)
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        kept = await store.create(new_record("m", 1))
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)  # every byte used is over it
+        try:
+            keys_before = set(admin.keys("*"))
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable) as refused:
+                    await store.create(new_record("m", 1))
+                assert "refused the command (full" in refused.value.message
+            assert set(admin.keys("*")) == keys_before and await store.count() == 1
+        finally:
+            admin.config_set("maxmemory", 0)
+        await store.create(new_record("m", 1))  # room again once Redis has it
+        assert await store.count() == 2 and (await store.load(kept.session_id)).steps == 0
+        await store.close()
+
+    run(main())
+    admin.close()
