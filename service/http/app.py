@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import FrameType
 
@@ -30,6 +32,7 @@ from lstm_serve.state.quotas import RateLimiter, TokenBuckets
 from lstm_serve.state.sessions import InMemorySessionStore, SessionStore
 
 log = logging.getLogger("lstm_serve")
+SKIPPED_LOG_S = 5.0  # a background round that keeps failing is logged at most this often, with a count
 
 
 def make_store(settings: Settings, metrics: Metrics) -> SessionStore:
@@ -110,13 +113,19 @@ def drain_on_sigterm(runtime: Runtime, delay_s: float) -> Callable[[], None]:
 
 
 async def every(seconds: float, work: Callable[[], Awaitable[object]], what: str) -> None:
-    """Run `work` every `seconds` until cancelled; a failed round is logged and retried the next."""
+    """Run `work` every `seconds` until cancelled; a failed round is retried the next, and logged at most once
+    per SKIPPED_LOG_S while the failures last (a sweep every second logged every second while Redis was down)."""
+    logged_at, skipped = -math.inf, 0
     while True:
         await asyncio.sleep(seconds)
         try:
             await work()
         except ServiceError as error:  # e.g. Redis down: retried next round
-            log.warning("%s skipped: %s", what, error.message)
+            skipped += 1
+            if time.monotonic() - logged_at >= SKIPPED_LOG_S:
+                rounds = f" ({skipped} rounds since the last report)" if skipped > 1 else ""
+                log.warning("%s skipped%s: %s", what, rounds, error.message)
+                logged_at, skipped = time.monotonic(), 0
         except Exception:
             log.exception("%s failed", what)
 

@@ -285,3 +285,22 @@ def test_a_model_whose_example_is_over_max_sequence_length_is_warned_about_at_lo
     assert httpx.post(f"{server.url}/v1/classify", json={"sequences": [example["frames"]]}).status_code == 422
     said = f"japanese-vowels v1: its example has {len(example['frames'])} frames, over max_sequence_length=5"
     assert said in server.output(), server.output()[-2000:]
+
+
+def test_a_background_round_that_keeps_failing_is_logged_once_per_window_not_every_round(caplog):
+    """With Redis down, the once-a-second sweep logged a warning every second in every process."""
+    from lstm_serve.errors import StoreUnavailable
+    from lstm_serve.http.app import every
+
+    async def failing() -> None:
+        raise StoreUnavailable("the session store is unavailable; retry shortly")
+
+    async def run_for(seconds: float) -> None:
+        task = asyncio.create_task(every(0.005, failing, "session sweep"))
+        await asyncio.sleep(seconds)
+        task.cancel()
+
+    with caplog.at_level("WARNING", logger="lstm_serve"):
+        asyncio.run(run_for(0.3))
+    warnings = [r.getMessage() for r in caplog.records if "session sweep skipped" in r.getMessage()]
+    assert warnings == ["session sweep skipped: the session store is unavailable; retry shortly"], warnings
