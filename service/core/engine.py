@@ -21,7 +21,7 @@ from lstm_serve.core.inputs import Catalogue, Chunk, Limits
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.core.runner import Item, Output
 from lstm_serve.core.session_state import Exported
-from lstm_serve.errors import SequenceConflict, SessionRestarted
+from lstm_serve.errors import SequenceConflict, SessionRestarted, StoreUnavailable
 from lstm_serve.ids import caller_id
 from lstm_serve.settings import Settings
 from lstm_serve.state.directory import LocalDirectory, ModelDirectory
@@ -102,7 +102,7 @@ class Engine:
     async def create_session(self, model: LoadedModel, session_id: str, quota: str) -> SessionRecord:
         """`quota`: whose share of sessions it counts against (Caller.quota_key)."""
         self.fleet.check_new_session(model)
-        return await self.store.create(new_record(model.name, model.version, session_id, quota=quota))
+        return await self.created(new_record(model.name, model.version, session_id, quota=quota))
 
     async def import_session(
         self, model: LoadedModel, session_id: str, quota: str, exported: Exported
@@ -112,7 +112,16 @@ class Engine:
         record = new_record(
             model.name, model.version, session_id, quota=quota, steps=exported.steps, state=exported.state
         )
-        return await self.store.create(record)
+        return await self.created(record)
+
+    async def created(self, record: SessionRecord) -> SessionRecord:
+        """A session under a new id, which its caller learns only from the answer: a create the store did not
+        confirm may land still, and is taken out again (no one could use or delete it)."""
+        try:
+            return await self.store.create(record)
+        except StoreUnavailable:
+            self.store.abandon(record.session_id)
+            raise
 
     async def get_session(self, session_id: str) -> SessionRecord:
         return await self.store.load(session_id)

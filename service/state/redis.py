@@ -61,6 +61,7 @@ GENERATION = PREFIX + "models:generation"  # moved on by a random step at every 
 RECENT_SESSIONS = 1024  # sessions whose last state a replica keeps, to step them without reading it first
 TAKE_TIMEOUT_S, OPEN_S = 0.5, 5.0  # a rate bucket's round trip, and how long the limit stays open after one fails
 INDEX_SLACK_S = 1.0  # at most this far (and at most a tenth of the TTL) a session's index score runs ahead
+MAX_ABANDONED, ABANDONED_CHECKS = 10_000, 3  # creates whose answer was lost, looked for until deleted (abandon)
 
 # KEYS[1] session hash, KEYS[2] index, KEYS[3] the quota's index; ARGV: now, ttl, max, max per quota, id,
 # index slack, fields... -> 1 stored, -1 when the store is full, -2 when the quota's share is.
@@ -331,6 +332,8 @@ class RedisSessionStore:
         self.commit_heads: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # by id: (incarnation, head)
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
         self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
+        self.abandoned: dict[str, tuple[float, int]] = {}  # id -> (when abandoned, times Redis said it was absent)
+        self.cleaner: asyncio.Task[None] | None = None
 
     def commit_head(self, record: SessionRecord) -> bytes:
         kept = self.commit_heads.get(record.session_id)
@@ -441,6 +444,30 @@ class RedisSessionStore:
         if not deleted:
             raise SessionNotFound(f"no session {caller_id(session_id)!r} (never created, deleted, or expired)")
 
+    def abandon(self, session_id: str) -> None:
+        """A create whose answer was lost (Redis stalled past the timeout, or dropped the connection) may still
+        land, and then count against the limits until it expired, with no one knowing its id: it is deleted
+        once Redis answers again. The create may land after that first answer (it waited on a connection
+        since closed), so an absent session is looked for again, ABANDONED_CHECKS times a second apart."""
+        if len(self.abandoned) < MAX_ABANDONED:
+            self.abandoned[session_id] = (time.monotonic(), 0)
+        if self.cleaner is None or self.cleaner.done():
+            self.cleaner = asyncio.get_running_loop().create_task(self.delete_abandoned())
+
+    async def delete_abandoned(self) -> None:
+        while self.abandoned:
+            await asyncio.sleep(1.0)
+            for session_id, (since, absent) in list(self.abandoned.items()):
+                try:
+                    keys = [session_key(session_id), INDEX]
+                    deleted = await self.run_script(DELETE, keys, [session_id, quota_index("")])
+                except (RedisError, OSError):
+                    break  # still out of reach: the next round
+                if deleted or absent + 1 >= ABANDONED_CHECKS or time.monotonic() - since > self.ttl_s:
+                    del self.abandoned[session_id]  # gone, never came, or expired by now anyway
+                else:
+                    self.abandoned[session_id] = (since, absent + 1)
+
     @reachable
     async def sweep(self) -> int:
         """Redis expires the hashes itself; this drops them from the index and counts them."""
@@ -461,6 +488,8 @@ class RedisSessionStore:
             return False
 
     async def close(self) -> None:
+        if self.cleaner is not None:
+            self.cleaner.cancel()
         await self.lean.close()
         await self.client.aclose()
 

@@ -146,6 +146,10 @@ class SessionStore(Protocol):
 
     async def delete(self, session_id: str) -> None: ...
 
+    def abandon(self, session_id: str) -> None:
+        """A create of a new id, known to no one, whose answer was lost: take the session out if it landed."""
+        ...
+
     async def sweep(self) -> int: ...
 
     async def count(self) -> int: ...
@@ -304,6 +308,9 @@ class InMemorySessionStore:
 
     async def count(self) -> int:
         return len(self._sessions)
+
+    def abandon(self, session_id: str) -> None:
+        pass  # a create here lands or fails whole, and says which
 
     async def ping(self) -> bool:
         return True

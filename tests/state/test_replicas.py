@@ -197,6 +197,33 @@ def test_a_step_redis_stalls_on_says_it_may_have_been_applied_and_its_seq_retry_
         redis_server.stop()
 
 
+def test_a_session_create_redis_stalls_on_is_taken_out_when_it_lands(start_server):
+    """The create left for Redis, which stalled: the 503 gave no id, but the create ran when Redis woke, and the
+    session counted against max_sessions (and its caller's share) until it expired, with no one able to delete
+    it. The server now deletes it once Redis answers again."""
+    redis_server = RedisProcess().start()
+    try:
+        (a,) = replicas(start_server, redis_server, 1)
+        kept = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            stalled = [httpx.post(f"{a.url}/v1/sessions", json={}, timeout=30) for _ in range(2)]
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert all(r.status_code == 503 for r in stalled), [r.text for r in stalled]
+        count = ["redis-cli", "-p", str(redis_server.port), "zcard", "lstm-serve:sessions"]
+        deadline = time.monotonic() + 10
+        while int(subprocess.run(count, capture_output=True, text=True).stdout) != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert int(subprocess.run(count, capture_output=True, text=True).stdout) == 1  # the one a caller knows
+        keys = subprocess.run(["redis-cli", "-p", str(redis_server.port), "--scan", "--pattern", "lstm-serve:s:*"],
+                              capture_output=True, text=True).stdout.split()  # fmt: skip
+        assert len(keys) == 1, keys
+        assert httpx.get(f"{a.url}/v1/sessions/{kept}").status_code == 200
+    finally:
+        redis_server.stop()
+
+
 def test_with_a_rate_limit_a_redis_refusing_writes_fails_the_limit_open_not_every_request(start_server, redis_server):
     """The rate buckets live in Redis: a Redis that refuses writes lets requests through (as one that is down
     does), instead of turning every request into a 500."""
