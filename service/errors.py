@@ -110,6 +110,10 @@ class StoreUnavailable(ServiceError):
     status, code = 503, "session_store_unavailable"
 
 
+class StepUnconfirmed(StoreUnavailable):
+    """The store did not answer a step's commit, which may have run: its message says how to resend it."""
+
+
 class Forbidden(ServiceError):
     status, code = 403, "forbidden"
 

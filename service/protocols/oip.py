@@ -31,6 +31,8 @@ from lstm_serve.errors import (
     ModelVersionRetired,
     ServiceError,
     SessionNotFound,
+    StepUnconfirmed,
+    StoreUnavailable,
     UnsupportedMediaType,
 )
 from lstm_serve.protocols import oip_schemas as schemas
@@ -167,6 +169,13 @@ async def run_sequence(
             f"inference request for sequence {sequence.id!r} to model {model.name!r} must specify "
             "sequence_start on the first request of the sequence (this one was never started, has ended, or "
             f"expired after session_ttl_s={engine.session_ttl_s:g} idle)"
+        ) from None
+    except StepUnconfirmed as unconfirmed:  # /v1's advice (resend with its seq) does not hold: no seq here
+        raise StoreUnavailable(
+            f"the session store did not confirm this request of sequence {sequence.id!r}: it may have been "
+            "applied, and a sequence has no seq to resend it by (a resend may apply it twice); start the sequence "
+            "again (sequence_start) with all its frames",
+            headers=unconfirmed.headers,
         ) from None
     if sequence.end:
         with contextlib.suppress(SessionNotFound):

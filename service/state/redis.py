@@ -44,10 +44,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lstm_serve.errors import SessionNotFound, StoreUnavailable
+from lstm_serve.errors import SessionNotFound, StepUnconfirmed, StoreUnavailable
 from lstm_serve.ids import caller_id
 from lstm_serve.state.directory import TableChanged
-from lstm_serve.state.resp import LeanRedis, bulk, pack
+from lstm_serve.state.resp import LeanRedis, NotSent, bulk, pack
 from lstm_serve.state.sessions import KeyedLocks, SessionRecord, quota_full, server_full
 
 log = logging.getLogger("lstm_serve")
@@ -208,6 +208,7 @@ def reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
     return wrapper
 
 
+UNSENT_STEP = "the session store is unavailable; this step was not applied: send it again shortly"
 UNCONFIRMED_STEP = (
     "the session store did not confirm this step: it may have been applied. Send it again with the same seq "
     "(answered once, never applied twice); a step sent without seq should not be resent before GET "
@@ -421,10 +422,13 @@ class RedisSessionStore:
         )
         try:
             result = await self.run_packed(COMMIT, command)
+        except NotSent as error:  # no connection: the step never left, and is not applied
+            self.outages.error(error)
+            raise StoreUnavailable(UNSENT_STEP, headers={"Retry-After": "1"}) from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:  # it may have reached Redis, and run
             self.recent.pop(record.session_id, None)
             self.outages.error(error)
-            raise StoreUnavailable(UNCONFIRMED_STEP, headers={"Retry-After": "1"}) from None
+            raise StepUnconfirmed(UNCONFIRMED_STEP, headers={"Retry-After": "1"}) from None
         if result == -1:
             self.recent.pop(record.session_id, None)
             self.commit_heads.pop(record.session_id, None)

@@ -141,6 +141,10 @@ class Connection(asyncio.Protocol):
         self.outgoing.clear()
 
 
+class NotSent(RedisConnectionError):
+    """No connection to Redis could be made: the command never left, so it did not run."""
+
+
 class LeanRedis:
     """The commands the session store sends on every step, over one pipelined connection, opened on first
     use and again after a failure. Takes the URLs redis-py takes: redis://[user:password@]host[:port][/db],
@@ -170,9 +174,9 @@ class LeanRedis:
             try:
                 connection = await asyncio.wait_for(self.open(), self.timeout_s)
             except TimeoutError:
-                raise RedisTimeoutError(f"no connection to Redis within {self.timeout_s:g} s") from None
+                raise NotSent(f"no connection to Redis within {self.timeout_s:g} s") from None
             except OSError as error:
-                raise RedisConnectionError(f"cannot connect to Redis: {error}") from None
+                raise NotSent(f"cannot connect to Redis: {error}") from None
             try:
                 await self.hello(connection)
             except BaseException:

@@ -197,6 +197,38 @@ def test_a_step_redis_stalls_on_says_it_may_have_been_applied_and_its_seq_retry_
         redis_server.stop()
 
 
+def test_an_unconfirmed_step_is_advised_by_protocol_and_a_step_that_never_left_says_it_was_not_applied(
+    start_server,
+):
+    """An OIP sequence has no seq, and its sessions are not /v1's: the /v1 advice (resend with the same seq, or
+    read GET /v1/sessions/{id}) applied a resent chunk twice there. And a step sent while Redis refused
+    connections never left: it was not applied, and the message said it may have been."""
+    redis_server = RedisProcess().start()
+    try:
+        (a,) = replicas(start_server, redis_server, 1)
+        frames = [[0.5] * 12, [-0.25] * 12]
+        infer = f"{a.url}/v2/models/japanese-vowels/infer"
+
+        def oip(**flags: bool) -> dict:
+            tensor = {"name": "x", "datatype": "FP32", "shape": [1, 2, 12], "data": sum(frames, [])}
+            return {"inputs": [tensor], "parameters": {"sequence_id": 5, **flags}}
+
+        assert httpx.post(infer, json=oip(sequence_start=True)).status_code == 200
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            stalled = httpx.post(infer, json=oip(), timeout=30)
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert stalled.status_code == 503, stalled.text
+        assert "no seq to resend it by" in stalled.json()["error"] and "/v1" not in stalled.json()["error"]
+        sid = httpx.post(f"{a.url}/v1/sessions", json={}).json()["session_id"]
+        redis_server.stop()
+        down = httpx.post(f"{a.url}/v1/sessions/{sid}/steps", json={"inputs": frames, "seq": 0}, timeout=30)
+        assert down.status_code == 503 and "this step was not applied" in down.json()["error"]["message"], down.text
+    finally:
+        redis_server.stop()
+
+
 def test_a_session_create_redis_stalls_on_is_taken_out_when_it_lands(start_server):
     """The create left for Redis, which stalled: the 503 gave no id, but the create ran when Redis woke, and the
     session counted against max_sessions (and its caller's share) until it expired, with no one able to delete
