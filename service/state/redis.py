@@ -58,6 +58,7 @@ INDEX = PREFIX + "sessions"  # sorted set: session id -> an upper bound of its l
 MODELS = PREFIX + "models"  # hash: model name -> its version table (JSON), state/directory.py
 WEIGHTS = PREFIX + "models:sha256"  # hash: model name -> {version: sha256 of the weights it serves}, never changed
 GENERATION = PREFIX + "models:generation"  # moved on by a random step at every change of a table
+COUNTS = PREFIX + "models:count"  # hash: model name -> how many times its table was written (only grows)
 RECENT_SESSIONS = 1024  # sessions whose last state a replica keeps, to step them without reading it first
 TAKE_TIMEOUT_S, OPEN_S = 0.5, 5.0  # a rate bucket's round trip, and how long the limit stays open after one fails
 INDEX_SLACK_S = 1.0  # at most this far (and at most a tenth of the TTL) a session's index score runs ahead
@@ -136,10 +137,12 @@ redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return tostring(wait)
 """
 
-# KEYS[1] the tables' hash, KEYS[2] the generation, KEYS[3] the weights' hash; ARGV: model name, its table as last
-# read ("" for none), the new table, a random step, the sha256 of its versions (JSON) -> the new generation, or -1
-# when the table is no longer the one read or a version's sha256 would change (nothing written). The sha256 are
-# kept apart from the table, which a release before them reads too.
+# KEYS[1] the tables' hash, KEYS[2] the generation, KEYS[3] the weights' hash, KEYS[4] the tables' counts; ARGV:
+# model name, its table as last read ("" for none), the new table, a random step, the sha256 of its versions (JSON),
+# the least count this write may take -> {the new generation, the table's new count}, or -1 when the table is no
+# longer the one read or a version's sha256 would change (nothing written). The sha256 are kept apart from the
+# table, which a release before them reads too. A table's count only grows: one that went back (Redis restored
+# from an older snapshot) is one a replica has seen written since, and that replica writes it again.
 WRITE_TABLE = """
 local stored = redis.call('HGET', KEYS[1], ARGV[1])
 if (stored or '') ~= ARGV[2] then return -1 end
@@ -150,7 +153,9 @@ for version, digest in pairs(cjson.decode(ARGV[5])) do
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 if next(weights) ~= nil then redis.call('HSET', KEYS[3], ARGV[1], cjson.encode(weights)) end
-return redis.call('INCRBY', KEYS[2], ARGV[4])
+local count = math.max(tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0') + 1, tonumber(ARGV[6]))
+redis.call('HSET', KEYS[4], ARGV[1], count)
+return {redis.call('INCRBY', KEYS[2], ARGV[4]), count}
 """
 
 
@@ -528,6 +533,7 @@ class RedisDirectory:
     def __init__(self, store: RedisSessionStore) -> None:
         self.store = store
         self.seen: dict[str, bytes] = {}  # each model's table as this replica last read or wrote it
+        self.counts: dict[str, int] = {}  # each model's highest table count this replica has read or written
         self._write = store.client.register_script(WRITE_TABLE)
 
     @reachable
@@ -540,10 +546,16 @@ class RedisDirectory:
             pipe.get(GENERATION)
             pipe.hgetall(MODELS)
             pipe.hgetall(WEIGHTS)
-            generation, tables, weights = await pipe.execute()
+            pipe.hgetall(COUNTS)
+            generation, tables, weights, counts = await pipe.execute()
         self.seen = {name.decode(): table for name, table in tables.items()}
         documents = {}
         for name, table in self.seen.items():
+            count = int(counts.get(name.encode(), 0))
+            if count < self.counts.get(name, 0):  # older than one this replica saw: left out, so it is written back
+                log.warning("model version table of %s went back in Redis (restored from an older snapshot?)", name)
+                continue
+            self.counts[name] = count
             digests = orjson.loads(weights.get(name.encode(), b"{}"))
             document = orjson.loads(table)
             for version, state in document.items():
@@ -557,9 +569,11 @@ class RedisDirectory:
         digests = {version: state["sha256"] for version, state in table.items() if state.get("sha256")}
         document = orjson.dumps({v: {k: x for k, x in state.items() if k != "sha256"} for v, state in table.items()})
         previous, step = self.seen.get(name, b""), 1 + secrets.randbits(40)  # a random step: no value comes twice
-        args: list[bytes | str | int] = [name, previous, document, step, orjson.dumps(digests)]
-        generation = int(await self._write(keys=[MODELS, GENERATION, WEIGHTS], args=args))
-        if generation < 0:
+        least = self.counts.get(name, 0) + 1
+        args: list[bytes | str | int] = [name, previous, document, step, orjson.dumps(digests), least]
+        written = await self._write(keys=[MODELS, GENERATION, WEIGHTS, COUNTS], args=args)
+        if written == -1:
             raise TableChanged(f"the version table of {name!r} changed since this replica read it")
+        generation, self.counts[name] = int(written[0]), int(written[1])
         self.seen[name] = document
         return generation

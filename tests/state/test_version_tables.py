@@ -155,3 +155,47 @@ def test_a_version_a_replica_loaded_alone_with_other_weights_stops_serving_once_
 
     alone = asyncio.run(main())
     assert alone.entry.path == second / MODEL / "1"
+
+
+def test_a_table_redis_restores_from_an_older_snapshot_is_written_back_not_followed(redis_server, tmp_path):
+    """Redis restored from a snapshot taken before an unload (a restart from an older RDB, a failover to a lagging
+    replica): the replicas followed the older table, and the unloaded version served new sessions again. A table's
+    count only grows, so one that went back is one the replicas have seen written since: they write theirs back."""
+    import redis as redis_py
+
+    repository = copy_model(tmp_path / "repository")
+    add_version(repository, 2)
+    settings = Settings(model_repository=repository, version_policy="all", redis_url=redis_server.url)
+    keys = ("lstm-serve:models", "lstm-serve:models:generation", "lstm-serve:models:sha256", "lstm-serve:models:count")
+
+    def fleet() -> Fleet:
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        return Fleet(
+            settings,
+            Metrics(),
+            RedisDirectory(store),
+            Limits.from_settings(settings),
+        )
+
+    async def main():
+        a, b = fleet(), fleet()
+        await a.start()
+        await b.start()
+        with redis_py.Redis.from_url(redis_server.url) as r:
+            snapshot = {key: r.dump(key) for key in keys}
+            await a.unload(MODEL, 1)
+            await b.refresh()
+            for key, value in snapshot.items():  # Redis forgets the unload
+                r.delete(key)
+                if value is not None:
+                    r.restore(key, 0, value)
+            for replica in (b, a):
+                await replica.refresh()
+            stored = json.loads(r.hget("lstm-serve:models", MODEL))
+        tables = [{v: s.status for v, s in replica.tables[MODEL].items()} for replica in (a, b)]
+        await a.stop()
+        await b.stop()
+        return tables, {int(v): s["status"] for v, s in stored.items()}
+
+    tables, stored = asyncio.run(main())
+    assert tables == [{1: "draining", 2: "serving"}] * 2 and stored == {1: "draining", 2: "serving"}
