@@ -63,6 +63,10 @@ def test_compose_has_redis_replicas_and_an_unsticky_load_balancer():
     assert "server lstm-serve:8000;" in conf and "proxy_pass http://lstm_serve;" in conf
     assert not re.search(r"ip_hash|hash |sticky", conf), "sessions must not be pinned to a replica"
     assert "Upgrade $$http_upgrade" in conf, "WebSocket upgrades must pass through nginx"
+    # the replicas trust nginx's X-Forwarded-For ("*"): it must be the client's address alone. Appended to what the
+    # client sent, the first entry (the one "*" takes) was the client's own word: a spoofed address, past the
+    # per-address limits and, on a server without keys, into the loopback-only repository API
+    assert "X-Forwarded-For $$remote_addr;" in conf and "proxy_add_x_forwarded_for" not in conf
 
 
 def test_compose_environment_names_only_settings_the_service_reads():

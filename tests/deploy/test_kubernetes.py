@@ -206,10 +206,14 @@ def test_the_environment_names_only_settings_and_builds_valid_settings():
     assert settings().host == "0.0.0.0", "a pod must listen on its own address, not on loopback"
 
 
-def test_the_environment_is_the_compose_files_but_for_the_redis_host():
+def test_the_environment_is_the_compose_files_but_for_the_redis_host_and_the_proxy_it_trusts():
+    """The compose file's nginx sets X-Forwarded-For, so the replicas it alone reaches trust it ("*"); pods behind a
+    Service are reached by any client, and with "*" any client could name its own address."""
     env = environment()
-    assert not set(COMPOSE_ENV) - set(env), f"set in docker-compose.yml only: {set(COMPOSE_ENV) - set(env)}"
-    differ = {name for name, value in COMPOSE_ENV.items() if env[name] != str(value)}
+    assert env.get("LSTM_SERVE_FORWARDED_ALLOW_IPS", "127.0.0.1") != "*"
+    only_compose = set(COMPOSE_ENV) - set(env) - {"LSTM_SERVE_FORWARDED_ALLOW_IPS"}
+    assert not only_compose, f"set in docker-compose.yml only: {only_compose}"
+    differ = {name for name, value in COMPOSE_ENV.items() if name in env and env[name] != str(value)}
     assert differ == {"LSTM_SERVE_REDIS_URL"}, f"values differ from docker-compose.yml: {differ}"
 
 
