@@ -182,6 +182,8 @@ class Guard:
     def presented_key(scope: Scope, websocket: bool) -> str | None:
         authorization = header(scope, b"authorization")
         if authorization is not None:
+            if sum(name == b"authorization" for name, _ in scope["headers"]) > 1:  # which one a proxy passes on varies
+                raise Unauthorized("send one Authorization header, not several", WWW_AUTHENTICATE)
             found = BEARER.fullmatch(authorization.decode("latin-1"))
             return found[1] if found else None
         if websocket:

@@ -58,6 +58,10 @@ def test_without_a_valid_key_every_route_but_health_is_401_in_its_protocol(start
         for key in (ALICE, BOB):
             assert c.get("/v1/models", headers=auth(key)).status_code == 200
             assert c.get(f"/v2/models/{MODEL}", headers=auth(key)).status_code == 200
+        # two Authorization headers: the first won, though which one a proxy passes on varies
+        for pair in ([f"Bearer {ALICE}", "Bearer bogus"], [f"Bearer {ALICE}", f"Bearer {BOB}"]):
+            twice = c.get("/v1/models", headers=[("Authorization", value) for value in pair])
+            assert twice.status_code == 401 and "one Authorization header" in twice.json()["error"]["message"]
     log = server.output()
     assert ALICE not in log and BOB not in log, "a key was written to the log"
     assert "401" in log, "a refused request is logged even without --access-log"
