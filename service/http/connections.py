@@ -40,6 +40,14 @@ TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: %d\r\n\r\n%s" % (len(TIMEOUT_BODY), TIMEOUT_BODY)
 )
+MALFORMED_BODY = (
+    b'{"error":{"code":"malformed_request","message":"not a valid HTTP/1.1 request (its request line, a header, '
+    b'or the framing of its body)"}}'
+)
+MALFORMED_RESPONSE = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(MALFORMED_BODY), MALFORMED_BODY)
+)
 TOO_LARGE_BODY = (
     b'{"error":{"code":"headers_too_large","message":"the request line and headers are over max_header_bytes"}}'
 )
@@ -184,6 +192,12 @@ class HeaderDeadline(HttpToolsProtocol):
             protocol = self.transport.get_protocol()
             if rest and protocol is not self and not self.transport.is_closing():
                 protocol.data_received(rest)  # type: ignore[attr-defined]
+
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse (Content-Length and Transfer-Encoding both, a bad chunk size, a
+        control byte in a header): JSON like every other error, after the answers to earlier requests; uvicorn
+        answered in plain text, at once."""
+        self.answer(MALFORMED_RESPONSE)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

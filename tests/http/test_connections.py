@@ -181,3 +181,20 @@ def test_requests_sent_far_ahead_of_their_answers_are_answered_up_to_a_bound_the
         answer = read_to_end(sock)
     assert answer.count(b"HTTP/1.1 200 OK") == MAX_PIPELINED + 1, answer.count(b"HTTP/1.1 200 OK")
     assert answer.count(b"HTTP/1.1 429 Too Many Requests") == 1 and answer.endswith(b'send them again"}}')
+
+
+def test_a_request_it_cannot_parse_gets_a_json_400_after_the_answers_before_it(server):
+    """uvicorn answered in plain text, at once: ahead of the answer to a request pipelined before it."""
+    body = json.dumps({"sequences": [[[0.5] * 12] * 3]}).encode()
+    head = "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    good = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    for bad in (
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(good + bad)
+            answer = read_to_end(sock)
+        first, _, rest = answer.partition(b"HTTP/1.1 400 Bad Request")
+        assert first.startswith(b"HTTP/1.1 200 OK") and b'"predictions"' in first, answer[:300]
+        assert b"application/json" in rest and b'"code":"malformed_request"' in rest, rest
