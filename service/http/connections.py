@@ -268,11 +268,7 @@ class HeaderDeadline(HttpToolsProtocol):
     def _should_upgrade(self) -> bool:
         """Every Connection and Upgrade header counts, as the WebSocket's handshake reads them: uvicorn read the
         last Connection header only, so `Connection: Upgrade` followed by `Connection: keep-alive` got 426."""
-        wants = b"upgrade" in self.tokens(b"connection") and b"websocket" in self.tokens(b"upgrade")
-        return wants and self._should_upgrade_to_ws()
-
-    def tokens(self, field: bytes) -> set[bytes]:
-        return {token.strip().lower() for name, value in self.headers if name == field for token in value.split(b",")}
+        return asks_for_websocket(self.headers) and self._should_upgrade_to_ws()
 
     def handle_websocket_upgrade(self) -> None:
         """uvicorn's, but the request line keeps the client's HTTP version, which the handshake checks: uvicorn
@@ -379,6 +375,15 @@ class HeaderDeadline(HttpToolsProtocol):
             self.writer.close()  # the held write goes first
         elif answered_newest and self.cycle.more_body:  # answered before its body arrived (401, 404, 413, ...)
             self.discard_rest()
+
+
+def asks_for_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
+    """`Connection: upgrade` and `Upgrade: websocket` among the tokens of every such header (names lowercase)."""
+
+    def tokens(field: bytes) -> set[bytes]:
+        return {token.strip().lower() for name, value in headers if name == field for token in value.split(b",")}
+
+    return b"upgrade" in tokens(b"connection") and b"websocket" in tokens(b"upgrade")
 
 
 class SendDeadline:

@@ -39,7 +39,7 @@ from uvicorn.protocols.utils import ClientDisconnected, get_local_addr, get_remo
 from uvicorn.server import ServerState
 
 from lstm_serve.core.batcher import arrivals
-from lstm_serve.http.connections import SendDeadline
+from lstm_serve.http.connections import SendDeadline, asks_for_websocket
 
 
 def unmask_in_python(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
@@ -183,16 +183,8 @@ class Handshake:
         values = [value for key, value in self.headers if key == name]
         return values[0].decode("latin-1") if len(values) == 1 else None
 
-    def tokens(self, name: bytes) -> set[str]:
-        return {
-            token.strip().lower()
-            for key, value in self.headers
-            if key == name
-            for token in value.decode("latin-1").split(",")
-        }
-
     def check_upgrade(self) -> None:
-        if "upgrade" not in self.tokens(b"connection") or "websocket" not in self.tokens(b"upgrade"):
+        if not asks_for_websocket(self.headers):
             raise HandshakeError(
                 426,
                 "this is a WebSocket endpoint: send Connection: Upgrade and Upgrade: websocket",

@@ -447,11 +447,14 @@ class RedisSessionStore:
 
     @reachable
     async def delete(self, session_id: str) -> None:
+        if not await self.remove(session_id):
+            raise SessionNotFound(f"no session {caller_id(session_id)!r} (never created, deleted, or expired)")
+
+    async def remove(self, session_id: str) -> bool:
+        """Delete the session wherever it is counted; False if there was none."""
         self.recent.pop(session_id, None)
         self.commit_heads.pop(session_id, None)
-        deleted = await self.run_script(DELETE, [session_key(session_id), INDEX], [session_id, quota_index("")])
-        if not deleted:
-            raise SessionNotFound(f"no session {caller_id(session_id)!r} (never created, deleted, or expired)")
+        return bool(await self.run_script(DELETE, [session_key(session_id), INDEX], [session_id, quota_index("")]))
 
     def abandon(self, session_id: str) -> None:
         """A create whose answer was lost (Redis stalled past the timeout, or dropped the connection) may still
@@ -468,8 +471,7 @@ class RedisSessionStore:
             await asyncio.sleep(1.0)
             for session_id, (since, absent) in list(self.abandoned.items()):
                 try:
-                    keys = [session_key(session_id), INDEX]
-                    deleted = await self.run_script(DELETE, keys, [session_id, quota_index("")])
+                    deleted = await self.remove(session_id)
                 except (RedisError, OSError):
                     break  # still out of reach: the next round
                 if deleted or absent + 1 >= ABANDONED_CHECKS or time.monotonic() - since > self.ttl_s:
