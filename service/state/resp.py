@@ -53,6 +53,16 @@ def reply_error(reply: hiredis.ReplyError) -> ResponseError:
     return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
 
 
+class Waiting:
+    """A command sent and the replies it still waits for."""
+
+    __slots__ = ("future", "left", "error")
+
+    def __init__(self, future: asyncio.Future[Any], replies: int) -> None:
+        self.future, self.left = future, replies
+        self.error: hiredis.ReplyError | None = None
+
+
 class Connection(asyncio.Protocol):
     """One socket: commands written in order, replies matched to them in order."""
 
@@ -60,7 +70,7 @@ class Connection(asyncio.Protocol):
         self.timeout_s = timeout_s
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[Waiting] = deque()
         self.outgoing: list[bytes] = []
         self.watchdog: asyncio.TimerHandle | None = None
         self.closed = False
@@ -68,12 +78,14 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
+    def send(self, command: bytes, replies: int = 1) -> asyncio.Future[Any]:
+        """`command`: one or more commands in RESP whose `replies` replies come back in order; the future gets the
+        last, or the first error among them (a MULTI's queued commands answer QUEUED, or why they were refused)."""
         if self.closed or self.transport is None:
             raise RedisConnectionError("the Redis connection is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.waiting.append(future)
+        self.waiting.append(Waiting(future, replies))
         self.outgoing.append(command)
         if len(self.outgoing) == 1:  # the first of this turn: the turn's other commands join its write
             loop.call_soon(self.flush)
@@ -94,7 +106,7 @@ class Connection(asyncio.Protocol):
             return
         self.watchdog = asyncio.get_running_loop().call_later(self.timeout_s, self.check, oldest)
 
-    def check(self, oldest: asyncio.Future[Any]) -> None:
+    def check(self, oldest: Waiting) -> None:
         """The command that was oldest `timeout_s` ago is still unanswered: Redis is stuck or gone."""
         self.watchdog = None
         if self.waiting and self.waiting[0] is oldest and not self.closed:
@@ -115,11 +127,18 @@ class Connection(asyncio.Protocol):
             if not self.waiting:
                 self.fail(RedisConnectionError("Redis sent a reply nobody asked for"))
                 return
-            future = self.waiting.popleft()
+            waiting = self.waiting[0]
+            waiting.left -= 1
+            if isinstance(reply, hiredis.ReplyError) and waiting.error is None:
+                waiting.error = reply
+            if waiting.left:
+                continue
+            self.waiting.popleft()
+            future = waiting.future
             if future.done():  # its caller gave up (cancelled); the reply is still this command's
                 continue
-            if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(reply_error(reply))
+            if waiting.error is not None:
+                future.set_exception(reply_error(waiting.error))
             else:
                 future.set_result(reply)
 
@@ -135,7 +154,7 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         while self.waiting:
-            future = self.waiting.popleft()
+            future = self.waiting.popleft().future
             if not future.done():
                 future.set_exception(error)
         self.outgoing.clear()
@@ -158,12 +177,12 @@ class LeanRedis:
     async def call(self, *args: Arg) -> Any:
         return await self.send(pack(args))
 
-    async def send(self, command: bytes) -> Any:
-        """A command already in RESP (`pack`)."""
+    async def send(self, command: bytes, replies: int = 1) -> Any:
+        """A command already in RESP (`pack`), or several with `replies` replies in all (Connection.send)."""
         connection = self.connection
         if connection is None or connection.closed:
             connection = await self.connect()
-        return await connection.send(command)
+        return await connection.send(command, replies)
 
     async def connect(self) -> Connection:
         if self.connecting is None:

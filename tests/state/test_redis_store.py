@@ -358,3 +358,105 @@ def test_a_full_redis_refuses_a_new_session_before_writing_any_of_it(redis_serve
 
     run(main())
     admin.close()
+
+
+def test_a_commit_leaves_one_record_in_the_hash_whether_it_won_lost_or_found_the_session_gone(redis_server):
+    """The new record goes to Redis as a plain HSET beside the current one, and the compare-and-set script makes
+    it the record or takes it back: a record as a script argument cost Redis more than the rest of a step."""
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(redis_server.url)
+    state = (np.full((4, 64), 0.5, np.float32), np.ones((4, 64), np.float32))
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        other = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        record = await store.create(new_record("m", 1))
+        key = f"lstm-serve:s:{record.session_id}"
+        sent: list[bytes] = []
+        send = store.lean.send
+
+        async def captured(command, replies=1):
+            sent.append(command)
+            return await send(command, replies)
+
+        store.lean.send = captured
+        assert await store.commit(record.advanced(steps=1, state=state), record)
+        won = await store.load(record.session_id)
+        after_win = set(admin.hkeys(key))
+        assert await other.commit(won.advanced(steps=2), won)
+        assert not await store.commit(won.advanced(steps=9, state=state), won)  # lost: other moved it on
+        after_loss = set(admin.hkeys(key))
+        current = await store.load(record.session_id)
+        await other.delete(record.session_id)
+        with pytest.raises(SessionNotFound):
+            await store.commit(current.advanced(steps=3, state=state), current)
+        gone = admin.exists(key)
+        await store.close()
+        await other.close()
+        return won, after_win, after_loss, current, gone, sent
+
+    won, after_win, after_loss, current, gone, sent = run(main())
+    fields = {b"incarnation", b"owner", b"revision", b"indexed"}
+    assert after_win == fields | {b"r:%d" % won.revision} and won.steps == 1 and np.array_equal(won.state[0], state[0])
+    assert after_loss == fields | {b"r:%d" % current.revision} and current.steps == 2
+    assert gone == 0, "a commit to a deleted session left a hash behind"
+    script_part = sent[0][sent[0].index(b"EVALSHA") :]
+    assert len(script_part) < 1024 < len(sent[0]), "the record went to Redis as a script argument"
+    admin.close()
+
+
+def test_a_full_redis_refuses_a_step_and_the_session_stays_as_it_was(redis_server):
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(redis_server.url)
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        record = await store.create(new_record("m", 1))
+        key = f"lstm-serve:s:{record.session_id}"
+        fields_before = admin.hgetall(key)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(StoreUnavailable, match="refused the command"):
+                await store.commit(record.advanced(steps=1), record)
+            assert admin.hgetall(key) == fields_before
+        finally:
+            admin.config_set("maxmemory", 0)
+        view = store.recall(record.session_id)
+        assert view is not None and await store.commit(view.advanced(steps=1), view)  # the same view steps now
+        assert (await store.load(record.session_id)).steps == 1
+        await store.close()
+
+    run(main())
+    admin.close()
+
+
+def test_a_session_stored_by_the_release_before_per_revision_records_loads_and_steps(redis_server):
+    """That release kept the record in field `record`; a rolling upgrade meets its sessions."""
+    import redis as redis_py
+
+    from lstm_serve.state.redis import encode_blob
+
+    admin = redis_py.Redis.from_url(redis_server.url)
+    state = (np.full((2, 3), 0.25, np.float32), np.zeros((2, 3), np.float32))
+    old = new_record("m", 2).advanced(steps=5, state=state, revision=77, last_seq=4, last_digest="d")
+    key = f"lstm-serve:s:{old.session_id}"
+    layout = {"incarnation": old.incarnation, "owner": "", "revision": "77", "record": encode_blob(old)}
+    admin.hset(key, mapping=layout)
+    admin.zadd("lstm-serve:sessions", {old.session_id: time.time() + 1})
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        loaded = await store.load(old.session_id)
+        assert await store.commit(loaded.advanced(steps=6), loaded)
+        stepped = await store.load(old.session_id)
+        await store.close()
+        return loaded, stepped
+
+    loaded, stepped = run(main())
+    assert (loaded.steps, loaded.version, loaded.revision, loaded.last_seq) == (5, 2, 77, 4)
+    assert np.array_equal(loaded.state[0], state[0]) and stepped.steps == 6
+    assert b"record" not in admin.hkeys(key) and b"r:%d" % stepped.revision in admin.hkeys(key)
+    admin.close()

@@ -42,6 +42,26 @@ def test_a_turns_commands_share_one_write_and_each_gets_its_own_reply(redis_serv
     assert isinstance(error[0], ResponseError) and isinstance(error[1], NoScriptError)
 
 
+def test_commands_sent_as_one_get_the_last_reply_or_the_first_error_and_the_next_command_its_own(redis_server):
+    async def main():
+        lean = LeanRedis(redis_server.url, timeout_s=2)
+        transaction = pack(("MULTI",)) + pack(("SET", "t", "1")) + pack(("INCR", "t")) + pack(("EXEC",))
+        refused = pack(("MULTI",)) + pack(("NOSUCHCOMMAND",)) + pack(("EXEC",))
+        results = await asyncio.gather(
+            lean.send(transaction, replies=4),
+            lean.send(refused, replies=3),
+            lean.call("GET", "t"),
+            return_exceptions=True,
+        )
+        await lean.close()
+        return results
+
+    done, refused, after = asyncio.run(main())
+    assert done == [b"OK", 2]  # EXEC's reply
+    assert isinstance(refused, ResponseError) and "unknown command" in str(refused)  # not EXEC's EXECABORT
+    assert after == b"2"
+
+
 def test_a_database_and_a_password_in_the_url_are_used(redis_server):
     async def main():
         admin = LeanRedis(redis_server.url)
