@@ -460,3 +460,17 @@ def test_a_session_stored_by_the_release_before_per_revision_records_loads_and_s
     assert np.array_equal(loaded.state[0], state[0]) and stepped.steps == 6
     assert b"record" not in admin.hkeys(key) and b"r:%d" % stepped.revision in admin.hkeys(key)
     admin.close()
+
+
+def test_revisions_differ_between_processes_forked_or_spawned():
+    """Revisions come from a seeded generator; a forked child carries its parent's, and must not repeat its numbers."""
+    import multiprocessing
+
+    from lstm_serve.state.redis import new_revision
+
+    drawn = []
+    for method in ("fork", "spawn"):
+        with multiprocessing.get_context(method).Pool(1) as pool:
+            drawn += [pool.apply(new_revision) for _ in range(4)]
+        drawn += [new_revision() for _ in range(4)]  # what the parent draws next, as a forked copy would
+    assert len(set(drawn)) == 16
