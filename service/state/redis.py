@@ -237,13 +237,15 @@ def shapes_line(shapes: tuple[tuple[int, ...], ...]) -> bytes:
 FLOAT32 = np.dtype(np.float32)
 
 
-def encode_arrays(arrays: tuple[np.ndarray, ...] | None) -> bytes:
-    """float32 arrays as one blob: a shapes line, then their bytes (b"" for None = zeros). tobytes writes
-    C order whatever the layout, so only another dtype needs a converted copy."""
+def array_parts(arrays: tuple[np.ndarray, ...] | None) -> list[bytes]:
+    """float32 arrays as one blob, in parts: a shapes line, then their bytes ([] for None = zeros). tobytes
+    writes C order whatever the layout, so only another dtype needs a converted copy."""
     if arrays is None:
-        return b""
-    line = shapes_line(tuple([a.shape for a in arrays]))
-    return line + b"".join([(a if a.dtype == FLOAT32 else a.astype(FLOAT32)).tobytes() for a in arrays])
+        return []
+    parts = [shapes_line(tuple([a.shape for a in arrays]))]
+    for a in arrays:
+        parts.append(a.tobytes() if a.dtype is FLOAT32 else a.astype(FLOAT32).tobytes())
+    return parts
 
 
 def decode_arrays(blob: bytes) -> tuple[np.ndarray, ...] | None:
@@ -278,11 +280,19 @@ def encode(record: SessionRecord) -> dict[str | bytes, bytes | str]:
 
 
 def encode_blob(record: SessionRecord) -> bytes:
+    return b"".join(blob_parts(record))
+
+
+def blob_parts(
+    record: SessionRecord, state: list[bytes] | None = None, previous_state: list[bytes] | None = None
+) -> list[bytes]:
+    """The record's blob in parts (a commit sends them without joining them first); `state` and `previous_state`:
+    those arrays' parts where the caller has them (the last commit encoded this one's previous state)."""
     last = record.last_probabilities
     arrays = (
-        encode_arrays(record.state),
-        b"" if last is None else encode_arrays((last,)),
-        encode_arrays(record.previous_state),
+        array_parts(record.state) if state is None else state,
+        [] if last is None else array_parts((last,)),
+        array_parts(record.previous_state) if previous_state is None else previous_state,
     )
     meta = {
         "model": record.model,
@@ -292,9 +302,9 @@ def encode_blob(record: SessionRecord) -> bytes:
         "steps": record.steps,
         "last_seq": record.last_seq,
         "last_digest": record.last_digest,
-        "sizes": [len(a) for a in arrays],
+        "sizes": [sum(map(len, parts)) for parts in arrays],
     }
-    return b"".join((orjson.dumps(meta), b"\n", *arrays))
+    return [orjson.dumps(meta), b"\n", *arrays[0], *arrays[1], *arrays[2]]
 
 
 def decode(session_id: str, fields: dict[bytes, bytes], blob: bytes) -> SessionRecord:
@@ -356,6 +366,9 @@ class RedisSessionStore:
         self.lean = LeanRedis(url, timeout_s)  # the commands of every step; the rest go through redis-py
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
         self.recent: OrderedDict[str, SessionRecord] = OrderedDict()  # this replica's last view of sessions
+        # of the recent sessions, the state this replica last committed and its encoding: the next commit sends it
+        # again as the previous state (what a retry of a chunk recomputes its per-frame outputs from)
+        self.sent_states: dict[str, tuple[tuple[np.ndarray, ...] | None, list[bytes]]] = {}
         self.index_slack_s = min(INDEX_SLACK_S, ttl_s / 10)
         # per session incarnation, the start of its COMMIT command, the same for every step: the EVALSHA,
         # the keys and the arguments that do not change (what RESP encoding costs is then one blob's header)
@@ -390,8 +403,12 @@ class RedisSessionStore:
         self.recent[record.session_id] = record
         self.recent.move_to_end(record.session_id)
         if len(self.recent) > RECENT_SESSIONS:
-            self.recent.popitem(last=False)
+            self.forget(next(iter(self.recent)))
         return record
+
+    def forget(self, session_id: str) -> None:
+        self.recent.pop(session_id, None)
+        self.sent_states.pop(session_id, None)
 
     def recall(self, session_id: str) -> SessionRecord | None:
         """This replica's last view of a session, without a round trip; it may be stale (another replica
@@ -410,7 +427,7 @@ class RedisSessionStore:
             await self.lean.call("SCRIPT", "LOAD", script)
             return await self.lean.send(command)
 
-    async def run_commit(self, command: bytes) -> Any:
+    async def run_commit(self, command: list[bytes]) -> Any:
         """A commit's MULTI (MULTI, HSET, EXPIRE, EVALSHA, EXEC: five replies). In a MULTI, a Redis that lost its
         scripts answers NOSCRIPT in EXEC's reply, after the HSET and EXPIRE ran: the same command again writes the
         same field, and the script then keeps it or takes it back."""
@@ -453,7 +470,7 @@ class RedisSessionStore:
         flat = await self.lean.call("HGETALL", session_key(session_id))
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         if not fields:
-            self.recent.pop(session_id, None)
+            self.forget(session_id)
             raise SessionNotFound(f"no session {caller_id(session_id)!r} (never created, deleted, or expired)")
         # a commit by a release that kept the record in field "record" leaves this release's field behind
         blob = fields.get(record_field(int(fields.get(b"revision", 0)))) or fields.get(b"record")
@@ -468,29 +485,33 @@ class RedisSessionStore:
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
         revision = new_revision()
         write, compare = self.commit_head(expected)
-        command = b"".join(
-            (
-                write,
-                bulk(record_field(revision)),
-                bulk(encode_blob(record)),
-                compare,
-                bulk(b"%d" % expected.revision),
-                bulk(repr(float(record.last_used)).encode()),
-                bulk(b"%d" % revision),
-                EXEC,
-            )
-        )
+        state = array_parts(record.state)
+        sent = self.sent_states.get(record.session_id)
+        previous = sent[1] if sent is not None and record.previous_state is sent[0] is not None else None
+        blob = blob_parts(record, state, previous)
+        command = [
+            write,
+            bulk(record_field(revision)),
+            b"$%d\r\n" % sum(map(len, blob)),
+            *blob,
+            b"\r\n",
+            compare,
+            bulk(b"%d" % expected.revision),
+            bulk(repr(float(record.last_used)).encode()),
+            bulk(b"%d" % revision),
+            EXEC,
+        ]
         try:
             result = await self.run_commit(command)
         except NotSent as error:  # no connection: the step never left, and is not applied
             self.outages.error(error)
             raise StoreUnavailable(UNSENT_STEP, headers={"Retry-After": "1"}) from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:  # it may have reached Redis, and run
-            self.recent.pop(record.session_id, None)
+            self.forget(record.session_id)
             self.outages.error(error)
             raise StepUnconfirmed(UNCONFIRMED_STEP, headers={"Retry-After": "1"}) from None
         if result == -1:
-            self.recent.pop(record.session_id, None)
+            self.forget(record.session_id)
             self.commit_heads.pop(record.session_id, None)
             raise SessionNotFound(
                 f"session {caller_id(record.session_id)!r} was deleted or expired while this chunk ran; "
@@ -498,6 +519,7 @@ class RedisSessionStore:
             )
         if result == 1:
             self.remember(record.revised(revision))
+            self.sent_states[record.session_id] = (record.state, state)
         return result == 1
 
     @reachable
@@ -507,7 +529,7 @@ class RedisSessionStore:
 
     async def remove(self, session_id: str) -> bool:
         """Delete the session wherever it is counted; False if there was none."""
-        self.recent.pop(session_id, None)
+        self.forget(session_id)
         self.commit_heads.pop(session_id, None)
         return bool(await self.run_script(DELETE, [session_key(session_id), INDEX], [session_id, quota_index("")]))
 

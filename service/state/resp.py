@@ -78,17 +78,21 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
 
-    def send(self, command: bytes, replies: int = 1) -> asyncio.Future[Any]:
-        """`command`: one or more commands in RESP whose `replies` replies come back in order; the future gets the
-        last, or the first error among them (a MULTI's queued commands answer QUEUED, or why they were refused)."""
+    def send(self, command: bytes | list[bytes], replies: int = 1) -> asyncio.Future[Any]:
+        """`command`: one or more commands in RESP (in parts, as a list, to be joined only with the rest of the
+        turn's) whose `replies` replies come back in order; the future gets the last, or the first error among
+        them (a MULTI's queued commands answer QUEUED, or why they were refused)."""
         if self.closed or self.transport is None:
             raise RedisConnectionError("the Redis connection is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.waiting.append(Waiting(future, replies))
-        self.outgoing.append(command)
-        if len(self.outgoing) == 1:  # the first of this turn: the turn's other commands join its write
+        if not self.outgoing:  # the first of this turn: the turn's other commands join its write
             loop.call_soon(self.flush)
+        if isinstance(command, list):
+            self.outgoing += command
+        else:
+            self.outgoing.append(command)
         return future
 
     def flush(self) -> None:
@@ -177,7 +181,7 @@ class LeanRedis:
     async def call(self, *args: Arg) -> Any:
         return await self.send(pack(args))
 
-    async def send(self, command: bytes, replies: int = 1) -> Any:
+    async def send(self, command: bytes | list[bytes], replies: int = 1) -> Any:
         """A command already in RESP (`pack`), or several with `replies` replies in all (Connection.send)."""
         connection = self.connection
         if connection is None or connection.closed:

@@ -162,7 +162,7 @@ def test_the_commits_of_one_turn_go_in_one_pipeline_and_each_gets_its_own_answer
         flushes, flush = [], connection.flush
 
         def counted() -> None:
-            flushes.append(len(connection.outgoing))
+            flushes.append(len(connection.waiting))
             flush()
 
         connection.flush = counted
@@ -377,7 +377,7 @@ def test_a_commit_leaves_one_record_in_the_hash_whether_it_won_lost_or_found_the
         send = store.lean.send
 
         async def captured(command, replies=1):
-            sent.append(command)
+            sent.append(b"".join(command) if isinstance(command, list) else command)
             return await send(command, replies)
 
         store.lean.send = captured
