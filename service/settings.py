@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     max_sequence_length: int = Field(4096, ge=1, description="frames in one sequence or one streamed chunk")
     max_sequences_per_request: int = Field(256, ge=1, description="sequences in one classify request")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body or WebSocket message")
+    max_buffered_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="request bodies and WebSocket messages held while they arrive, in all (each one's first 64 KiB "
+        "free); past it, 503 (WebSocket: close 1013). At least twice max_body_bytes",
+    )
     sweep_interval_s: float = Field(1.0, gt=0, description="how often expired sessions are removed")
     redis_url: str | None = Field(None, description="redis://host:port/db: sessions in Redis, shared by replicas")
     host: str = Field("127.0.0.1", description="address to bind")
@@ -178,6 +184,15 @@ class Settings(BaseSettings):
     @classmethod
     def empty_poll_is_none(cls, value: object) -> object:
         return None if value in ("", "0") else value
+
+    @model_validator(mode="after")
+    def buffers_hold_a_largest_message(self) -> Settings:
+        if self.max_buffered_bytes < 2 * self.max_body_bytes:  # a WebSocket message may be 2 x max_body_bytes
+            raise ValueError(
+                f"max_buffered_bytes={self.max_buffered_bytes} must be at least twice max_body_bytes="
+                f"{self.max_body_bytes} (the largest WebSocket message), or no such message could ever arrive"
+            )
+        return self
 
     @model_validator(mode="after")
     def rate_limit_reads(self) -> Settings:

@@ -20,6 +20,7 @@ from lstm_serve.core.inputs import Limits
 from lstm_serve.core.metrics import Metrics
 from lstm_serve.core.runtime import Runtime
 from lstm_serve.errors import ServiceError
+from lstm_serve.http.buffers import buffers
 from lstm_serve.http.connections import HeaderDeadline
 from lstm_serve.http.docs import Documents
 from lstm_serve.http.frame import Frame
@@ -148,6 +149,7 @@ def create_app(settings: Settings | None = None) -> Frame:
     HeaderDeadline.header_timeout_s = settings.header_timeout_s
     HeaderDeadline.max_header_bytes = settings.max_header_bytes
     HeaderDeadline.send_timeout_s = WebSocketProtocol.send_timeout_s = settings.body_timeout_s
+    buffers.limit = settings.max_buffered_bytes
     metrics = Metrics()
     HeaderDeadline.rejected = metrics.rejected
     store = make_store(settings, metrics)

@@ -28,6 +28,7 @@ from lstm_serve.errors import (
     MethodNotAllowed,
     NotFound,
     NotReady,
+    Overloaded,
     RequestTimeout,
     ServiceError,
     TooManyWebSockets,
@@ -36,6 +37,7 @@ from lstm_serve.errors import (
     UpgradeRequired,
 )
 from lstm_serve.http import logs
+from lstm_serve.http.buffers import Holding
 from lstm_serve.http.connections import BODY_COMPLETE
 from lstm_serve.http.guard import Guard, chosen_subprotocol, client_address, header, request_id
 from lstm_serve.http.table import RouteTable
@@ -83,6 +85,7 @@ class Frame:
         context = RequestContext(request_id(scope), Caller(None, client_address(scope)))
         scope[RequestContext.SCOPE_KEY] = context
         extra_headers = [(b"x-request-id", context.request_id.encode())]
+        body = Holding()  # what of its body this request holds, counted against max_buffered_bytes
 
         async def send_marked(message: Message) -> None:
             nonlocal status, responding
@@ -114,7 +117,7 @@ class Frame:
                 if not route.public:
                     await self.runtime.check_rate(context.caller)
                 if route.reads_body:
-                    receive = self.checked_body(route, scope, receive, started)
+                    receive = self.checked_body(route, scope, receive, started, body)
                 scope["path_params"] = found.params
                 context.session_id = found.params.get("session_id")
                 endpoint: HttpEndpoint = route.endpoint  # type: ignore[assignment]
@@ -136,13 +139,15 @@ class Frame:
                     cut = NotReady(CUT_AT_SHUTDOWN, headers={"Retry-After": "1", "Connection": "close"})
                     await protocol.render(cut, context.request_id)(scope, receive, send_marked)
         finally:
+            body.release()
             latency_s, template = time.perf_counter() - started, found.template or "unmatched"
             self.runtime.metrics.request_done(template, method, str(status), latency_s)
             logs.request_line(context, method, template, status, latency_s, self.runtime.settings.access_log)
 
-    def checked_body(self, route: Route, scope: Scope, receive: Receive, started: float) -> Receive:
+    def checked_body(self, route: Route, scope: Scope, receive: Receive, started: float, body: Holding) -> Receive:
         """Refuse a body of a media type the route does not read, over max_body_bytes (declared, or found
-        while it streams in), or not all sent within body_timeout_s (408, and the connection closes); the
+        while it streams in), not all sent within body_timeout_s (408, and the connection closes), or whose
+        next chunk would take the bodies held past max_buffered_bytes (503, and the connection closes); the
         endpoint reads through the returned `receive`."""
         limits = self.runtime.limits
         declared = header(scope, b"content-length")
@@ -182,6 +187,11 @@ class Frame:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 check_body_size(received, limits)
+                if not body.hold(received):
+                    raise Overloaded(
+                        "the server holds too many request bodies that are still arriving; retry shortly",
+                        headers={"Retry-After": "1", "Connection": "close"},
+                    )
                 if received and untyped_chunks:
                     raise unsupported_type("none", route)
             return message

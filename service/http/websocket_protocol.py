@@ -39,6 +39,7 @@ from uvicorn.protocols.utils import ClientDisconnected, get_local_addr, get_remo
 from uvicorn.server import ServerState
 
 from lstm_serve.core.batcher import arrivals
+from lstm_serve.http.buffers import Holding
 from lstm_serve.http.connections import SendDeadline, asks_for_websocket
 
 
@@ -69,7 +70,7 @@ CLOSE_TIMEOUT_S = 10.0  # after our close frame, how long the client has to answ
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 DATA_OPCODES = {CONT, TEXT, BINARY}
 CONTROL_OPCODES = {CLOSE, PING, PONG}
-PROTOCOL_ERROR, INVALID_DATA, TOO_BIG, GOING_AWAY_RESTART = 1002, 1007, 1009, 1012
+PROTOCOL_ERROR, INVALID_DATA, TOO_BIG, GOING_AWAY_RESTART, TRY_AGAIN_LATER = 1002, 1007, 1009, 1012, 1013
 NO_STATUS, ABNORMAL = 1005, 1006
 # close codes a client may send (RFC 6455 7.4 and the IANA registry); 3000-4999 belong to libraries and apps
 SENDABLE_CODES = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
@@ -85,6 +86,10 @@ class ProtocolError(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
+
+
+def message_size(message: dict[str, Any]) -> int:
+    return len(message.get("bytes") or message.get("text") or "")
 
 
 def accept_key(key: str) -> str:
@@ -224,6 +229,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.fragments_opcode: int | None = None
         # messages for the app: handed to a waiting receive(), else queued
         self.inbox: deque[dict[str, Any]] = deque()
+        self.inbox_bytes = 0
+        self.held = Holding()  # pending + fragments + inbox, counted against max_buffered_bytes (http/buffers.py)
         self.waiter: asyncio.Future[dict[str, Any]] | None = None
         self.disconnect_message: dict[str, Any] | None = None
         self.read_paused = False
@@ -248,6 +255,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.connections.discard(self)
         self.disconnected = True
         self.uncount()
+        self.held.release()
         self.stop_timers()
         self.deliver_disconnect(ABNORMAL)
         self.writable.set()  # a send() waiting for the buffer to drain learns the client is gone
@@ -304,6 +312,14 @@ class WebSocketProtocol(asyncio.Protocol):
             self.parse_pending()
         else:
             self.parse_or_fail(data)
+        self.count_held()
+
+    def count_held(self) -> None:
+        """What this connection holds of messages not yet taken by the app, against max_buffered_bytes: past
+        it, the connection closes (1013, try again later)."""
+        size = self.pending_size + len(self.fragments) + self.inbox_bytes
+        if not self.held.hold(size) and not self.close_sent:
+            self.fail(TRY_AGAIN_LATER, "the server holds too many messages still arriving; try again later")
 
     def parse_pending(self) -> None:
         """The bytes held back (a frame's start, or frames read before reading paused), once whole."""
@@ -529,6 +545,7 @@ class WebSocketProtocol(asyncio.Protocol):
             waiter.set_result(message)
             return
         self.inbox.append(message)
+        self.inbox_bytes += message_size(message)
         if len(self.inbox) >= MAX_QUEUED and not self.read_paused and not self.transport.is_closing():
             self.read_paused = True
             self.transport.pause_reading()
@@ -541,7 +558,9 @@ class WebSocketProtocol(asyncio.Protocol):
     async def receive(self) -> dict[str, Any]:
         if self.inbox:
             message = self.inbox.popleft()
+            self.inbox_bytes -= message_size(message)
             self.resume_reading_if_caught_up()
+            self.count_held()
             self.taken_at_once += 1
             if self.taken_at_once >= YIELD_EVERY:  # a client that keeps the inbox full gets no more than its turn
                 self.taken_at_once = 0
