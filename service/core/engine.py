@@ -43,9 +43,6 @@ class StepResult:
     class_id: int | None = None  # the argmax of `probabilities`, when the batch computed it
 
 
-CLOCK_SKEW_S = 1.0  # how far apart replicas' clocks may be, for telling a restart before a step from one during it
-
-
 def chunk_digest(frames: np.ndarray) -> str:
     data = frames.data if frames.flags.c_contiguous else frames.tobytes()  # a contiguous array: in place
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -102,15 +99,17 @@ class Engine:
     async def create_session(self, model: LoadedModel, session_id: str, quota: str) -> SessionRecord:
         """`quota`: whose share of sessions it counts against (Caller.quota_key)."""
         self.fleet.check_new_session(model)
-        return await self.created(new_record(model.name, model.version, session_id, quota=quota))
+        record = new_record(model.name, model.version, session_id, now=self.store.now(), quota=quota)
+        return await self.created(record)
 
     async def import_session(
         self, model: LoadedModel, session_id: str, quota: str, exported: Exported
     ) -> SessionRecord:
         """A new session that continues from an exported state (core/session_state.py)."""
         self.fleet.check_new_session(model)
+        now = self.store.now()
         record = new_record(
-            model.name, model.version, session_id, quota=quota, steps=exported.steps, state=exported.state
+            model.name, model.version, session_id, now, quota=quota, steps=exported.steps, state=exported.state
         )
         return await self.created(record)
 
@@ -148,6 +147,7 @@ class Engine:
                 model.name,
                 model.version,
                 session_id,
+                self.store.now(),
                 quota=quota,
                 steps=len(chunk),
                 state=tuple(out.state),
@@ -170,7 +170,7 @@ class Engine:
         again. `to_chunk` checks the frames against the session's model, known once the session is
         loaded (one load per step: with Redis each load is a round trip). `alone`: no other request is
         waiting (Batcher.submit)."""
-        started = time.time()
+        started = self.store.now()
         locks = self.store.lock
         if not locks.try_acquire(session_id):  # the common case takes a free lock without awaiting
             await locks.acquire(session_id)
@@ -205,7 +205,9 @@ class Engine:
                 # session: this chunk was not meant for it. From a stale view, a replacement created before the
                 # step began (by more than the replicas' clock skew) is the session this chunk is for.
                 current = await self.store.load(session_id)
-                if current.incarnation != record.incarnation and (fresh or current.created_at > started - CLOCK_SKEW_S):
+                if current.incarnation != record.incarnation and (
+                    fresh or current.created_at > started - self.store.clock_error_s
+                ):
                     raise SessionRestarted(
                         f"session {caller_id(session_id)!r} was restarted while this chunk ran; "
                         "the chunk was not applied"

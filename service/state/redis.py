@@ -35,7 +35,7 @@ import os
 import random
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar, cast
@@ -67,6 +67,10 @@ RECENT_SESSIONS = 1024  # sessions whose last state a replica keeps, to step the
 TAKE_TIMEOUT_S, OPEN_S = 0.5, 5.0  # a rate bucket's round trip, and how long the limit stays open after one fails
 INDEX_SLACK_S = 1.0  # at most this far (and at most a tenth of the TTL) a session's index score runs ahead
 EXEC = pack(("EXEC",))
+# A replica's clock against Redis's, sampled by each sweep (TIME, and the round trip's midpoint), so that
+# replicas agree within milliseconds on when a session was restarted and a step began; until the first
+# sample, and if the best of the last CLOCK_SAMPLES is worse, a second either way
+CLOCK_SAMPLES, CLOCK_MARGIN_S, CLOCK_UNKNOWN_S = 10, 0.01, 1.0
 MAX_ABANDONED, ABANDONED_CHECKS = 10_000, 3  # creates whose answer was lost, looked for until deleted (abandon)
 
 # KEYS[1] session hash, KEYS[2] index, KEYS[3] the quota's index; ARGV: now, ttl, max, max per quota, id,
@@ -377,6 +381,8 @@ class RedisSessionStore:
         )  # by id: (incarnation, head)
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
         self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
+        self.clock_samples: deque[tuple[float, float]] = deque(maxlen=CLOCK_SAMPLES)  # (offset, half round trip)
+        self.clock_offset, self.clock_error_s = 0.0, CLOCK_UNKNOWN_S
         self.abandoned: dict[str, tuple[float, int]] = {}  # id -> (when abandoned, times Redis said it was absent)
         self.cleaner: asyncio.Task[None] | None = None
 
@@ -556,9 +562,27 @@ class RedisSessionStore:
                 else:
                     self.abandoned[session_id] = (since, absent + 1)
 
+    def now(self) -> float:
+        """Unix seconds on Redis's clock, as this replica last measured it against its own."""
+        return time.time() + self.clock_offset
+
+    async def sync_clock(self) -> None:
+        """Sample Redis's clock; the best sample of the last few sets the offset. Another replica's sample may
+        be as far off as this one's, and each may be off by its half round trip: the error counts both,
+        plus CLOCK_MARGIN_S for the time between samples."""
+        before = time.time()
+        seconds, micros = await self.client.time()
+        after = time.time()
+        self.clock_samples.append((seconds + micros / 1e6 - (before + after) / 2, (after - before) / 2))
+        offset, half_trip = min(self.clock_samples, key=lambda sample: sample[1])
+        self.clock_offset = offset
+        self.clock_error_s = min(CLOCK_UNKNOWN_S, 2 * half_trip + CLOCK_MARGIN_S)
+
     @reachable
     async def sweep(self) -> int:
-        """Redis expires the hashes itself; this drops them from the index and counts them."""
+        """Redis expires the hashes itself; this drops them from the index and counts them (and samples its
+        clock)."""
+        await self.sync_clock()
         expired = await self.client.zremrangebyscore(INDEX, "-inf", time.time() - self.ttl_s)
         if expired:
             self.on_expired(expired)

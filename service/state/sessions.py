@@ -127,6 +127,12 @@ def quota_full(max_per_quota: int, ttl_s: float) -> TooManySessions:
 class SessionStore(Protocol):
     ttl_s: float
     lock: KeyedLocks  # orders the steps of one session within this process
+    clock_error_s: float  # how far apart two processes' now() may be
+
+    def now(self) -> float:
+        """Unix seconds, as every process sharing this store tells them apart (a session's creation, a step's
+        start: whether a restart came before a step or during it)."""
+        ...
 
     async def create(self, record: SessionRecord) -> SessionRecord:
         """Store a new session; a record whose id exists replaces that session (a restart keeps its slot)."""
@@ -235,6 +241,10 @@ class InMemorySessionStore:
         self._sessions: OrderedDict[str, SessionRecord] = OrderedDict()
         self._per_quota: Counter[str] = Counter()  # live sessions per quota key
         self.lock = KeyedLocks()
+        self.clock_error_s = 0.0  # one process
+
+    def now(self) -> float:
+        return self.clock()
 
     def _expired(self, record: SessionRecord, now: float) -> bool:
         return now - record.last_used >= self.ttl_s

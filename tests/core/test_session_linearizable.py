@@ -263,3 +263,31 @@ def test_a_step_never_lands_on_a_session_that_replaced_its_own(kind, replacement
         return held
 
     assert asyncio.run(main()) == 0, "the replaced session holds a chunk that was sent to the one before it"
+
+
+def test_a_step_from_a_stale_view_lands_on_a_restart_made_just_before_it_on_another_replica(shared_redis):
+    """Replica a holds a view of the session from before b restarted it; the next chunk reaches a 50 ms after
+    the restart (a load balancer's next pick). The chunk is for the restarted session: a compared the restart's
+    time with its step's on clocks that could differ by a second, and refused it (409 session_restarted);
+    each replica now measures its clock against Redis's, which they agree on within milliseconds."""
+
+    async def main():
+        stores = [RedisSessionStore(shared_redis.url, ttl_s=60, max_sessions=10**6) for _ in range(2)]
+        for store in stores:
+            await store.sweep()  # as every replica's sweep does once a second: the clock is sampled
+        a, b = fake_engine(stores[0], 0), fake_engine(stores[1], 1)
+        key = f"test:{uuid.uuid4().hex}"
+        await a.create_session(a.model("fake"), key, "open")
+        assert stores[0].recall(key) is not None and stores[0].clock_error_s < 0.1
+        await b.create_session(b.model("fake"), key, "open")  # the restart, on the other replica
+        await asyncio.sleep(0.05)
+        result = await a.step(key, lambda _: Chunk(np.array([[1.0]], np.float32)), None, False)
+        stored = await stores[1].load(key)
+        for engine in (a, b):
+            await engine.stop()
+        for store in stores:
+            await store.close()
+        return result.steps, stored
+
+    steps, stored = asyncio.run(main())
+    assert steps == 1 and stored.steps == 1
