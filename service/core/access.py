@@ -17,6 +17,7 @@ from pathlib import Path
 from lstm_serve.settings import Settings
 
 HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
+PRESENTABLE = re.compile(r"[\x21-\x7e]+")  # what an Authorization: Bearer header carries: printable ASCII, no spaces
 OPEN = "open"  # the owner of every session on a server without keys
 
 
@@ -67,7 +68,7 @@ class KeyRing:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing:
-        digests = [sha256(key) for key in split_keys(settings.api_keys)]
+        digests = [sha256(presentable(key, "api_keys")) for key in split_keys(settings.api_keys)]
         if settings.api_keys_file is not None:
             digests += read_key_file(settings.api_keys_file)
         return cls(list(dict.fromkeys(digests)))
@@ -80,7 +81,7 @@ class KeyRing:
             hashed = HASHED.fullmatch(key)
             if key.startswith("sha256:") and not hashed:
                 raise KeyFileError("admin_keys: sha256: must be followed by 64 hex digits")
-            digests.append(bytes.fromhex(hashed[1]) if hashed else sha256(key))
+            digests.append(bytes.fromhex(hashed[1]) if hashed else sha256(presentable(key, "admin_keys")))
         return cls(list(dict.fromkeys(digests)))
 
     @property
@@ -122,5 +123,18 @@ def read_key_file(path: Path) -> list[bytes]:
         hashed = HASHED.fullmatch(line)
         if line.startswith("sha256:") and not hashed:
             raise KeyFileError(f"api_keys_file {path} line {number}: sha256: must be followed by 64 hex digits")
-        digests.append(bytes.fromhex(hashed[1]) if hashed else sha256(line))
+        digests.append(
+            bytes.fromhex(hashed[1]) if hashed else sha256(presentable(line, f"api_keys_file {path} line {number}"))
+        )
     return digests
+
+
+def presentable(key: str, where: str) -> str:
+    """A key no client could present (a space inside it, a character outside printable ASCII, which a header
+    carries as bytes of some encoding) would load and never match: refused at start instead."""
+    if not PRESENTABLE.fullmatch(key):
+        raise KeyFileError(
+            f"{where}: an API key must be printable ASCII without spaces (an Authorization: Bearer token); "
+            "use a random one, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return key

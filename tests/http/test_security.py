@@ -75,6 +75,27 @@ def test_a_key_file_holds_plain_keys_and_sha256_hashes(start_server, tmp_path):
         assert httpx.get(f"{server.url}/v1/models", headers=auth(key)).status_code == status, key
 
 
+@pytest.mark.parametrize(
+    ("env", "where"),
+    [
+        ({"LSTM_SERVE_API_KEYS_FILE": "{file}"}, "line 2"),
+        ({"LSTM_SERVE_API_KEYS": "good-key-1,two words"}, "api_keys"),
+        ({"LSTM_SERVE_ADMIN_KEYS": "schl\u00fcssel"}, "admin_keys"),
+    ],
+)
+def test_a_key_no_client_could_present_is_refused_at_start_not_loaded_to_never_match(
+    start_server, tmp_path, env, where
+):
+    keys = tmp_path / "keys"
+    keys.write_text("good-key-1\nschl\u00fcssel-\u043a\u043b\u044e\u0447\n", encoding="utf-8")
+    env = {name: value.replace("{file}", str(keys)) for name, value in env.items()}
+    server = start_server(env={"LSTM_SERVE_API_KEYS": "good-key-1", **env}, wait=False)
+    assert server.proc.wait(30) != 0
+    output = server.output()
+    assert where in output and "printable ASCII without spaces" in output, output[-500:]
+    assert "schl" not in output and "two words" not in output, "the refused key was written out"
+
+
 def test_a_server_without_keys_says_so_loudly(start_server):
     server = start_server()
     assert "NO API KEYS ARE SET" in server.output()
