@@ -59,6 +59,17 @@ def decompress(body: bytes, encoding: str | None, limits: Limits) -> bytes:
         return body
     if encoding not in ("gzip", "deflate"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+    if encoding == "deflate":
+        if not zlib_header(body):
+            return inflate_raw(body, limits)
+        try:
+            return inflate(body, encoding, limits)
+        except MalformedRequest:  # a raw stream whose first bytes happen to read as a zlib header (1 in ~500)
+            return inflate_raw(body, limits)
+    return inflate(body, encoding, limits)
+
+
+def inflate(body: bytes, encoding: str, limits: Limits) -> bytes:
     data, rest = b"", body
     for _ in range(MAX_GZIP_MEMBERS):  # gzip is a series of members (RFC 1952 2.2); zlib is one stream
         inflater = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip framing, detected from the header
@@ -75,6 +86,26 @@ def decompress(body: bytes, encoding: str | None, limits: Limits) -> bytes:
         if not rest.startswith(GZIP_MAGIC):
             raise MalformedRequest(f"the {encoding} body has bytes after its compressed stream")
     raise MalformedRequest(f"the gzip body has more than {MAX_GZIP_MEMBERS} members")
+
+
+def zlib_header(body: bytes) -> bool:
+    """Whether `body` starts as a zlib stream does (RFC 1950: method 8, check bits that make a multiple of 31)."""
+    return len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0
+
+
+def inflate_raw(body: bytes, limits: Limits) -> bytes:
+    """Deflate as many clients send it: a raw stream without RFC 9110's zlib wrapper (browsers take either too)."""
+    inflater = zlib.decompressobj(wbits=-15)
+    try:
+        data = inflater.decompress(body, limits.max_body_bytes + 1)
+    except zlib.error as error:
+        raise MalformedRequest(f"the deflate body could not be decompressed: {error}") from None
+    check_body_size(len(data), limits, "the decompressed body")
+    if not inflater.eof:
+        raise MalformedRequest("the deflate body could not be decompressed: it ends before its stream does")
+    if inflater.unused_data:
+        raise MalformedRequest("the deflate body has bytes after its compressed stream")
+    return data
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:

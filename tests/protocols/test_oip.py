@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import zlib
 
 import httpx
 import numpy as np
@@ -347,6 +348,14 @@ def test_what_other_clients_send_is_read_as_they_mean_it(client, test_sequences)
     members = gzip.compress(raw[:100]) + gzip.compress(raw[100:])
     again = infer_raw(client, members, {"Content-Encoding": "gzip"})
     assert again.status_code == 200 and again.json()["outputs"] == reply.json()["outputs"], again.text
+    # deflate as RFC 9110 says (zlib-wrapped) and as many clients send it (raw)
+    for wbits in (15, -15):
+        packer = zlib.compressobj(wbits=wbits)
+        deflated = infer_raw(client, packer.compress(raw) + packer.flush(), {"Content-Encoding": "deflate"})
+        assert deflated.status_code == 200 and deflated.json()["outputs"] == reply.json()["outputs"], deflated.text
+    packer = zlib.compressobj(wbits=-15)
+    cut = (packer.compress(raw) + packer.flush())[:-3]
+    assert infer_raw(client, cut, {"Content-Encoding": "deflate"}).status_code == 400
 
 
 def test_an_inference_header_length_given_twice_differently_is_refused(client):
