@@ -21,10 +21,14 @@ def small_budget(start_server):
     return start_server("--max-body-bytes", str(MIB), "--max-buffered-bytes", str(2 * MIB), "--body-timeout-s", "30")
 
 
-def stalled_body(server, size: int = PART) -> socket.socket:
-    """A classify request that declares 1 MiB, sends `size` bytes of it and stalls."""
+def stalled_body(server, size: int = PART, last: bool = False) -> socket.socket:
+    """A classify request that declares 1 MiB, sends `size` bytes of it and stalls (`last`: the connection's)."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    head = f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {MIB}\r\n\r\n"
+    close = "Connection: close\r\n" if last else ""
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\n{close}Content-Type: application/json\r\n"
+        f"Content-Length: {MIB}\r\n\r\n"
+    )
     sock.sendall(head.encode())
     sent = 0
     try:
@@ -63,7 +67,7 @@ def test_stalled_bodies_past_the_budget_are_refused_and_small_requests_still_ser
     first.close()
     second.close()
     time.sleep(0.5)
-    again = stalled_body(small_budget, MIB)  # all of it: now read to its end and answered for what it is
+    again = stalled_body(small_budget, MIB, last=True)  # all of it: now read to its end and answered for what it is
     answer = answer_of(again, 5)
     assert answer.startswith(b"HTTP/1.1 4") and not answer.startswith(b"HTTP/1.1 413"), answer[:300]
     lines = httpx.get(f"{small_budget.url}/metrics").text.splitlines()
