@@ -376,9 +376,7 @@ class RedisSessionStore:
         self.index_slack_s = min(INDEX_SLACK_S, ttl_s / 10)
         # per session incarnation, the start of its COMMIT command, the same for every step: the EVALSHA,
         # the keys and the arguments that do not change (what RESP encoding costs is then one blob's header)
-        self.commit_heads: OrderedDict[str, tuple[str, tuple[bytes, bytes]]] = (
-            OrderedDict()
-        )  # by id: (incarnation, head)
+        self.commit_heads: OrderedDict[str, tuple[str, tuple[bytes, bytes]]] = OrderedDict()  # id: incarnation, head
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
         self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
         self.clock_samples: deque[tuple[float, float]] = deque(maxlen=CLOCK_SAMPLES)  # (offset, half round trip)
