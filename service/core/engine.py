@@ -203,7 +203,7 @@ class Engine:
                 # stale): redo the chunk on its state (with seq, the check above decides again). But a session
                 # restarted (or deleted and created again) under the same id while this chunk ran is another
                 # session: this chunk was not meant for it. From a stale view, a replacement created before the
-                # step began (by more than the replicas' clock skew) is the session this chunk is for.
+                # step began (by more than the store's clock_error_s) is the session this chunk is for.
                 current = await self.store.load(session_id)
                 if current.incarnation != record.incarnation and (
                     fresh or current.created_at > started - self.store.clock_error_s

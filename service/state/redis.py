@@ -374,8 +374,8 @@ class RedisSessionStore:
         # again as the previous state (what a retry of a chunk recomputes its per-frame outputs from)
         self.sent_states: dict[str, tuple[tuple[np.ndarray, ...] | None, list[bytes]]] = {}
         self.index_slack_s = min(INDEX_SLACK_S, ttl_s / 10)
-        # per session incarnation, the start of its COMMIT command, the same for every step: the EVALSHA,
-        # the keys and the arguments that do not change (what RESP encoding costs is then one blob's header)
+        # per session incarnation, the parts of its commit that are the same for every step (commit_head): what
+        # RESP encoding costs is then the new record's header and three numbers
         self.commit_heads: OrderedDict[str, tuple[str, tuple[bytes, bytes]]] = OrderedDict()  # id: incarnation, head
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
         self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
@@ -422,30 +422,24 @@ class RedisSessionStore:
     async def run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
         return await self.run_packed(script, pack(("EVALSHA", SHA1[script], len(keys), *keys, *args)))
 
-    async def run_packed(self, script: str, command: bytes) -> Any:
+    async def run_packed(self, script: str, command: bytes | list[bytes], replies: int = 1) -> Any:
         """An EVALSHA of `script`, encoded; a Redis that lost its scripts (restarted, SCRIPT FLUSH) ran
-        nothing and answered NOSCRIPT: load the script and send the call again."""
+        nothing and answered NOSCRIPT: load the script and send the call again. With `replies` > 1 the call
+        is the last command of a MULTI (commit's): its answer is the last of EXEC's, and NOSCRIPT comes there,
+        after the commands before it ran; sent again, they write the same again."""
         try:
-            return await self.lean.send(command)
+            return await self.send_script(command, replies)
         except NoScriptError:
             await self.lean.call("SCRIPT", "LOAD", script)
-            return await self.lean.send(command)
+            return await self.send_script(command, replies)
 
-    async def run_commit(self, command: list[bytes]) -> Any:
-        """A commit's MULTI (MULTI, HSET, EXPIRE, EVALSHA, EXEC: five replies). In a MULTI, a Redis that lost its
-        scripts answers NOSCRIPT in EXEC's reply, after the HSET and EXPIRE ran: the same command again writes the
-        same field, and the script then keeps it or takes it back."""
-        replies = await self.lean.send(command, replies=5)
-        result = replies[-1]
-        if isinstance(result, hiredis.ReplyError):
-            error = reply_error(result)
-            if not isinstance(error, NoScriptError):
-                raise error
-            await self.lean.call("SCRIPT", "LOAD", COMMIT)
-            result = (await self.lean.send(command, replies=5))[-1]
-            if isinstance(result, hiredis.ReplyError):
-                raise reply_error(result)
-        return result
+    async def send_script(self, command: bytes | list[bytes], replies: int) -> Any:
+        answer = await self.lean.send(command, replies)
+        if replies == 1:
+            return answer
+        if isinstance(answer[-1], hiredis.ReplyError):  # an error in EXEC's answer is a value, not an error reply
+            raise reply_error(answer[-1])
+        return answer[-1]
 
     @reachable
     async def create(self, record: SessionRecord) -> SessionRecord:
@@ -506,7 +500,7 @@ class RedisSessionStore:
             EXEC,
         ]
         try:
-            result = await self.run_commit(command)
+            result = await self.run_packed(COMMIT, command, replies=5)  # MULTI, HSET, EXPIRE, EVALSHA, EXEC
         except NotSent as error:  # no connection: the step never left, and is not applied
             self.outages.error(error)
             raise StoreUnavailable(UNSENT_STEP, headers={"Retry-After": "1"}) from None
