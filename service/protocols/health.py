@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from starlette.requests import Request
 from starlette.responses import Response
 
 from lstm_serve.core.runtime import Runtime
-from lstm_serve.errors import ServiceError
 from lstm_serve.protocols import schemas
 from lstm_serve.protocols.codec import JSON
 from lstm_serve.protocols.routing import V1, Content, Reply, Route
@@ -28,8 +25,9 @@ async def readyz(request: Request, runtime: Runtime) -> Response:
 async def metrics(request: Request, runtime: Runtime) -> Response:
     for name, model in runtime.engine.models.items():
         runtime.metrics.queue_length.labels(name).set(model.batcher.queued)
-    with contextlib.suppress(ServiceError):  # the store is down: /readyz says so; the rest still matters
-        runtime.metrics.active_sessions.set(await runtime.engine.store.count())
+    sessions = await runtime.active_sessions()
+    if sessions is not None:  # the store is down or stalled: /readyz says so; the rest still matters
+        runtime.metrics.active_sessions.set(sessions)
     return Response(runtime.metrics.render(), media_type=PROMETHEUS)
 
 

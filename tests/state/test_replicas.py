@@ -294,3 +294,38 @@ def test_with_a_rate_limit_a_stalled_redis_delays_one_request_not_every_one(star
         redis_server.stop()
     assert sum(took) < 2.0 and sorted(took)[-2] < 0.3, took  # one waits for the bucket's timeout, at most
     assert "a rate bucket took over 0.5 s" in a.output()
+
+
+def test_with_redis_stalled_probes_and_scrapes_answer_within_a_second_and_readiness_comes_back(start_server):
+    """A stalled Redis answers nothing until its client gives up (2 s): a readiness probe (a kubelet's has a
+    timeout) hears "not ready" within half a second instead, a metrics scrape is served without the session
+    count, and once Redis answers again the server is ready again."""
+    redis_server = RedisProcess().start()
+    try:
+        a = start_server(env={"LSTM_SERVE_REDIS_URL": redis_server.url})
+        assert httpx.get(f"{a.url}/readyz").status_code == 200
+        assert "lstm_serve_active_sessions 0.0" in httpx.get(f"{a.url}/metrics").text
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            answers = []
+            for path in ("/readyz", "/v2/health/ready", "/metrics", "/readyz", "/metrics", "/v2/health/ready"):
+                started = time.monotonic()
+                reply = httpx.get(f"{a.url}{path}", timeout=30)
+                answers.append((path, reply.status_code, time.monotonic() - started, reply.text))
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{a.url}/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ready_again = httpx.get(f"{a.url}/readyz")
+    finally:
+        redis_server.stop()
+    assert all(took < 1.0 for _, _, took, _ in answers), [(p, s, t) for p, s, t, _ in answers]
+    for path, status, _, text in answers:
+        if path == "/metrics":
+            assert status == 200 and "lstm_serve_batch_size" in text, text[:200]
+        elif path == "/readyz":
+            assert status == 503 and "the session store" in text, text  # did not answer in 0.5 s, or unreachable
+        else:
+            assert status == 503, text  # OIP's server ready: not ready, without a body
+    assert ready_again.status_code == 200, ready_again.text
