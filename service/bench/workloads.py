@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from lstm_serve.bench.clients import HttpConnection, WebSocketConnection
+from lstm_serve.bench.clients import CallbackWebSocket, HttpConnection, masked_frame
 
 
 @dataclass
@@ -36,8 +36,8 @@ class Samples:
 
 # a virtual client: (samples, deadline), sending until the deadline
 Client = Callable[[Samples, float], Awaitable[None]]
-# streams one session's frames: (conn, session id, frames, samples, deadline)
-Stream = Callable[[HttpConnection, str, np.ndarray, Samples, float], Awaitable[None]]
+# streams one session: (conn, session id, index of its test sequence, samples, deadline)
+Stream = Callable[[HttpConnection, str, int, Samples, float], Awaitable[None]]
 
 
 @dataclass
@@ -110,10 +110,8 @@ def frames_json(frame: np.ndarray, seq: int) -> bytes:
     return orjson.dumps({"inputs": [frame.tolist()], "seq": seq})
 
 
-def session_client(
-    host: str, port: int, sequences: list[np.ndarray], sequences_per_session: int, stream: Stream
-) -> Client:
-    """A client that starts a session, streams frames through `stream`, ends the session, repeats."""
+def session_client(host: str, port: int, stream: Stream) -> Client:
+    """A client that starts a session, streams test sequences through `stream`, ends the session, repeats."""
     counter = iter(range(1 << 62))
 
     async def client(samples: Samples, deadline: float) -> None:
@@ -126,8 +124,7 @@ def session_client(
                     samples.failed(f"create {status} {body[:120]!r}")
                     continue
                 sid = orjson.loads(body)["session_id"]
-                frames = np.concatenate([sequences[(k + j) % len(sequences)] for j in range(sequences_per_session)])
-                await stream(conn, sid, frames, samples, deadline)
+                await stream(conn, sid, k, samples, deadline)
                 await conn.request("DELETE", f"/v1/sessions/{sid}")
                 k += 7
         finally:
@@ -139,9 +136,9 @@ def session_client(
 def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_seq: bool = True) -> Client:
     """One session per sequence, one frame per request, one request in flight per session."""
 
-    async def stream(conn: HttpConnection, sid: str, frames: np.ndarray, samples: Samples, deadline: float) -> None:
+    async def stream(conn: HttpConnection, sid: str, first: int, samples: Samples, deadline: float) -> None:
         path = f"/v1/sessions/{sid}/steps"
-        for t, frame in enumerate(frames):
+        for t, frame in enumerate(sequences[first % len(sequences)]):
             payload = frames_json(frame, t) if use_seq else orjson.dumps({"inputs": [frame.tolist()]})
             raw = conn.encode("POST", path, payload)
             now = time.perf_counter()
@@ -153,28 +150,30 @@ def stream_http_client(host: str, port: int, sequences: list[np.ndarray], use_se
             else:
                 samples.failed(f"step {status} {body[:120]!r}")
 
-    return session_client(host, port, sequences, 1, stream)
+    return session_client(host, port, stream)
 
 
 def stream_ws_client(host: str, port: int, sequences: list[np.ndarray], sequences_per_session: int = 1) -> Client:
-    """Like stream_http_client, over one WebSocket per session, binary float32 frames. With
-    sequences_per_session > 1 a session streams that many test sequences back to back (a steady
-    stream, like a wearable's), so connection set-up no longer dominates."""
+    """Like stream_http_client, over one WebSocket per session, binary float32 frames (encoded once, before
+    the clients start). With sequences_per_session > 1 a session streams that many test sequences back to
+    back (a steady stream, like a wearable's), so connection set-up no longer dominates."""
+    encoded = [[masked_frame(frame.astype("<f4").tobytes()) for frame in sequence] for sequence in sequences]
 
-    async def stream(conn: HttpConnection, sid: str, frames: np.ndarray, samples: Samples, deadline: float) -> None:
-        ws = await WebSocketConnection(conn.host, conn.port, f"/v1/sessions/{sid}/stream").connect()
+    def answered(samples: Samples) -> Callable[[float, float, bytes], None]:
+        def on_answer(started: float, finished: float, reply: bytes) -> None:
+            if b'"error"' in reply[:10]:
+                samples.failed(reply[:120].decode(errors="replace"))
+            else:
+                samples.ok(started, finished)
+
+        return on_answer
+
+    async def stream(conn: HttpConnection, sid: str, first: int, samples: Samples, deadline: float) -> None:
+        frames = [f for j in range(sequences_per_session) for f in encoded[(first + j) % len(encoded)]]
+        ws = await CallbackWebSocket().connect(conn.host, conn.port, f"/v1/sessions/{sid}/stream")
         try:
-            for frame in frames:
-                now = time.perf_counter()
-                if now >= deadline:
-                    return
-                ws.send_binary(frame.astype("<f4").tobytes())
-                reply = await ws.recv()
-                if b'"error"' in reply[:10]:
-                    samples.failed(reply[:120].decode(errors="replace"))
-                else:
-                    samples.ok(now, time.perf_counter())
+            await ws.exchange(frames, deadline, answered(samples))
         finally:
             await ws.close()
 
-    return session_client(host, port, sequences, sequences_per_session, stream)
+    return session_client(host, port, stream)

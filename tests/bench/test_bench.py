@@ -319,3 +319,65 @@ def test_a_server_that_ignores_sigterm_is_killed_with_its_workers_and_stopping_n
         time.sleep(0.05)
     assert gone(worker), "the server's worker outlived it"
     run.stop_process(proc, "stubborn server", grace_s=0.5)  # stopping a stopped process is a no-op
+
+
+def test_the_callback_websocket_sends_each_frame_after_the_last_answer_and_answers_pings():
+    """The stream workload's client: answers split across reads, 16-bit lengths, and a ping before each answer
+    (which must be ponged, and is no answer); each frame leaves only once the one before is answered."""
+    from lstm_serve.bench.clients import CallbackWebSocket, masked_frame
+
+    def unmask(data: bytes) -> tuple[int, bytes]:
+        n, at = data[1] & 0x7F, 2
+        if n == 126:
+            n, at = int.from_bytes(data[2:4], "big"), 4
+        mask = data[at : at + 4]
+        return data[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(data[at + 4 : at + 4 + n]))
+
+    async def main():
+        seen: list[tuple[int, bytes]] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            while True:
+                head = await reader.readexactly(2)
+                extra = 2 if head[1] & 0x7F == 126 else 0
+                rest = await reader.readexactly(extra + 4)
+                n = int.from_bytes(rest[:2], "big") if extra else head[1] & 0x7F
+                opcode, payload = unmask(head + rest + await reader.readexactly(n))
+                seen.append((opcode, payload))
+                if opcode == 0x8:
+                    break
+                if opcode == 0x2:
+                    writer.write(b"\x89\x02hi")  # a ping first
+                    answer = b"\x82\x7e" + (300).to_bytes(2, "big") + payload * 100
+                    writer.write(answer[:3])  # split mid-header, then mid-payload
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                    writer.write(answer[3:150])
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                    writer.write(answer[150:])
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        answers: list[tuple[float, float, bytes]] = []
+        ws = await CallbackWebSocket().connect("127.0.0.1", port, "/x")
+        frames = [masked_frame(bytes([k, k, k])) for k in range(4)]
+        await ws.exchange(frames, time.perf_counter() + 30, lambda *answer: answers.append(answer))
+        late = await CallbackWebSocket().connect("127.0.0.1", port, "/x")
+        await late.exchange(frames, time.perf_counter() - 1, lambda *answer: answers.append(answer))
+        await ws.close()
+        await late.close()
+        await asyncio.sleep(0.05)
+        server.close()
+        return seen, answers
+
+    seen, answers = asyncio.run(main())
+    assert [payload for *_, payload in answers] == [bytes([k]) * 300 for k in range(4)]  # past its deadline: none
+    assert all(started <= answered for started, answered, _ in answers)
+    assert all(answers[k][0] >= answers[k - 1][1] for k in range(1, 4))  # sent after the answer before it
+    binary = [payload for opcode, payload in seen if opcode == 0x2]
+    pongs = [payload for opcode, payload in seen if opcode == 0xA]
+    assert binary == [bytes([k, k, k]) for k in range(4)] and pongs == [b"hi"] * 4
