@@ -20,8 +20,9 @@ set is a flat list, rewritten in full). So a count may still include a session t
 last INDEX_SLACK_S, and the sweep counts an expiry up to that late; a live session is never left out.
 
 Request-rate buckets per caller live here too, so limits hold across replicas. The commands of every
-step (create, load, commit, delete) go over one pipelined connection (state/resp.py): a batch's commits
-leave in one write; everything else uses redis-py.
+step (create, load, commit, delete) go over one pipelined connection (state/resp.py): the commits of one
+event-loop turn (a batch's sessions) leave in one write, as one MULTI with one compare-and-set script call
+for all of them; everything else uses redis-py.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ COUNTS = PREFIX + "models:count"  # hash: model name -> how many times its table
 RECENT_SESSIONS = 1024  # sessions whose last state a replica keeps, to step them without reading it first
 TAKE_TIMEOUT_S, OPEN_S = 0.5, 5.0  # a rate bucket's round trip, and how long the limit stays open after one fails
 INDEX_SLACK_S = 1.0  # at most this far (and at most a tenth of the TTL) a session's index score runs ahead
-EXEC = pack(("EXEC",))
+MULTI, EXEC = pack(("MULTI",)), pack(("EXEC",))
 # A replica's clock against Redis's, sampled by each sweep (TIME, and the round trip's midpoint), so that
 # replicas agree within milliseconds on when a session was restarted and a step began; until the first
 # sample, and if the best of the last CLOCK_SAMPLES is worse, a second either way
@@ -97,28 +98,42 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
 return 1
 """
 
-# KEYS[1] session hash, KEYS[2] index, KEYS[3] the quota's index; ARGV: expected incarnation, id, ttl, index
-# slack, expected revision, now, new revision -> 1 committed, 0 lost the race (moved on or replaced), -1 session
-# gone. Runs in a MULTI right after the new record was written to the hash as field r:<new revision> (and the
-# hash's TTL renewed): a record passed as a script argument costs Redis ~7 us per 6 KB (more than the rest of the
-# commit), a plain HSET under 1 us. The script makes that field the record, or takes it back. The first four
-# arguments are the same for every step of a session (their encoding is kept); the index scores are renewed only
-# once the last bound (`indexed`) has passed.
+# The commits of one event-loop turn (a batch's sessions): KEYS[1] the index, then per session its hash and its
+# quota's index; ARGV[1] ttl, ARGV[2] index slack, then per session its expected incarnation, id, expected
+# revision, now, new revision -> per session 1 committed, 0 lost the race (moved on or replaced), -1 session gone.
+# Runs in a MULTI right after each new record was written to its hash as field r:<new revision>: a record passed
+# as a script argument costs Redis ~7 us per 6 KB (more than the rest of the commit), a plain HSET under 1 us; one
+# script for the turn, not one per session, saves Redis ~2 us a command (MULTI, EXPIRE, EVALSHA, EXEC). The
+# script makes each new field the record, or takes it back. Index scores are renewed only once the last bound
+# (`indexed`) has passed.
 COMMIT = """
-local stored = redis.call('HMGET', KEYS[1], 'incarnation', 'revision', 'indexed')
-if not stored[2] then redis.call('DEL', KEYS[1]) return -1 end
-if stored[1] ~= ARGV[1] or stored[2] ~= ARGV[5] then redis.call('HDEL', KEYS[1], 'r:' .. ARGV[7]) return 0 end
-local ttl, now = tonumber(ARGV[3]), tonumber(ARGV[6])
-redis.call('HSET', KEYS[1], 'revision', ARGV[7])
-redis.call('HDEL', KEYS[1], 'r:' .. ARGV[5], 'record')
-if not stored[3] or now > tonumber(stored[3]) then
-  local bound = now + tonumber(ARGV[4])
-  redis.call('HSET', KEYS[1], 'indexed', bound)
-  redis.call('ZADD', KEYS[2], bound, ARGV[2])
-  redis.call('ZADD', KEYS[3], bound, ARGV[2])
-  redis.call('EXPIRE', KEYS[3], math.ceil(ttl + tonumber(ARGV[4])))
+local ttl, slack = tonumber(ARGV[1]), tonumber(ARGV[2])
+local results = {}
+for i = 1, (#KEYS - 1) / 2 do
+  local key, quota, a = KEYS[2 * i], KEYS[2 * i + 1], 5 * i - 2
+  local stored = redis.call('HMGET', key, 'incarnation', 'revision', 'indexed')
+  if not stored[2] then
+    redis.call('DEL', key)
+    results[i] = -1
+  elseif stored[1] ~= ARGV[a] or stored[2] ~= ARGV[a + 2] then
+    redis.call('HDEL', key, 'r:' .. ARGV[a + 4])
+    results[i] = 0
+  else
+    local now = tonumber(ARGV[a + 3])
+    redis.call('HSET', key, 'revision', ARGV[a + 4])
+    redis.call('HDEL', key, 'r:' .. ARGV[a + 2], 'record')
+    redis.call('EXPIRE', key, math.ceil(ttl))
+    if not stored[3] or now > tonumber(stored[3]) then
+      local bound = now + slack
+      redis.call('HSET', key, 'indexed', bound)
+      redis.call('ZADD', KEYS[1], bound, ARGV[a + 1])
+      redis.call('ZADD', quota, bound, ARGV[a + 1])
+      redis.call('EXPIRE', quota, math.ceil(ttl + slack))
+    end
+    results[i] = 1
+  end
 end
-return 1
+return results
 """
 
 # KEYS[1] session hash, KEYS[2] index; ARGV: id, the quota indexes' prefix -> 1 deleted, 0 no such session.
@@ -352,6 +367,31 @@ def flatten(fields: dict) -> list:
     return [item for pair in fields.items() for item in pair]
 
 
+class CommitTurn:
+    """The commits of one event-loop turn: their parts, and a future per commit for its result from COMMIT's
+    answer (in the order they joined), or the error that stopped the turn. A future each, not one shared: a
+    caller cancelled while it waits cancels only its own."""
+
+    __slots__ = ("writes", "keys", "args", "waiters")
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.keys: list[bytes] = []
+        self.args: list[bytes] = []
+        self.waiters: list[asyncio.Future[int]] = []
+
+    def settle(self, sent: asyncio.Future[list[int]]) -> None:
+        error = RedisConnectionError("the commits were cancelled") if sent.cancelled() else sent.exception()
+        results = sent.result() if error is None else []
+        for k, waiter in enumerate(self.waiters):
+            if waiter.done():  # its caller gave up
+                continue
+            if error is None:
+                waiter.set_result(results[k])
+            else:
+                waiter.set_exception(error)
+
+
 class RedisSessionStore:
     def __init__(
         self,
@@ -374,9 +414,13 @@ class RedisSessionStore:
         # again as the previous state (what a retry of a chunk recomputes its per-frame outputs from)
         self.sent_states: dict[str, tuple[tuple[np.ndarray, ...] | None, list[bytes]]] = {}
         self.index_slack_s = min(INDEX_SLACK_S, ttl_s / 10)
+        self.commit_settings = b"".join(bulk(str(x).encode()) for x in (self.ttl_s, self.index_slack_s))
         # per session incarnation, the parts of its commit that are the same for every step (commit_head): what
         # RESP encoding costs is then the new record's header and three numbers
-        self.commit_heads: OrderedDict[str, tuple[str, tuple[bytes, bytes]]] = OrderedDict()  # id: incarnation, head
+        self.commit_heads: OrderedDict[str, tuple[str, tuple[bytes, bytes, bytes]]] = (
+            OrderedDict()
+        )  # id: incarnation, head
+        self.turn: CommitTurn | None = None  # the commits of this event-loop turn, sent together at its end
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
         self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
         self.clock_samples: deque[tuple[float, float]] = deque(maxlen=CLOCK_SAMPLES)  # (offset, half round trip)
@@ -384,19 +428,18 @@ class RedisSessionStore:
         self.abandoned: dict[str, tuple[float, int]] = {}  # id -> (when abandoned, times Redis said it was absent)
         self.cleaner: asyncio.Task[None] | None = None
 
-    def commit_head(self, record: SessionRecord) -> tuple[bytes, bytes]:
-        """The parts of a session's commit that every step repeats: MULTI and the start of the HSET of the new
-        record, then the EXPIRE and the start of the EVALSHA of COMMIT (`commit` adds the rest)."""
+    def commit_head(self, record: SessionRecord) -> tuple[bytes, ...]:
+        """The parts of a session's commit that every step repeats: the start of the HSET of its new record, and
+        its keys and first two arguments in the turn's COMMIT, encoded (`commit` adds the rest)."""
         kept = self.commit_heads.get(record.session_id)
         if kept is not None and kept[0] == record.incarnation:
             return kept[1]
         key = session_key(record.session_id)
-        keys = (key, INDEX, quota_index(record.quota))
-        args = (record.incarnation, record.session_id, self.ttl_s, self.index_slack_s)
-        expire = pack(("EXPIRE", key, math.ceil(self.ttl_s)))
+        keys = bulk(key.encode()) + bulk(quota_index(record.quota).encode())
         head = (
-            pack(("MULTI",)) + pack(("HSET", key), extra=2),
-            expire + pack(("EVALSHA", SHA1[COMMIT], len(keys), *keys, *args), extra=3),
+            pack(("HSET", key), extra=2),
+            keys,
+            bulk(record.incarnation.encode()) + bulk(record.session_id.encode()),
         )
         self.commit_heads[record.session_id] = (record.incarnation, head)
         if len(self.commit_heads) > RECENT_SESSIONS:
@@ -481,26 +524,30 @@ class RedisSessionStore:
 
     @reachable
     async def commit(self, record: SessionRecord, expected: SessionRecord) -> bool:
+        """Write `record` if the session is still at `expected`'s revision; False when another replica moved it
+        on (or replaced it). The commits of one event-loop turn go to Redis as one MULTI (CommitTurn)."""
         revision = new_revision()
-        write, compare = self.commit_head(expected)
+        write, keys, first_args = self.commit_head(expected)
         state = array_parts(record.state)
         sent = self.sent_states.get(record.session_id)
         previous = sent[1] if sent is not None and record.previous_state is sent[0] is not None else None
         blob = blob_parts(record, state, previous)
-        command = [
-            write,
-            bulk(record_field(revision)),
-            b"$%d\r\n" % sum(map(len, blob)),
-            *blob,
-            b"\r\n",
-            compare,
+        turn = self.turn
+        if turn is None:
+            turn = self.turn = CommitTurn()
+            asyncio.get_running_loop().call_soon(self.send_turn, turn)
+        turn.writes += (write, bulk(record_field(revision)), b"$%d\r\n" % sum(map(len, blob)), *blob, b"\r\n")
+        turn.keys.append(keys)
+        turn.args += (
+            first_args,
             bulk(b"%d" % expected.revision),
             bulk(repr(float(record.last_used)).encode()),
             bulk(b"%d" % revision),
-            EXEC,
-        ]
+        )
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        turn.waiters.append(waiter)
         try:
-            result = await self.run_packed(COMMIT, command, replies=5)  # MULTI, HSET, EXPIRE, EVALSHA, EXEC
+            result = await waiter
         except NotSent as error:  # no connection: the step never left, and is not applied
             self.outages.error(error)
             raise StoreUnavailable(UNSENT_STEP, headers={"Retry-After": "1"}) from None
@@ -519,6 +566,16 @@ class RedisSessionStore:
             self.remember(record.revised(revision))
             self.sent_states[record.session_id] = (record.state, state)
         return result == 1
+
+    def send_turn(self, turn: CommitTurn) -> None:
+        """At the end of the turn: its commits as one MULTI, each new record an HSET, then one COMMIT for all."""
+        self.turn = None
+        sessions = len(turn.keys)
+        evalsha = pack(("EVALSHA", SHA1[COMMIT], 1 + 2 * sessions, INDEX), extra=2 * sessions + 2 + 5 * sessions)
+        command = [MULTI, *turn.writes, evalsha, *turn.keys, self.commit_settings, *turn.args, EXEC]
+        replies = sessions + 3  # MULTI, the HSETs, EVALSHA, EXEC
+        task = asyncio.ensure_future(self.run_packed(COMMIT, command, replies))
+        task.add_done_callback(turn.settle)
 
     @reachable
     async def delete(self, session_id: str) -> None:

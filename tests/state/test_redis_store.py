@@ -151,7 +151,16 @@ def test_create_with_an_id_restarts_that_session(kind, request):
     assert restarted.incarnation != stale.incarnation
 
 
-def test_the_commits_of_one_turn_go_in_one_pipeline_and_each_gets_its_own_answer(redis_server):
+def test_the_commits_of_one_turn_go_in_one_transaction_with_one_script_call_and_each_gets_its_own_answer(
+    redis_server,
+):
+    """A batch's sessions commit in one event-loop turn: one write, one MULTI, one COMMIT for all of them (each
+    command costs Redis, which every replica shares), and still each commit its own outcome."""
+
+    async def calls(store):
+        stats = await store.client.info("commandstats")
+        return {name: stats[f"cmdstat_{name}"]["calls"] for name in ("evalsha", "exec", "multi")}
+
     async def main():
         store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)
         other = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)  # another replica
@@ -166,17 +175,37 @@ def test_the_commits_of_one_turn_go_in_one_pipeline_and_each_gets_its_own_answer
             flush()
 
         connection.flush = counted
+        before = await calls(store)
         results = await asyncio.gather(*(store.commit(r.advanced(steps=1), r) for r in records), return_exceptions=True)
+        after = await calls(store)
         connection.flush = flush
         steps = [(await store.load(r.session_id)).steps for r in records[2:]]
         await store.close()
         await other.close()
-        return flushes, results, steps
+        return flushes, results, steps, {name: after[name] - before[name] for name in after}
 
-    flushes, results, steps = run(main())
-    assert flushes == [8]  # one write, one round trip, for the eight
+    flushes, results, steps, commands = run(main())
+    assert flushes == [1]  # one write, one round trip, for the eight
+    assert commands == {"evalsha": 1, "exec": 1, "multi": 1}
     assert results[0] is False and isinstance(results[1], SessionNotFound) and results[2:] == [True] * 6
     assert steps == [1] * 6
+
+
+def test_a_commit_cancelled_while_its_turn_waits_on_redis_leaves_the_others_of_the_turn_their_answers(redis_server):
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)
+        records = [await store.create(new_record("m", 1)) for _ in range(3)]
+        commits = [asyncio.ensure_future(store.commit(r.advanced(steps=1), r)) for r in records]
+        await asyncio.sleep(0)  # all three joined the turn, which is on its way
+        commits[1].cancel()
+        results = await asyncio.gather(*commits, return_exceptions=True)
+        steps = [(await store.load(r.session_id)).steps for r in records]
+        await store.close()
+        return results, steps
+
+    results, steps = run(main())
+    assert results[0] is True and results[2] is True and isinstance(results[1], asyncio.CancelledError)
+    assert steps == [1, 1, 1]  # the cancelled caller's commit had left with the others: it landed
 
 
 def test_commits_go_in_one_round_trip_and_survive_a_redis_that_lost_its_scripts(redis_server):
