@@ -1,9 +1,11 @@
 """Sessions in Redis, shared by every replica.
 
 Per session a hash `lstm-serve:s:<id>` holds the incarnation, a revision number, whose quota the session
-counts against (field `owner`), and the record under a field named by the revision (`r:<revision>`): one blob
+counts against (field `owner`), and the record under a field named by the revision (`s:<revision>`): one blob
 of the model and version, timestamps, frames consumed, the state tensors as float32 bytes, and what a retry of
-the last chunk needs (its seq and digest, the probabilities after it, the state before it). A replica
+the last chunk needs (its seq and digest, the probabilities after it, the state before it: when that is the
+state of the record before, as for every step a replica makes from its own last commit, the record names that
+revision (field `previous`), kept one step longer, instead of carrying the state again). A replica
 remembers its last view of recent sessions and steps from it without reading the session first: if another
 replica moved the session on, the commit finds out and the step starts again from what Redis holds. Commits
 are a Lua compare-and-set on (incarnation, revision), the new record written beside the current one just
@@ -100,28 +102,38 @@ return 1
 
 # The commits of one event-loop turn (a batch's sessions): KEYS[1] the index, then per session its hash and its
 # quota's index; ARGV[1] ttl, ARGV[2] index slack, then per session its expected incarnation, id, expected
-# revision, now, new revision -> per session 1 committed, 0 lost the race (moved on or replaced), -1 session gone.
-# Runs in a MULTI right after each new record was written to its hash as field r:<new revision>: a record passed
+# revision, now, new revision, and "1" when the new record's previous state is the current record's state (kept)
+# -> per session 1 committed, 0 lost the race (moved on or replaced), -1 session gone.
+# Runs in a MULTI right after each new record was written to its hash as field s:<new revision>: a record passed
 # as a script argument costs Redis ~7 us per 6 KB (more than the rest of the commit), a plain HSET under 1 us; one
 # script for the turn, not one per session, saves Redis ~2 us a command (MULTI, EXPIRE, EVALSHA, EXEC). The
-# script makes each new field the record, or takes it back. Index scores are renewed only once the last bound
-# (`indexed`) has passed.
+# script makes each new field the record, or takes it back. A record whose previous state is the one before it
+# does not carry it (half the bytes): that record is kept (field `previous` names it) until the next commit.
+# Fields r:<revision> and `record` are earlier releases' records. Index scores are renewed only once the last
+# bound (`indexed`) has passed.
 COMMIT = """
 local ttl, slack = tonumber(ARGV[1]), tonumber(ARGV[2])
 local results = {}
 for i = 1, (#KEYS - 1) / 2 do
-  local key, quota, a = KEYS[2 * i], KEYS[2 * i + 1], 5 * i - 2
-  local stored = redis.call('HMGET', key, 'incarnation', 'revision', 'indexed')
+  local key, quota, a = KEYS[2 * i], KEYS[2 * i + 1], 6 * i - 3
+  local expected, new = ARGV[a + 2], ARGV[a + 4]
+  local stored = redis.call('HMGET', key, 'incarnation', 'revision', 'indexed', 'previous')
   if not stored[2] then
     redis.call('DEL', key)
     results[i] = -1
-  elseif stored[1] ~= ARGV[a] or stored[2] ~= ARGV[a + 2] then
-    redis.call('HDEL', key, 'r:' .. ARGV[a + 4])
+  elseif stored[1] ~= ARGV[a] or stored[2] ~= expected then
+    redis.call('HDEL', key, 's:' .. new)
     results[i] = 0
   else
     local now = tonumber(ARGV[a + 3])
-    redis.call('HSET', key, 'revision', ARGV[a + 4])
-    redis.call('HDEL', key, 'r:' .. ARGV[a + 2], 'record')
+    redis.call('HSET', key, 'revision', new)
+    if stored[4] then redis.call('HDEL', key, 's:' .. stored[4]) end
+    if ARGV[a + 5] == '1' then
+      redis.call('HSET', key, 'previous', expected)
+      redis.call('HDEL', key, 'r:' .. expected, 'record')
+    else
+      redis.call('HDEL', key, 'previous', 's:' .. expected, 'r:' .. expected, 'record')
+    end
     redis.call('EXPIRE', key, math.ceil(ttl))
     if not stored[3] or now > tonumber(stored[3]) then
       local bound = now + slack
@@ -281,8 +293,15 @@ def decode_arrays(blob: bytes) -> tuple[np.ndarray, ...] | None:
 
 
 def record_field(revision: int) -> bytes:
-    """The hash field of the record at `revision`: a commit writes the next one beside the current (COMMIT)."""
-    return b"r:%d" % revision
+    """The hash field of the record at `revision`: a commit writes the next one beside the current (COMMIT). The
+    release before wrote r:<revision>, with the previous state always inside; its replicas must not read a record
+    that points to its previous state elsewhere (they would take it for zeros), so these are named apart."""
+    return b"s:%d" % revision
+
+
+def stored_record(fields: dict[bytes, bytes], revision: int) -> bytes | None:
+    """The record at `revision` in a session's hash, as this release or an earlier one stored it."""
+    return fields.get(record_field(revision)) or fields.get(b"r:%d" % revision) or fields.get(b"record")
 
 
 def encode(record: SessionRecord) -> dict[str | bytes, bytes | str]:
@@ -303,15 +322,23 @@ def encode_blob(record: SessionRecord) -> bytes:
 
 
 def blob_parts(
-    record: SessionRecord, state: list[bytes] | None = None, previous_state: list[bytes] | None = None
+    record: SessionRecord,
+    state: list[bytes] | None = None,
+    previous_state: list[bytes] | None = None,
+    previous_revision: int | None = None,
 ) -> list[bytes]:
     """The record's blob in parts (a commit sends them without joining them first); `state` and `previous_state`:
-    those arrays' parts where the caller has them (the last commit encoded this one's previous state)."""
+    those arrays' parts where the caller has them (the last commit encoded this one's previous state). With
+    `previous_revision`, the previous state is left out: it is the state of the record at that revision."""
     last = record.last_probabilities
     arrays = (
         array_parts(record.state) if state is None else state,
         [] if last is None else array_parts((last,)),
-        array_parts(record.previous_state) if previous_state is None else previous_state,
+        []
+        if previous_revision is not None
+        else array_parts(record.previous_state)
+        if previous_state is None
+        else previous_state,
     )
     meta = {
         "model": record.model,
@@ -323,17 +350,32 @@ def blob_parts(
         "last_digest": record.last_digest,
         "sizes": [sum(map(len, parts)) for parts in arrays],
     }
+    if previous_revision is not None:
+        meta["previous_revision"] = previous_revision
     return [orjson.dumps(meta), b"\n", *arrays[0], *arrays[1], *arrays[2]]
 
 
-def decode(session_id: str, fields: dict[bytes, bytes], blob: bytes) -> SessionRecord:
+def blob_arrays(blob: bytes) -> tuple[dict[str, Any], list[tuple[np.ndarray, ...] | None]]:
+    """A record's metadata, and its state, last probabilities and previous state (as stored: [] when elsewhere)."""
     header, _, data = blob.partition(b"\n")
     meta = orjson.loads(header)
     parts, offset = [], 0
     for size in meta["sizes"]:
         parts.append(decode_arrays(data[offset : offset + size]))
         offset += size
-    state, last, previous = parts
+    return meta, parts
+
+
+def decode(session_id: str, fields: dict[bytes, bytes], blob: bytes) -> SessionRecord:
+    meta, (state, last, previous) = blob_arrays(blob)
+    if "previous_revision" in meta:  # the state of the record before it, kept beside it
+        before = fields.get(record_field(meta["previous_revision"]))
+        if before is None:  # only a Redis that lost part of a hash: never a state taken for zeros
+            raise StoreUnavailable(
+                f"session {caller_id(session_id)!r} is damaged in the session store (its state before the last chunk "
+                "is missing); start a new session"
+            )
+        previous = blob_arrays(before)[1][0]
     return SessionRecord(
         session_id=session_id,
         model=meta["model"],
@@ -410,9 +452,9 @@ class RedisSessionStore:
         self.lean = LeanRedis(url, timeout_s)  # the commands of every step; the rest go through redis-py
         self.lock = KeyedLocks()  # order within this replica; the revision check orders across replicas
         self.recent: OrderedDict[str, SessionRecord] = OrderedDict()  # this replica's last view of sessions
-        # of the recent sessions, the state this replica last committed and its encoding: the next commit sends it
-        # again as the previous state (what a retry of a chunk recomputes its per-frame outputs from)
-        self.sent_states: dict[str, tuple[tuple[np.ndarray, ...] | None, list[bytes]]] = {}
+        # of the recent sessions, the state this replica last committed: the next commit's record, whose previous
+        # state (what a retry of a chunk recomputes its per-frame outputs from) it is, points to it in Redis
+        self.sent_states: dict[str, tuple[np.ndarray, ...]] = {}
         self.index_slack_s = min(INDEX_SLACK_S, ttl_s / 10)
         self.commit_settings = b"".join(bulk(str(x).encode()) for x in (self.ttl_s, self.index_slack_s))
         # per session incarnation, the parts of its commit that are the same for every step (commit_head): what
@@ -513,8 +555,8 @@ class RedisSessionStore:
         if not fields:
             self.forget(session_id)
             raise SessionNotFound(f"no session {caller_id(session_id)!r} (never created, deleted, or expired)")
-        # a commit by a release that kept the record in field "record" leaves this release's field behind
-        blob = fields.get(record_field(int(fields.get(b"revision", 0)))) or fields.get(b"record")
+        # earlier releases kept the record in field "record", then r:<revision>; a commit here moves it to s:<revision>
+        blob = stored_record(fields, int(fields.get(b"revision", 0)))
         if blob is None:  # written by a release before the one-blob layout
             raise SessionNotFound(
                 f"session {caller_id(session_id)!r} was created by an earlier lstm-serve release whose session "
@@ -529,9 +571,9 @@ class RedisSessionStore:
         revision = new_revision()
         write, keys, first_args = self.commit_head(expected)
         state = array_parts(record.state)
-        sent = self.sent_states.get(record.session_id)
-        previous = sent[1] if sent is not None and record.previous_state is sent[0] is not None else None
-        blob = blob_parts(record, state, previous)
+        # the state this store last committed, at expected's revision: the new record points to it
+        kept = record.previous_state is not None and record.previous_state is self.sent_states.get(record.session_id)
+        blob = blob_parts(record, state, previous_revision=expected.revision if kept else None)
         turn = self.turn
         if turn is None:
             turn = self.turn = CommitTurn()
@@ -543,6 +585,7 @@ class RedisSessionStore:
             bulk(b"%d" % expected.revision),
             bulk(repr(float(record.last_used)).encode()),
             bulk(b"%d" % revision),
+            b"$1\r\n1\r\n" if kept else b"$1\r\n0\r\n",
         )
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         turn.waiters.append(waiter)
@@ -564,14 +607,15 @@ class RedisSessionStore:
             )
         if result == 1:
             self.remember(record.revised(revision))
-            self.sent_states[record.session_id] = (record.state, state)
+            if record.state is not None:
+                self.sent_states[record.session_id] = record.state
         return result == 1
 
     def send_turn(self, turn: CommitTurn) -> None:
         """At the end of the turn: its commits as one MULTI, each new record an HSET, then one COMMIT for all."""
         self.turn = None
         sessions = len(turn.keys)
-        evalsha = pack(("EVALSHA", SHA1[COMMIT], 1 + 2 * sessions, INDEX), extra=2 * sessions + 2 + 5 * sessions)
+        evalsha = pack(("EVALSHA", SHA1[COMMIT], 1 + 2 * sessions, INDEX), extra=2 * sessions + 2 + 6 * sessions)
         command = [MULTI, *turn.writes, evalsha, *turn.keys, self.commit_settings, *turn.args, EXEC]
         replies = sessions + 3  # MULTI, the HSETs, EVALSHA, EXEC
         task = asyncio.ensure_future(self.run_packed(COMMIT, command, replies))

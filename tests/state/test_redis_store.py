@@ -427,8 +427,8 @@ def test_a_commit_leaves_one_record_in_the_hash_whether_it_won_lost_or_found_the
 
     won, after_win, after_loss, current, gone, sent = run(main())
     fields = {b"incarnation", b"owner", b"revision", b"indexed"}
-    assert after_win == fields | {b"r:%d" % won.revision} and won.steps == 1 and np.array_equal(won.state[0], state[0])
-    assert after_loss == fields | {b"r:%d" % current.revision} and current.steps == 2
+    assert after_win == fields | {b"s:%d" % won.revision} and won.steps == 1 and np.array_equal(won.state[0], state[0])
+    assert after_loss == fields | {b"s:%d" % current.revision} and current.steps == 2
     assert gone == 0, "a commit to a deleted session left a hash behind"
     script_part = sent[0][sent[0].index(b"EVALSHA") :]
     assert len(script_part) < 1024 < len(sent[0]), "the record went to Redis as a script argument"
@@ -462,33 +462,84 @@ def test_a_full_redis_refuses_a_step_and_the_session_stays_as_it_was(redis_serve
     admin.close()
 
 
-def test_a_session_stored_by_the_release_before_per_revision_records_loads_and_steps(redis_server):
-    """That release kept the record in field `record`; a rolling upgrade meets its sessions."""
+@pytest.mark.parametrize("field", ["record", "r:77"])
+def test_a_session_stored_by_an_earlier_release_loads_and_steps(redis_server, field):
+    """Two releases before kept the record in field `record`, the one before in r:<revision>, each with the previous
+    state inside; a rolling upgrade meets their sessions."""
     import redis as redis_py
 
     from lstm_serve.state.redis import encode_blob
 
     admin = redis_py.Redis.from_url(redis_server.url)
     state = (np.full((2, 3), 0.25, np.float32), np.zeros((2, 3), np.float32))
-    old = new_record("m", 2).advanced(steps=5, state=state, revision=77, last_seq=4, last_digest="d")
+    before = (np.full((2, 3), 0.5, np.float32), np.ones((2, 3), np.float32))
+    old = new_record("m", 2).advanced(
+        steps=5, state=state, revision=77, last_seq=4, last_digest="d", previous_state=before
+    )
     key = f"lstm-serve:s:{old.session_id}"
-    layout = {"incarnation": old.incarnation, "owner": "", "revision": "77", "record": encode_blob(old)}
+    layout = {"incarnation": old.incarnation, "owner": "", "revision": "77", field: encode_blob(old)}
     admin.hset(key, mapping=layout)
     admin.zadd("lstm-serve:sessions", {old.session_id: time.time() + 1})
 
     async def main():
         store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
         loaded = await store.load(old.session_id)
-        assert await store.commit(loaded.advanced(steps=6), loaded)
+        assert await store.commit(loaded.stepped(6, before, "e", np.ones(3, np.float32), time.time()), loaded)
         stepped = await store.load(old.session_id)
         await store.close()
         return loaded, stepped
 
     loaded, stepped = run(main())
     assert (loaded.steps, loaded.version, loaded.revision, loaded.last_seq) == (5, 2, 77, 4)
-    assert np.array_equal(loaded.state[0], state[0]) and stepped.steps == 6
-    assert b"record" not in admin.hkeys(key) and b"r:%d" % stepped.revision in admin.hkeys(key)
+    assert np.array_equal(loaded.state[0], state[0]) and np.array_equal(loaded.previous_state[0], before[0])
+    assert stepped.steps == 6 and np.array_equal(stepped.previous_state[0], state[0])
+    assert set(admin.hkeys(key)) == {b"incarnation", b"owner", b"revision", b"indexed", b"s:%d" % stepped.revision}
     admin.close()
+
+
+def test_a_replica_stepping_its_own_view_sends_only_the_new_state_and_the_record_before_is_kept_for_it(redis_server):
+    """A step's record holds the state after its chunk and, for a retry's per-frame outputs, the state before it:
+    when that is the state this replica committed last, the record points to the record before (kept beside it,
+    one step long) instead of carrying it again, half the bytes a step writes to Redis."""
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(redis_server.url)
+    imported = tuple(np.full((4, 64), 0.5, np.float32) for _ in range(2))
+    states = [tuple(np.full((4, 64), k, np.float32) for _ in range(2)) for k in range(1, 5)]
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        record = await store.create(new_record("m", 1, state=imported))  # a state this store did not commit
+        key = f"lstm-serve:s:{record.session_id}"
+        sizes, hashes, views = [], [], []
+        send = store.lean.send
+
+        async def measured(command, replies=1):
+            if isinstance(command, list):  # a commit's (a script load is one command)
+                sizes.append(sum(map(len, command)))
+            return await send(command, replies)
+
+        store.lean.send = measured
+        for k, state in enumerate(states):
+            stepped = record.stepped(k + 1, state, f"d{k}", np.full(9, k, np.float32), time.time())
+            assert await store.commit(stepped, record)
+            record = store.recall(record.session_id)
+            hashes.append(set(admin.hkeys(key)))
+            views.append(await RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10).load(record.session_id))
+        await store.close()
+        return sizes, hashes, views
+
+    sizes, hashes, views = run(main())
+    base = {b"incarnation", b"owner", b"revision", b"indexed"}
+    assert hashes[0] == base | {b"s:%d" % views[0].revision}  # the first carries its previous state
+    for k in (1, 2, 3):
+        assert hashes[k] == base | {b"previous", b"s:%d" % views[k].revision, b"s:%d" % views[k - 1].revision}
+        assert views[k].steps == k + 1 and np.array_equal(views[k].state[0], states[k][0])
+        assert np.array_equal(views[k].previous_state[0], states[k - 1][0])  # read from the record before
+        assert views[k].last_seq == k and views[k].last_digest == f"d{k}"
+    assert np.array_equal(views[0].previous_state[0], imported[0])
+    state_bytes = 2 * 4 * 64 * 4
+    assert sizes[0] > 2 * state_bytes and all(state_bytes < size < 1.5 * state_bytes for size in sizes[-3:]), sizes
 
 
 def test_revisions_differ_between_processes_forked_or_spawned():
@@ -503,3 +554,27 @@ def test_revisions_differ_between_processes_forked_or_spawned():
             drawn += [pool.apply(new_revision) for _ in range(4)]
         drawn += [new_revision() for _ in range(4)]  # what the parent draws next, as a forked copy would
     assert len(set(drawn)) == 16
+
+
+def test_a_record_whose_state_before_it_is_missing_is_refused_not_taken_for_zeros(redis_server):
+    """Only a Redis that lost part of a hash can get here (a failover to a replica behind); a retry's per-frame
+    outputs would come from the wrong state, so the session is refused instead."""
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(redis_server.url)
+    state = tuple(np.full((2, 8), 0.5, np.float32) for _ in range(2))
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
+        record = await store.create(new_record("m", 1))
+        for k in range(2):
+            assert await store.commit(record.stepped(k + 1, state, "d", np.ones(3, np.float32), time.time()), record)
+            record = store.recall(record.session_id)
+        key = f"lstm-serve:s:{record.session_id}"
+        admin.hdel(key, b"s:" + admin.hget(key, "previous"))
+        with pytest.raises(StoreUnavailable, match="damaged"):
+            await store.load(record.session_id)
+        await store.close()
+
+    run(main())
+    admin.close()
