@@ -457,11 +457,9 @@ class RedisSessionStore:
         self.sent_states: dict[str, tuple[np.ndarray, ...]] = {}
         self.index_slack_s = min(INDEX_SLACK_S, ttl_s / 10)
         self.commit_settings = b"".join(bulk(str(x).encode()) for x in (self.ttl_s, self.index_slack_s))
-        # per session incarnation, the parts of its commit that are the same for every step (commit_head): what
-        # RESP encoding costs is then the new record's header and three numbers
-        self.commit_heads: OrderedDict[str, tuple[str, tuple[bytes, bytes, bytes]]] = (
-            OrderedDict()
-        )  # id: incarnation, head
+        # id -> (incarnation, the parts of its commit that are the same for every step (commit_head)): what RESP
+        # encoding costs is then the new record's header and a few numbers
+        self.commit_heads: OrderedDict[str, tuple[str, tuple[bytes, bytes, bytes]]] = OrderedDict()
         self.turn: CommitTurn | None = None  # the commits of this event-loop turn, sent together at its end
         options = self.client.connection_pool.connection_kwargs  # the address, never the password
         self.outages = OutageLog(options.get("path") or f"{options.get('host')}:{options.get('port')}")
