@@ -136,9 +136,9 @@ class WebSocketConnection:
         self.reader = self.writer = None
 
 
-def masked_frame(payload: bytes, opcode: int = 0x2, key: int | None = None) -> bytes:
-    """A client's frame of `payload`, masked with `key` (random when None). A load generator may encode its
-    frames once and send them many times: the key protects proxies from a browser's scripts, not a server."""
+def masked_frame(payload: bytes, opcode: int = 0x2) -> bytes:
+    """A client's frame of `payload`, masked with a random key. A load generator may encode its frames once and
+    send them many times: the key protects proxies from a browser's scripts, not a server."""
     n = len(payload)
     if n < 126:
         header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
@@ -146,7 +146,7 @@ def masked_frame(payload: bytes, opcode: int = 0x2, key: int | None = None) -> b
         header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
     else:
         header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    mask = (random.getrandbits(32) if key is None else key).to_bytes(4, "big")
+    mask = random.getrandbits(32).to_bytes(4, "big")
     repeated = (mask * (n // 4 + 1))[:n]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big") if n else b""
     return header + mask + masked
