@@ -19,7 +19,9 @@ or a client address without keys), and expired ones. A session's score there is 
 last use, renewed by a commit only once the last bound has passed (each bound reaches INDEX_SLACK_S
 ahead): rewriting the sorted sets on every step cost Redis more than the rest of the step (a small sorted
 set is a flat list, rewritten in full). So a count may still include a session that expired within the
-last INDEX_SLACK_S, and the sweep counts an expiry up to that late; a live session is never left out.
+last INDEX_SLACK_S, and the sweep counts an expiry up to that late; a live session is never left out. The
+hash's TTL is renewed with the score, to TTL + INDEX_SLACK_S: a session lives at least its TTL after its last
+step and at most INDEX_SLACK_S longer.
 
 Request-rate buckets per caller live here too, so limits hold across replicas. The commands of every
 step (create, load, commit, delete) go over one pipelined connection (state/resp.py): the commits of one
@@ -94,7 +96,7 @@ redis.call('ZADD', KEYS[3], bound, ARGV[5])
 redis.call('EXPIRE', KEYS[3], math.ceil(ttl + tonumber(ARGV[6])))
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'indexed', bound, unpack(ARGV, 7))
-redis.call('EXPIRE', KEYS[1], math.ceil(ttl))
+redis.call('PEXPIRE', KEYS[1], math.ceil(1000 * (ttl + tonumber(ARGV[6]))))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
 return 1
@@ -109,8 +111,10 @@ return 1
 # script for the turn, not MULTI, EXPIRE, EVALSHA and EXEC per session (Redis ~4 % less CPU a step). The
 # script makes each new field the record, or takes it back. A record whose previous state is the one before it
 # does not carry it (half the bytes): that record is kept (field `previous` names it) until the next commit.
-# Fields r:<revision> and `record` are earlier releases' records. Index scores are renewed only once the last
-# bound (`indexed`) has passed.
+# Fields r:<revision> and `record` are earlier releases' records: a hash with `previous` has none left. The
+# index scores and the hash's expiry are renewed only once the last bound (`indexed`) has passed, the expiry to
+# ttl + slack: a session lives at least ttl after its last step, at most ttl + slack, as the index counts it.
+# A step is then three calls (HMGET, HSET, HDEL), where each call saved is ~5 % of Redis's CPU a step.
 COMMIT = """
 local ttl, slack = tonumber(ARGV[1]), tonumber(ARGV[2])
 local results = {}
@@ -126,18 +130,29 @@ for i = 1, (#KEYS - 1) / 2 do
     results[i] = 0
   else
     local now = tonumber(ARGV[a + 3])
-    redis.call('HSET', key, 'revision', new)
-    if stored[4] then redis.call('HDEL', key, 's:' .. stored[4]) end
+    local renew = not stored[3] or now > tonumber(stored[3])
+    local bound = now + slack
     if ARGV[a + 5] == '1' then
-      redis.call('HSET', key, 'previous', expected)
-      redis.call('HDEL', key, 'r:' .. expected, 'record')
+      if renew then
+        redis.call('HSET', key, 'revision', new, 'previous', expected, 'indexed', bound)
+      else
+        redis.call('HSET', key, 'revision', new, 'previous', expected)
+      end
+      if stored[4] then
+        redis.call('HDEL', key, 's:' .. stored[4])
+      else
+        redis.call('HDEL', key, 'r:' .. expected, 'record')
+      end
     else
-      redis.call('HDEL', key, 'previous', 's:' .. expected, 'r:' .. expected, 'record')
+      if renew then
+        redis.call('HSET', key, 'revision', new, 'indexed', bound)
+      else
+        redis.call('HSET', key, 'revision', new)
+      end
+      redis.call('HDEL', key, 'previous', 's:' .. (stored[4] or expected), 's:' .. expected, 'r:' .. expected, 'record')
     end
-    redis.call('EXPIRE', key, math.ceil(ttl))
-    if not stored[3] or now > tonumber(stored[3]) then
-      local bound = now + slack
-      redis.call('HSET', key, 'indexed', bound)
+    if renew then
+      redis.call('PEXPIRE', key, math.ceil(1000 * (ttl + slack)))
       redis.call('ZADD', KEYS[1], bound, ARGV[a + 1])
       redis.call('ZADD', quota, bound, ARGV[a + 1])
       redis.call('EXPIRE', quota, math.ceil(ttl + slack))

@@ -341,6 +341,39 @@ def test_a_stepped_session_stays_counted_while_its_index_is_renewed_only_once_pe
     assert (swept, left, expired) == (1, 0, [1])
 
 
+def test_a_session_lives_at_least_its_ttl_after_its_last_step_and_its_expiry_is_renewed_once_per_slack(redis_server):
+    """Like the index, the hash's expiry is renewed only once the last bound has passed, to TTL + slack: after
+    every step the session still has at least its TTL to live (never less, whichever step renewed it last), at
+    most TTL + slack, and a busy session costs Redis one expiry write per slack, not one per step."""
+
+    async def pexpire_calls(store):
+        return (await store.client.info("commandstats")).get("cmdstat_pexpire", {}).get("calls", 0)
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=2.0, max_sessions=10)  # slack 0.2 s
+        record = await store.create(new_record("m", 1))
+        key = f"lstm-serve:s:{record.session_id}"
+        before, lives, commits = await pexpire_calls(store), [], 0
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while asyncio.get_running_loop().time() < deadline:
+            stepped = record.advanced(steps=record.steps + 1, last_used=time.time())
+            assert await store.commit(stepped, record)
+            lives.append(await store.client.pttl(key))  # ms left, read right after the step
+            record, commits = store.recall(record.session_id), commits + 1
+            await asyncio.sleep(0.01)
+        renewals = await pexpire_calls(store) - before
+        await asyncio.sleep(2.0 + 0.2 + 0.1)  # TTL + slack after the last renewal, and a margin
+        gone = await store.client.exists(key) == 0
+        await store.close()
+        return lives, commits, renewals, gone
+
+    lives, commits, renewals, gone = run(main())
+    assert min(lives) >= 2000 - 50, f"a session had {min(lives)} ms left right after a step (TTL 2000 ms)"
+    assert max(lives) <= 2200, f"{max(lives)} ms: more than TTL + slack"
+    assert 3 <= renewals <= 10 and commits > 3 * renewals, f"{renewals} expiry renewals for {commits} commits"
+    assert gone, "the session outlived TTL + slack after its last step"
+
+
 def test_errors_name_the_session_by_the_id_its_caller_knows_not_by_its_store_key(redis_server):
     async def main():
         store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=10)
