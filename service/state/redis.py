@@ -427,9 +427,7 @@ class CommitTurn:
         self.args: list[bytes] = []
         self.waiters: list[asyncio.Future[int]] = []
 
-    def settle(self, sent: asyncio.Future[list[int]]) -> None:
-        error = RedisConnectionError("the commits were cancelled") if sent.cancelled() else sent.exception()
-        results = sent.result() if error is None else []
+    def settle(self, results: list[int], error: BaseException | None = None) -> None:
         for k, waiter in enumerate(self.waiters):
             if waiter.done():  # its caller gave up
                 continue
@@ -437,6 +435,10 @@ class CommitTurn:
                 waiter.set_result(results[k])
             else:
                 waiter.set_exception(error)
+
+    def settle_task(self, sent: asyncio.Future[list[int]]) -> None:
+        error = RedisConnectionError("the commits were cancelled") if sent.cancelled() else sent.exception()
+        self.settle(sent.result() if error is None else [], error)
 
 
 class RedisSessionStore:
@@ -614,14 +616,32 @@ class RedisSessionStore:
         return result == 1
 
     def send_turn(self, turn: CommitTurn) -> None:
-        """At the end of the turn: its commits as one MULTI, each new record an HSET, then one COMMIT for all."""
+        """At the end of the turn: its commits as one MULTI, each new record an HSET, then one COMMIT for all. On an
+        open connection it leaves now, its answer handled in the reply's callback (turn_answered); a task (that
+        connects first, or loads the script Redis lost) only when needed: each is one more event-loop turn
+        between a batch and its replies."""
         self.turn = None
         sessions = len(turn.keys)
         evalsha = pack(("EVALSHA", SHA1[COMMIT], 1 + 2 * sessions, INDEX), extra=2 * sessions + 2 + 6 * sessions)
         command = [MULTI, *turn.writes, evalsha, *turn.keys, self.commit_settings, *turn.args, EXEC]
         replies = sessions + 3  # MULTI, the HSETs, EVALSHA, EXEC
-        task = asyncio.ensure_future(self.run_packed(COMMIT, command, replies))
-        task.add_done_callback(turn.settle)
+        connection = self.lean.connection
+        if connection is None or connection.closed:
+            task = asyncio.ensure_future(self.run_packed(COMMIT, command, replies))
+            task.add_done_callback(turn.settle_task)
+            return
+        answer = connection.send_now(command, replies)
+        answer.add_done_callback(functools.partial(self.turn_answered, turn, command, replies))
+
+    def turn_answered(self, turn: CommitTurn, command: list[bytes], replies: int, answer: asyncio.Future[Any]) -> None:
+        error = RedisConnectionError("the commits were cancelled") if answer.cancelled() else answer.exception()
+        if error is None and isinstance(answer.result()[-1], hiredis.ReplyError):  # EXEC's answer holds COMMIT's
+            error = reply_error(answer.result()[-1])
+        if isinstance(error, NoScriptError):  # Redis lost its scripts: run_packed loads COMMIT and sends again
+            task = asyncio.ensure_future(self.run_packed(COMMIT, command, replies))
+            task.add_done_callback(turn.settle_task)
+            return
+        turn.settle([] if error is not None else answer.result()[-1], error)
 
     @reachable
     async def delete(self, session_id: str) -> None:

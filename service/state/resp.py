@@ -82,13 +82,22 @@ class Connection(asyncio.Protocol):
         """`command`: one or more commands in RESP (in parts, as a list, to be joined only with the rest of the
         turn's) whose `replies` replies come back in order; the future gets the last, or the first error among
         them (a MULTI's queued commands answer QUEUED, or why they were refused)."""
+        if not self.outgoing and not self.closed:  # the first of this turn: the turn's other commands join its write
+            asyncio.get_running_loop().call_soon(self.flush)
+        return self.queue(command, replies)
+
+    def send_now(self, command: list[bytes], replies: int) -> asyncio.Future[Any]:
+        """As `send`, written at once (with any command of this turn queued before it): for a caller whose
+        commands of the turn are all there, so that they leave without waiting for the turn's end."""
+        future = self.queue(command, replies)
+        self.flush()
+        return future
+
+    def queue(self, command: bytes | list[bytes], replies: int) -> asyncio.Future[Any]:
         if self.closed or self.transport is None:
             raise RedisConnectionError("the Redis connection is closed")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = asyncio.get_running_loop().create_future()
         self.waiting.append(Waiting(future, replies))
-        if not self.outgoing:  # the first of this turn: the turn's other commands join its write
-            loop.call_soon(self.flush)
         if isinstance(command, list):
             self.outgoing += command
         else:

@@ -191,6 +191,28 @@ def test_the_commits_of_one_turn_go_in_one_transaction_with_one_script_call_and_
     assert steps == [1] * 6
 
 
+def test_a_turns_commits_are_written_at_the_end_of_the_turn_not_a_turn_later(redis_server):
+    """The batch's commits leave as soon as the turn that made them ends: each event-loop turn before the write
+    (a task to send them, another to flush) held the batch's replies back, and its sessions out of the next
+    batch."""
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)
+        records = [await store.create(new_record("m", 1)) for _ in range(3)]
+        connection = store.lean.connection
+        commits = [asyncio.ensure_future(store.commit(r.advanced(steps=1), r)) for r in records]
+        await asyncio.sleep(0)  # the three commits join the turn
+        await asyncio.sleep(0)  # the turn has ended
+        written = (len(connection.waiting), len(connection.outgoing))
+        results = await asyncio.gather(*commits)
+        await store.close()
+        return written, results
+
+    written, results = run(main())
+    assert written == (1, 0), f"{written}: (commands waiting for their answer, parts not yet written)"
+    assert results == [True] * 3
+
+
 def test_a_commit_cancelled_while_its_turn_waits_on_redis_leaves_the_others_of_the_turn_their_answers(redis_server):
     async def main():
         store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)
@@ -545,14 +567,15 @@ def test_a_replica_stepping_its_own_view_sends_only_the_new_state_and_the_record
         record = await store.create(new_record("m", 1, state=imported))  # a state this store did not commit
         key = f"lstm-serve:s:{record.session_id}"
         sizes, hashes, views = [], [], []
-        send = store.lean.send
+        connection = store.lean.connection
+        queue = connection.queue
 
-        async def measured(command, replies=1):
+        def measured(command, replies=1):
             if isinstance(command, list):  # a commit's (a script load is one command)
                 sizes.append(sum(map(len, command)))
-            return await send(command, replies)
+            return queue(command, replies)
 
-        store.lean.send = measured
+        connection.queue = measured
         for k, state in enumerate(states):
             stepped = record.stepped(k + 1, state, f"d{k}", np.full(9, k, np.float32), time.time())
             assert await store.commit(stepped, record)
