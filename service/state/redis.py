@@ -428,6 +428,8 @@ class CommitTurn:
         self.waiters: list[asyncio.Future[int]] = []
 
     def settle(self, results: list[int], error: BaseException | None = None) -> None:
+        if error is None and len(results) != len(self.waiters):
+            error = RedisConnectionError(f"COMMIT answered {len(results)} results for {len(self.waiters)} commits")
         for k, waiter in enumerate(self.waiters):
             if waiter.done():  # its caller gave up
                 continue
@@ -630,18 +632,27 @@ class RedisSessionStore:
             task = asyncio.ensure_future(self.run_packed(COMMIT, command, replies))
             task.add_done_callback(turn.settle_task)
             return
-        answer = connection.send_now(command, replies)
+        try:
+            answer = connection.send_now(command, replies)
+        except Exception as error:  # a callback of the loop: whatever stops the write, every commit hears of it
+            turn.settle([], error)
+            return
         answer.add_done_callback(functools.partial(self.turn_answered, turn, command, replies))
 
     def turn_answered(self, turn: CommitTurn, command: list[bytes], replies: int, answer: asyncio.Future[Any]) -> None:
-        error = RedisConnectionError("the commits were cancelled") if answer.cancelled() else answer.exception()
-        if error is None and isinstance(answer.result()[-1], hiredis.ReplyError):  # EXEC's answer holds COMMIT's
-            error = reply_error(answer.result()[-1])
+        try:
+            error = RedisConnectionError("the commits were cancelled") if answer.cancelled() else answer.exception()
+            last = answer.result()[-1] if error is None else []  # EXEC's answer: COMMIT's is the last
+            results: list[int] = [] if isinstance(last, hiredis.ReplyError) else last
+            if isinstance(last, hiredis.ReplyError):
+                error = reply_error(last)
+        except Exception as unexpected:  # an answer of another shape: unconfirmed, and none waits forever
+            results, error = [], RedisConnectionError(f"an unreadable answer to the commits: {unexpected!r}")
         if isinstance(error, NoScriptError):  # Redis lost its scripts: run_packed loads COMMIT and sends again
             task = asyncio.ensure_future(self.run_packed(COMMIT, command, replies))
             task.add_done_callback(turn.settle_task)
             return
-        turn.settle([] if error is not None else answer.result()[-1], error)
+        turn.settle(results, error)
 
     @reachable
     async def delete(self, session_id: str) -> None:

@@ -82,9 +82,11 @@ class Connection(asyncio.Protocol):
         """`command`: one or more commands in RESP (in parts, as a list, to be joined only with the rest of the
         turn's) whose `replies` replies come back in order; the future gets the last, or the first error among
         them (a MULTI's queued commands answer QUEUED, or why they were refused)."""
-        if not self.outgoing and not self.closed:  # the first of this turn: the turn's other commands join its write
+        first = not self.outgoing  # the first of this turn: the turn's other commands join its write
+        future = self.queue(command, replies)
+        if first:
             asyncio.get_running_loop().call_soon(self.flush)
-        return self.queue(command, replies)
+        return future
 
     def send_now(self, command: list[bytes], replies: int) -> asyncio.Future[Any]:
         """As `send`, written at once (with any command of this turn queued before it): for a caller whose

@@ -213,6 +213,39 @@ def test_a_turns_commits_are_written_at_the_end_of_the_turn_not_a_turn_later(red
     assert results == [True] * 3
 
 
+@pytest.mark.parametrize("fault", ["write raises", "answer of another shape"])
+def test_a_turn_whose_write_fails_or_whose_answer_is_unreadable_fails_its_commits_never_leaves_them_waiting(
+    redis_server, fault
+):
+    """The turn is sent and answered from the event loop's callbacks: an error there must reach every commit of
+    the turn (a 503 for its step), not be logged by the loop with the steps waiting forever."""
+
+    async def main():
+        store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)
+        records = [await store.create(new_record("m", 1)) for _ in range(2)]
+        connection = store.lean.connection
+        send_now = connection.send_now
+
+        def faulty(command, replies):
+            if fault == "write raises":
+                raise OSError("the socket broke under the write")
+            answer = asyncio.get_running_loop().create_future()
+            send_now(command, replies).add_done_callback(lambda _: answer.set_result(None))  # as EXEC after WATCH
+            return answer
+
+        connection.send_now = faulty
+        commits = [store.commit(r.advanced(steps=1), r) for r in records]
+        outcomes = await asyncio.wait_for(asyncio.gather(*commits, return_exceptions=True), 5)
+        connection.send_now = send_now
+        stepped = await store.commit(records[0].advanced(steps=1), records[0])  # the store still steps
+        await store.close()
+        return outcomes, stepped
+
+    outcomes, stepped = run(main())
+    assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes), outcomes
+    assert stepped in (True, False)  # applied, or (the unreadable answer's step landed) lost the race
+
+
 def test_a_commit_cancelled_while_its_turn_waits_on_redis_leaves_the_others_of_the_turn_their_answers(redis_server):
     async def main():
         store = RedisSessionStore(redis_server.url, ttl_s=60, max_sessions=100)
